@@ -1,0 +1,145 @@
+// CPU kernel of cam_eps_map: raw CAM (B, h, w) -> per-pixel budget, one task per image, the whole chain
+// (ReLU, min-max, PIL bicubic resize, square + jet LUT, z-score, threshold) on small per-task buffers.
+//
+// Every rounding point is the reference's (part_fast/reference.py), which is the released pipeline's:
+// float32 min-max as torchcam, PIL's double-precision resize with a float32 intermediate, a float32 square,
+// matplotlib's LUT index rule, and double-precision statistics.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "checks.h"
+#include "part_fast_math.h"
+
+namespace part_fast {
+namespace {
+
+// PIL's tap table for one axis: per output index its first input index, its tap count, and its normalised
+// weights (padded to a common width). Shared by all images of a call.
+struct TapTable {
+  int width = 0;
+  std::vector<int> first, count;
+  std::vector<double> weight;  // [out][width]
+
+  TapTable(int in_size, int out_size) : width(pil_max_taps(in_size, out_size)) {
+    first.resize(out_size);
+    count.resize(out_size);
+    weight.assign(static_cast<size_t>(out_size) * width, 0.0);
+    for (int o = 0; o < out_size; ++o) {
+      const PilWindow w = pil_window(o, in_size, out_size);
+      const double ww = pil_weight_sum(w);
+      first[o] = w.first;
+      count[o] = w.count;
+      for (int k = 0; k < w.count; ++k) weight[static_cast<size_t>(o) * width + k] = pil_weight(w, k, ww);
+    }
+  }
+
+  // sum_k src[(first + k) * stride] * weight_k, in double and tap order, rounded to float32 (PIL "F").
+  float apply(const float* src, int64_t stride, int o) const {
+    const double* wt = &weight[static_cast<size_t>(o) * width];
+    const float* s = src + static_cast<int64_t>(first[o]) * stride;
+    double acc = 0.0;
+    for (int k = 0; k < count[o]; ++k) acc += static_cast<double>(s[k * stride]) * wt[k];
+    return static_cast<float>(acc);
+  }
+};
+
+// ReLU + min-max in float32, as torchcam. Returns false for a degenerate map (non-finite or constant).
+bool normalize_cam(const float* cam, int64_t n, float* out) {
+  float cmin = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    if (!std::isfinite(cam[i])) return false;
+    const float r = relu_f(cam[i]);
+    cmin = (i == 0 || r < cmin) ? r : cmin;
+  }
+  float cmax = 0.0f;
+  for (int64_t i = 0; i < n; ++i) {
+    out[i] = relu_f(cam[i]) - cmin;
+    cmax = out[i] > cmax ? out[i] : cmax;
+  }
+  if (cmax == 0.0f) return false;
+  for (int64_t i = 0; i < n; ++i) out[i] = out[i] / cmax;
+  return true;
+}
+
+// Threshold of a z-score: (v - mean) / std > 1 with the population std; a zero std selects nothing.
+struct Threshold {
+  double mean = 0.0, std = 0.0;
+  bool keep(double v) const { return std > 0.0 && (v - mean) / std > 1.0; }
+};
+
+Threshold zscore_threshold(const double* values, int64_t n) {
+  Threshold t;
+  double sum = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum += values[i];
+  t.mean = sum / static_cast<double>(n);
+  double sq = 0.0;
+  for (int64_t i = 0; i < n; ++i) {
+    const double d = values[i] - t.mean;
+    sq += d * d;
+  }
+  t.std = std::sqrt(sq / static_cast<double>(n));
+  return t;
+}
+
+at::Tensor cam_eps_map_cpu(const at::Tensor& cam_in, c10::SymIntArrayRef size, double eps, double eps_low,
+                           c10::string_view mode_view) {
+  const std::string mode(mode_view);
+  check_cam_args(cam_in, size, eps, eps_low, mode, /*allow_double=*/true);
+  TORCH_CHECK_VALUE(cam_in.device().is_cpu(), "cam must be a CPU tensor for the CPU kernel, got ", cam_in.device());
+  const bool jet = mode == "jet";
+  const int64_t batch = cam_in.size(0), h = cam_in.size(1), w = cam_in.size(2);
+  const int64_t out_h = size[0].expect_int(), out_w = size[1].expect_int();
+  const int64_t channels = jet ? 3 : 1, plane = out_h * out_w;
+  at::Tensor out = at::empty({batch, channels, out_h, out_w}, cam_in.options().dtype(at::kFloat));
+  if (batch == 0) return out;
+
+  // The release turned the CAM into a float32 image first; float64 CAMs are rounded the same way.
+  const at::Tensor cam = cam_in.to(at::kFloat).contiguous();
+  const TapTable taps_x(static_cast<int>(w), static_cast<int>(out_w));
+  const TapTable taps_y(static_cast<int>(h), static_cast<int>(out_h));
+  const float* cam_ptr = cam.data_ptr<float>();
+  float* out_ptr = out.data_ptr<float>();
+  const float hi = static_cast<float>(eps), lo = static_cast<float>(eps_low);
+
+  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> norm(h * w), rows(h * out_w), up(plane);
+    std::vector<double> values(channels * plane);
+    for (int64_t b = begin; b < end; ++b) {
+      float* dst = out_ptr + b * channels * plane;
+      if (!normalize_cam(cam_ptr + b * h * w, h * w, norm.data())) {
+        std::fill(dst, dst + channels * plane, lo);
+        continue;
+      }
+      // PIL: horizontal pass into a float32 (h, W) image, then the vertical pass.
+      for (int64_t r = 0; r < h; ++r)
+        for (int x = 0; x < out_w; ++x) rows[r * out_w + x] = taps_x.apply(norm.data() + r * w, 1, x);
+      for (int y = 0; y < out_h; ++y)
+        for (int64_t x = 0; x < out_w; ++x) up[y * out_w + x] = taps_y.apply(rows.data() + x, out_w, y);
+
+      // The values the z-score sees: the (3, H, W) jet colours of up^2, or the (H, W) map itself.
+      if (jet) {
+        for (int64_t p = 0; p < plane; ++p) {
+          const double* rgb = kJetLut[jet_index(jet_input(up[p]))];
+          for (int64_t c = 0; c < 3; ++c) values[c * plane + p] = rgb[c];
+        }
+      } else {
+        for (int64_t p = 0; p < plane; ++p) values[p] = static_cast<double>(up[p]);
+      }
+      const Threshold t = zscore_threshold(values.data(), channels * plane);
+      for (int64_t i = 0; i < channels * plane; ++i) dst[i] = t.keep(values[i]) ? hi : lo;
+    }
+  });
+  return out;
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(part_fast, CPU, m) {
+  m.impl("cam_eps_map", &cam_eps_map_cpu);
+}
+
+}  // namespace part_fast

@@ -1,0 +1,142 @@
+// CPU kernels of pgd_step_ and project_: one pass over x_adv, grad, x_nat and eps, in place.
+//
+// x_adv, grad and x_nat share one dense layout, so they are streamed by linear memory index. eps is walked
+// by the EpsPlan of checks.h: a scalar, a tensor laid out like x, or a broadcast/strided tensor visited
+// row by row (a row being the innermost coalesced dim, where eps is constant, contiguous or strided).
+// The inner loops are plain counted loops over float math that GCC auto-vectorises at -O3.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include "checks.h"
+#include "part_fast_math.h"
+
+namespace part_fast {
+namespace {
+
+// Elements per parallel task: large enough that a task outweighs its scheduling cost.
+constexpr int64_t kGrainSize = 32768;
+
+template <bool kHasStep, typename scalar_t, typename EpsAt>
+inline void update_run(scalar_t* x, const scalar_t* grad, const scalar_t* x_nat, int64_t n, EpsAt eps_at,
+                       at::opmath_type<scalar_t> step, at::opmath_type<scalar_t> lo, at::opmath_type<scalar_t> hi) {
+  using T = at::opmath_type<scalar_t>;
+  for (int64_t i = 0; i < n; ++i) {
+    const T e = eps_at(i);
+    T v;
+    if constexpr (kHasStep) {
+      v = pgd_step_elem<T>(T(x[i]), T(grad[i]), T(x_nat[i]), e, step, lo, hi);
+    } else {
+      v = project_elem<T>(T(x[i]), T(x_nat[i]), e, lo, hi);
+    }
+    x[i] = static_cast<scalar_t>(v);
+  }
+}
+
+template <bool kHasStep, typename scalar_t, typename eps_t>
+void update_strided(scalar_t* x, const scalar_t* grad, const scalar_t* x_nat, const eps_t* eps, const EpsPlan& plan,
+                    int64_t begin, int64_t end, at::opmath_type<scalar_t> step, at::opmath_type<scalar_t> lo,
+                    at::opmath_type<scalar_t> hi) {
+  using T = at::opmath_type<scalar_t>;
+  const int nd = plan.ndim;
+  int64_t index[4] = {0, 0, 0, 0};
+  int64_t eps_offset = 0;
+  int64_t rem = begin;
+  for (int d = nd - 1; d >= 0; --d) {
+    index[d] = rem % plan.sizes[d];
+    rem /= plan.sizes[d];
+    eps_offset += index[d] * plan.strides[d];
+  }
+  const int64_t inner_stride = plan.strides[nd - 1];
+  for (int64_t i = begin; i < end;) {
+    const int64_t len = std::min(plan.sizes[nd - 1] - index[nd - 1], end - i);
+    const eps_t* e = eps + eps_offset;
+    const scalar_t* g = kHasStep ? grad + i : nullptr;
+    if (inner_stride == 0) {
+      const T e0 = T(e[0]);
+      update_run<kHasStep>(x + i, g, x_nat + i, len, [e0](int64_t) { return e0; }, step, lo, hi);
+    } else if (inner_stride == 1) {
+      update_run<kHasStep>(x + i, g, x_nat + i, len, [e](int64_t j) { return T(e[j]); }, step, lo, hi);
+    } else {
+      update_run<kHasStep>(
+          x + i, g, x_nat + i, len, [e, inner_stride](int64_t j) { return T(e[j * inner_stride]); }, step, lo, hi);
+    }
+    i += len;
+    // Advance the multi-index by `len` (it ends a row or the range), carrying into outer dims.
+    index[nd - 1] += len;
+    eps_offset += len * inner_stride;
+    for (int d = nd - 1; d > 0 && index[d] == plan.sizes[d]; --d) {
+      eps_offset += plan.strides[d - 1] - index[d] * plan.strides[d];
+      index[d] = 0;
+      ++index[d - 1];
+    }
+  }
+}
+
+template <bool kHasStep, typename scalar_t, typename eps_t>
+void update_cpu(const at::Tensor& x_adv, const at::Tensor* grad, const at::Tensor& x_nat,
+                const std::optional<at::Tensor>& eps_map, const EpsPlan& plan, double eps, double step_size,
+                double lo, double hi) {
+  using T = at::opmath_type<scalar_t>;
+  scalar_t* x = x_adv.data_ptr<scalar_t>();
+  const scalar_t* g = kHasStep ? grad->data_ptr<scalar_t>() : nullptr;
+  const scalar_t* xn = x_nat.data_ptr<scalar_t>();
+  const eps_t* e = plan.kind == EpsPlan::kScalar ? nullptr : eps_map->data_ptr<eps_t>();
+  const T step = T(step_size), tlo = T(lo), thi = T(hi), e0 = T(eps);
+  at::parallel_for(0, x_adv.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
+    const scalar_t* gb = kHasStep ? g + begin : nullptr;
+    const int64_t n = end - begin;
+    switch (plan.kind) {
+      case EpsPlan::kScalar:
+        update_run<kHasStep>(x + begin, gb, xn + begin, n, [e0](int64_t) { return e0; }, step, tlo, thi);
+        break;
+      case EpsPlan::kDense: {
+        const eps_t* eb = e + begin;
+        update_run<kHasStep>(x + begin, gb, xn + begin, n, [eb](int64_t j) { return T(eb[j]); }, step, tlo, thi);
+        break;
+      }
+      case EpsPlan::kStrided:
+        update_strided<kHasStep>(x, g, xn, e, plan, begin, end, step, tlo, thi);
+        break;
+    }
+  });
+}
+
+template <bool kHasStep>
+void update_dispatch(const at::Tensor& x_adv, const at::Tensor* grad, const at::Tensor& x_nat,
+                     const std::optional<at::Tensor>& eps_map, double eps, double step_size, double lo, double hi) {
+  TORCH_CHECK_VALUE(x_adv.device().is_cpu(), "x_adv must be a CPU tensor for the CPU kernel, got ", x_adv.device());
+  const at::MemoryFormat fmt = check_attack_tensors(x_adv, grad, x_nat, /*allow_double=*/true);
+  check_scalars(eps_map.has_value() ? 0.0 : eps, step_size, lo, hi);  // a tensor eps is not scanned
+  const EpsPlan plan = make_eps_plan(eps_map, x_adv, fmt);
+  if (x_adv.numel() == 0) return;
+  const bool eps_is_float = eps_map.has_value() && eps_map->scalar_type() == at::kFloat;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_adv.scalar_type(), "part_fast_pgd_step_cpu", [&] {
+    if (eps_is_float) {
+      update_cpu<kHasStep, scalar_t, float>(x_adv, grad, x_nat, eps_map, plan, eps, step_size, lo, hi);
+    } else {
+      update_cpu<kHasStep, scalar_t, scalar_t>(x_adv, grad, x_nat, eps_map, plan, eps, step_size, lo, hi);
+    }
+  });
+}
+
+void pgd_step_cpu(at::Tensor x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
+                  const std::optional<at::Tensor>& eps_map, double eps, double step_size, double lo, double hi) {
+  update_dispatch<true>(x_adv, &grad, x_nat, eps_map, eps, step_size, lo, hi);
+}
+
+void project_cpu(at::Tensor x_adv, const at::Tensor& x_nat, const std::optional<at::Tensor>& eps_map, double eps,
+                 double lo, double hi) {
+  update_dispatch<false>(x_adv, nullptr, x_nat, eps_map, eps, 0.0, lo, hi);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(part_fast, CPU, m) {
+  m.impl("pgd_step_", &pgd_step_cpu);
+  m.impl("project_", &project_cpu);
+}
+
+}  // namespace part_fast

@@ -1,0 +1,41 @@
+"""The PART per-pixel budget: CAM of the exact batch being attacked -> eps where it matters, eps_low elsewhere."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import ops
+from .cam import METHODS, compute_cam
+
+MASKS = ("jet", "cam")
+
+
+class PixelBudget:
+    """`PixelBudget(eps, eps_low, method, mask, layer)(model, x)` -> per-pixel eps map for the batch `x`.
+
+    mask="jet" reproduces the released mask exactly (a per-colour-channel (B, 3, H, W) map; see
+    PART_REFERENCE.md §3); mask="cam" is the channel-shared (B, 1, H, W) variant that follows the paper's
+    prose. The map is computed from `x` itself, so it always belongs to the images it will attack
+    (after augmentation): the release's mask/image misalignment cannot happen."""
+
+    def __init__(self, eps: float = 8 / 255, eps_low: float = 7 / 255, method: str = "gradcam", mask: str = "jet",
+                 layer: str | nn.Module | None = None):
+        if not 0 <= eps_low <= eps:
+            raise ValueError(f"need 0 <= eps_low <= eps, got eps_low={eps_low}, eps={eps}")
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        if mask not in MASKS:
+            raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+        self.eps, self.eps_low, self.method, self.mask, self.layer = float(eps), float(eps_low), method, mask, layer
+
+    def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        return self.with_logits(model, x)[0]
+
+    def with_logits(self, model: nn.Module, x: torch.Tensor):
+        """(eps_map, eval-mode logits of x): the logits let a caller (TRADES) reuse this clean forward."""
+        cam, logits = compute_cam(model, x, self.method, self.layer, target="pred", return_logits=True)
+        return ops.cam_eps_map(cam, tuple(x.shape[-2:]), self.eps, self.eps_low, self.mask), logits
+
+    def __repr__(self):
+        return (f"PixelBudget(eps={self.eps:.6g}, eps_low={self.eps_low:.6g}, method={self.method!r}, "
+                f"mask={self.mask!r}, layer={self.layer!r})")

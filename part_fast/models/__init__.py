@@ -1,0 +1,48 @@
+"""Bundled models (standard CIFAR definitions, inputs in [0, 1]) and any torchvision classifier by name.
+
+A normalisation layer, when wanted, belongs inside the model (`with_normalization`), never in the data."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .resnet import preact_resnet18, resnet18
+from .wide_resnet import wrn34_10
+
+BUNDLED = {"resnet18": resnet18, "preact-resnet18": preact_resnet18, "wrn34-10": wrn34_10}
+
+# The layer whose activations the CAM reads, per bundled architecture (the release's choice).
+CAM_LAYERS = {"resnet18": "layer4", "preact-resnet18": "layer4", "wrn34-10": "block3"}
+
+
+class Normalize(nn.Module):
+    """(x - mean) / std per channel, as the first layer of a model that expects normalised inputs."""
+
+    def __init__(self, mean, std):
+        super().__init__()
+        self.register_buffer("mean", torch.as_tensor(mean, dtype=torch.float32).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.as_tensor(std, dtype=torch.float32).view(1, -1, 1, 1))
+
+    def forward(self, x):
+        return (x - self.mean) / self.std
+
+
+def with_normalization(model: nn.Module, mean, std) -> nn.Sequential:
+    return nn.Sequential(Normalize(mean, std), model)
+
+
+def get_model(name: str, num_classes: int = 10) -> nn.Module:
+    """A bundled architecture, or a torchvision classification model (untrained) by its builder name."""
+    if name in BUNDLED:
+        return BUNDLED[name](num_classes=num_classes)
+    import torchvision
+
+    if name in torchvision.models.list_models(module=torchvision.models):
+        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+    raise ValueError(
+        f"unknown architecture {name!r}; bundled: {sorted(BUNDLED)}, or a torchvision classification model "
+        "name such as 'resnet50'"
+    )
+
+
+__all__ = ["BUNDLED", "CAM_LAYERS", "Normalize", "get_model", "preact_resnet18", "resnet18", "with_normalization", "wrn34_10"]

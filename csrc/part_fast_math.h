@@ -21,11 +21,11 @@ PF_HD T sign_nan_zero(T g) {
   return T(g > T(0)) - T(g < T(0));
 }
 
-// Clamp to [lo, hi]; a NaN v stays NaN, as torch.clamp / torch.maximum do.
+// Clamp to [lo, hi] with torch.maximum / torch.minimum's NaN rule: a NaN in v or in a bound gives NaN.
 template <typename T>
 PF_HD T clamp_keep_nan(T v, T lo, T hi) {
-  v = v < lo ? lo : v;
-  return v > hi ? hi : v;
+  v = (v < lo || lo != lo) ? lo : v;
+  return (v > hi || hi != hi) ? hi : v;
 }
 
 // clip(clamp(x, x_nat - eps, x_nat + eps), lo, hi). With eps = 0 this is clip(x_nat, lo, hi) exactly.

@@ -9,6 +9,7 @@
 #include <torch/library.h>
 
 #include <cmath>
+#include <limits>
 #include <vector>
 
 #include "checks.h"
@@ -51,7 +52,8 @@ struct TapTable {
 bool normalize_cam(const float* cam, int64_t n, float* out) {
   float cmin = 0.0f;
   for (int64_t i = 0; i < n; ++i) {
-    if (!std::isfinite(cam[i])) return false;
+    // NaN or +inf survive the ReLU and make the map degenerate; -inf becomes 0 like any negative value.
+    if (!(cam[i] < std::numeric_limits<float>::infinity())) return false;
     const float r = relu_f(cam[i]);
     cmin = (i == 0 || r < cmin) ? r : cmin;
   }

@@ -1,0 +1,312 @@
+// CUDA kernels of pgd_step_ and project_: one fused, in-place, memory-bound pass over x_adv.
+//
+// x_adv, grad and x_nat share one dense layout (contiguous or channels_last, see check_attack_tensors),
+// so they are streamed by linear memory index with 16-byte vector accesses when every pointer allows it.
+// The per-element arithmetic is part_fast_math.h's, the same code the CPU kernels run.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/cuda/CUDAContext.h>
+#include <ATen/cuda/detail/IntegerDivider.cuh>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <limits>
+#include <optional>
+
+#include "checks.h"
+#include "part_fast_math.h"
+
+namespace part_fast {
+namespace {
+
+// float32, float16 and bfloat16: float64 is CPU-only (a CUDA float64 step is never what training wants).
+#define PF_DISPATCH_CUDA_FLOAT_TYPES(TYPE, NAME, ...)     \
+  AT_DISPATCH_SWITCH(TYPE, NAME,                          \
+                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
+                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+constexpr int kThreads = 256;
+// Enough resident blocks to saturate every SM; the grid-stride loop covers the rest.
+constexpr int kBlocksPerSm = 2048 / kThreads;
+constexpr int kVecBytes = 16;
+
+// One 16-byte access: the widest load/store every architecture supports (sm_100's 32-byte loads would
+// demand a 32-byte alignment that slicing a tensor does not guarantee).
+template <typename T>
+struct alignas(kVecBytes) Chunk {
+  T v[kVecBytes / sizeof(T)];
+};
+
+// Loads N consecutive elements: as 16-byte chunks when N fills whole chunks (the caller guarantees
+// p is 16-byte aligned then), else one by one.
+template <int N, typename T>
+__device__ __forceinline__ void load_n(const T* p, T (&out)[N]) {
+  if constexpr (N * sizeof(T) % kVecBytes == 0) {
+    constexpr int kPer = kVecBytes / sizeof(T);
+#pragma unroll
+    for (int c = 0; c < N / kPer; ++c) {
+      const Chunk<T> chunk = reinterpret_cast<const Chunk<T>*>(p)[c];
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) out[c * kPer + j] = chunk.v[j];
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) out[j] = p[j];
+  }
+}
+
+template <int N, typename T>
+__device__ __forceinline__ void store_n(T* p, const T (&in)[N]) {
+  if constexpr (N * sizeof(T) % kVecBytes == 0) {
+    constexpr int kPer = kVecBytes / sizeof(T);
+#pragma unroll
+    for (int c = 0; c < N / kPer; ++c) {
+      Chunk<T> chunk;
+#pragma unroll
+      for (int j = 0; j < kPer; ++j) chunk.v[j] = in[c * kPer + j];
+      reinterpret_cast<Chunk<T>*>(p)[c] = chunk;
+    }
+  } else {
+#pragma unroll
+    for (int j = 0; j < N; ++j) p[j] = in[j];
+  }
+}
+
+// EpsPlan::kStrided on the device: x's linear index -> eps element offset. index_t is unsigned, so the
+// 32-bit case gets IntDivider's multiply-shift division instead of a real one.
+template <typename index_t>
+struct StridedOffset {
+  int ndim;
+  at::cuda::detail::IntDivider<index_t> sizes[4];  // sizes[0] is never divided by
+  index_t strides[4];
+
+  __device__ __forceinline__ index_t operator()(index_t i) const {
+    index_t off = 0;
+#pragma unroll
+    for (int d = 3; d > 0; --d) {
+      if (d < ndim) {
+        const auto qr = sizes[d].divmod(i);
+        off += qr.mod * strides[d];
+        i = qr.div;
+      }
+    }
+    return off + i * strides[0];
+  }
+};
+
+template <typename scalar_t, typename eps_t, typename index_t>
+struct PgdArgs {
+  using scalar_type = scalar_t;
+  using eps_type = eps_t;
+  using opmath_t = at::opmath_type<scalar_t>;
+  scalar_t* x_adv;
+  const scalar_t* grad;  // null for project_
+  const scalar_t* x_nat;
+  const eps_t* eps_map;  // null for EpsPlan::kScalar
+  StridedOffset<index_t> eps_offset;
+  index_t numel;
+  opmath_t eps, step, lo, hi;
+};
+
+template <EpsPlan::Kind KIND, typename Args, typename index_t>
+__device__ __forceinline__ typename Args::opmath_t eps_at(const Args& a, index_t i) {
+  using opmath_t = typename Args::opmath_t;
+  if constexpr (KIND == EpsPlan::kScalar) {
+    return a.eps;
+  } else if constexpr (KIND == EpsPlan::kDense) {
+    return static_cast<opmath_t>(a.eps_map[i]);
+  } else {
+    return static_cast<opmath_t>(a.eps_map[a.eps_offset(i)]);
+  }
+}
+
+template <bool HAS_STEP, typename T>
+__device__ __forceinline__ T update(T x, T grad, T x_nat, T eps, T step, T lo, T hi) {
+  if constexpr (HAS_STEP) {
+    return pgd_step_elem(x, grad, x_nat, eps, step, lo, hi);
+  } else {
+    return project_elem(x, x_nat, eps, lo, hi);
+  }
+}
+
+// Elements i .. i + VEC - 1; VEC > 1 only when every pointer involved is 16-byte aligned.
+template <int VEC, bool HAS_STEP, EpsPlan::Kind KIND, typename Args, typename index_t>
+__device__ __forceinline__ void process(const Args& a, index_t i) {
+  using scalar_t = typename Args::scalar_type;
+  using eps_t = typename Args::eps_type;
+  using opmath_t = typename Args::opmath_t;
+
+  scalar_t x[VEC], x_nat[VEC];
+  load_n<VEC>(a.x_adv + i, x);
+  load_n<VEC>(a.x_nat + i, x_nat);
+  opmath_t grad[VEC] = {};  // stays 0 for project_, which ignores it
+  if constexpr (HAS_STEP) {
+    scalar_t g[VEC];
+    load_n<VEC>(a.grad + i, g);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) grad[j] = static_cast<opmath_t>(g[j]);
+  }
+  opmath_t eps[VEC];
+  if constexpr (KIND == EpsPlan::kDense) {
+    // Same linear index as x: a contiguous (vector) load too.
+    eps_t e[VEC];
+    load_n<VEC>(a.eps_map + i, e);
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) eps[j] = static_cast<opmath_t>(e[j]);
+  } else {
+#pragma unroll
+    for (int j = 0; j < VEC; ++j) eps[j] = eps_at<KIND>(a, i + j);
+  }
+#pragma unroll
+  for (int j = 0; j < VEC; ++j) {
+    x[j] = static_cast<scalar_t>(update<HAS_STEP>(static_cast<opmath_t>(x[j]), grad[j],
+                                                  static_cast<opmath_t>(x_nat[j]), eps[j], a.step, a.lo, a.hi));
+  }
+  store_n<VEC>(a.x_adv + i, x);
+}
+
+template <int VEC, bool HAS_STEP, EpsPlan::Kind KIND, typename scalar_t, typename eps_t, typename index_t>
+__global__ void __launch_bounds__(kThreads) pgd_kernel(const PgdArgs<scalar_t, eps_t, index_t> a) {
+  const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
+  const index_t tid = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
+  const index_t nvec = a.numel / VEC;
+  for (index_t v = tid; v < nvec; v += stride) process<VEC, HAS_STEP, KIND>(a, v * VEC);
+  if constexpr (VEC > 1) {  // the last numel % VEC elements
+    for (index_t i = nvec * VEC + tid; i < a.numel; i += stride) process<1, HAS_STEP, KIND>(a, i);
+  }
+}
+
+bool aligned(const void* p) {
+  return reinterpret_cast<std::uintptr_t>(p) % kVecBytes == 0;
+}
+
+// Largest eps element offset + 1 the plan can reach: decides, with numel, whether 32-bit indices suffice.
+int64_t eps_extent(const EpsPlan& plan, int64_t numel) {
+  if (plan.kind != EpsPlan::kStrided) return plan.kind == EpsPlan::kDense ? numel : 0;
+  int64_t extent = 1;
+  for (int d = 0; d < plan.ndim; ++d) extent += (plan.sizes[d] - 1) * plan.strides[d];
+  return extent;
+}
+
+template <typename index_t>
+StridedOffset<index_t> strided_offset(const EpsPlan& plan) {
+  const bool strided = plan.kind == EpsPlan::kStrided;
+  StridedOffset<index_t> s;
+  s.ndim = strided ? plan.ndim : 1;
+  for (int d = 0; d < 4; ++d) {
+    // Unused dims get divisor 1 (IntDivider<uint32> rejects 0); the device skips them anyway.
+    const bool used = strided && d < plan.ndim;
+    s.sizes[d] = at::cuda::detail::IntDivider<index_t>(static_cast<index_t>(used ? plan.sizes[d] : 1));
+    s.strides[d] = static_cast<index_t>(used ? plan.strides[d] : 0);
+  }
+  return s;
+}
+
+struct Inputs {
+  const at::Tensor& x_adv;
+  const at::Tensor* grad;
+  const at::Tensor& x_nat;
+  const std::optional<at::Tensor>& eps_map;
+  EpsPlan plan;
+  double eps, step, lo, hi;
+};
+
+template <bool HAS_STEP, EpsPlan::Kind KIND, typename scalar_t, typename eps_t, typename index_t>
+void launch(const Inputs& in) {
+  PgdArgs<scalar_t, eps_t, index_t> a;
+  using opmath_t = typename decltype(a)::opmath_t;
+  a.x_adv = in.x_adv.mutable_data_ptr<scalar_t>();
+  a.grad = nullptr;
+  if constexpr (HAS_STEP) a.grad = in.grad->const_data_ptr<scalar_t>();
+  a.x_nat = in.x_nat.const_data_ptr<scalar_t>();
+  a.eps_map = nullptr;
+  // const_data_ptr already points at the storage offset, where the plan's strides start.
+  if constexpr (KIND != EpsPlan::kScalar) a.eps_map = in.eps_map->const_data_ptr<eps_t>();
+  a.eps_offset = strided_offset<index_t>(in.plan);
+  a.numel = static_cast<index_t>(in.x_adv.numel());
+  // Scalars are rounded to the compute type once, as PyTorch does for a Python scalar operand.
+  a.eps = static_cast<opmath_t>(in.eps);
+  a.step = static_cast<opmath_t>(in.step);
+  a.lo = static_cast<opmath_t>(in.lo);
+  a.hi = static_cast<opmath_t>(in.hi);
+
+  constexpr int kVec = kVecBytes / sizeof(scalar_t);
+  const bool vectorize = aligned(a.x_adv) && aligned(a.x_nat) && (!HAS_STEP || aligned(a.grad)) &&
+                         (KIND != EpsPlan::kDense || aligned(a.eps_map));
+  const int vec = vectorize ? kVec : 1;
+  const int64_t work = (in.x_adv.numel() + vec - 1) / vec;
+  const int64_t max_blocks = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * kBlocksPerSm;
+  const int blocks = static_cast<int>(std::min((work + kThreads - 1) / kThreads, max_blocks));
+  auto stream = at::cuda::getCurrentCUDAStream();
+  if (vectorize) {
+    pgd_kernel<kVec, HAS_STEP, KIND><<<blocks, kThreads, 0, stream>>>(a);
+  } else {
+    pgd_kernel<1, HAS_STEP, KIND><<<blocks, kThreads, 0, stream>>>(a);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+template <bool HAS_STEP, EpsPlan::Kind KIND, typename scalar_t, typename eps_t>
+void launch_index(const Inputs& in) {
+  constexpr int64_t kMax32 = std::numeric_limits<int32_t>::max();
+  if (in.x_adv.numel() <= kMax32 && eps_extent(in.plan, in.x_adv.numel()) <= kMax32) {
+    launch<HAS_STEP, KIND, scalar_t, eps_t, uint32_t>(in);
+  } else {
+    launch<HAS_STEP, KIND, scalar_t, eps_t, uint64_t>(in);
+  }
+}
+
+template <bool HAS_STEP, typename scalar_t, typename eps_t>
+void launch_eps_tensor(const Inputs& in) {
+  if (in.plan.kind == EpsPlan::kDense) {
+    launch_index<HAS_STEP, EpsPlan::kDense, scalar_t, eps_t>(in);
+  } else {
+    launch_index<HAS_STEP, EpsPlan::kStrided, scalar_t, eps_t>(in);
+  }
+}
+
+template <bool HAS_STEP>
+void pgd_cuda(const at::Tensor& x_adv, const at::Tensor* grad, const at::Tensor& x_nat,
+              const std::optional<at::Tensor>& eps_map, double eps, double step_size, double lo, double hi) {
+  const at::MemoryFormat fmt = check_attack_tensors(x_adv, grad, x_nat, /*allow_double=*/false);
+  // The scalar eps is only the budget when no eps_map is given.
+  check_scalars(eps_map.has_value() ? 0.0 : eps, step_size, lo, hi);
+  const Inputs in{x_adv, grad, x_nat, eps_map, make_eps_plan(eps_map, x_adv, fmt), eps, step_size, lo, hi};
+  if (x_adv.numel() == 0) return;
+
+  const c10::cuda::CUDAGuard guard(x_adv.device());
+  PF_DISPATCH_CUDA_FLOAT_TYPES(x_adv.scalar_type(), HAS_STEP ? "pgd_step_" : "project_", [&] {
+    // eps_map is float32 or x's dtype (make_eps_plan checked); the scalar plan has no eps_t.
+    if (in.plan.kind == EpsPlan::kScalar) {
+      launch_index<HAS_STEP, EpsPlan::kScalar, scalar_t, scalar_t>(in);
+    } else if (eps_map->scalar_type() == at::kFloat) {
+      launch_eps_tensor<HAS_STEP, scalar_t, float>(in);
+    } else {
+      launch_eps_tensor<HAS_STEP, scalar_t, scalar_t>(in);
+    }
+  });
+}
+
+// The dispatcher requires every backend's kernel to have the same C++ signature: these match csrc/cpu's.
+void pgd_step_cuda(at::Tensor x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
+                   const std::optional<at::Tensor>& eps_map, double eps, double step_size, double lo, double hi) {
+  pgd_cuda</*HAS_STEP=*/true>(x_adv, &grad, x_nat, eps_map, eps, step_size, lo, hi);
+}
+
+void project_cuda(at::Tensor x_adv, const at::Tensor& x_nat, const std::optional<at::Tensor>& eps_map, double eps,
+                  double lo, double hi) {
+  pgd_cuda</*HAS_STEP=*/false>(x_adv, nullptr, x_nat, eps_map, eps, /*step_size=*/0.0, lo, hi);
+}
+
+}  // namespace
+}  // namespace part_fast
+
+TORCH_LIBRARY_IMPL(part_fast, CUDA, m) {
+  m.impl("pgd_step_", &part_fast::pgd_step_cuda);
+  m.impl("project_", &part_fast::project_cuda);
+}

@@ -41,7 +41,22 @@ def _bf16_round_nearest_even(x):
     bits = x.to(tl.uint32, bitcast=True)
     rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
     rounded = tl.where(x != x, 0x7FC0, rounded)
-    return rounded.to(tl.uint16).to(tl.bfloat16, bitcast=True)
+    return rounded.to(tl.uint16).to(tl.int16, bitcast=True)
+
+
+@triton.jit
+def _bf16_bits_to_float32(raw):
+    """int16 bfloat16 bits -> float32, exact for every value. Triton 3.8's interpreter converts bfloat16
+    subnormals wrongly; widening the bits by hand is one code path for the interpreter and the GPU."""
+    return (raw.to(tl.uint16, bitcast=True).to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _load(ptr, offsets, mask, BF16_BITS: tl.constexpr, COMPUTE_DTYPE: tl.constexpr):
+    raw = tl.load(ptr + offsets, mask=mask)
+    if BF16_BITS:
+        return _bf16_bits_to_float32(raw).to(COMPUTE_DTYPE)
+    return raw.to(COMPUTE_DTYPE)
 
 
 @triton.jit(do_not_specialize=["eps_bits", "step_bits", "lo_bits", "hi_bits"])
@@ -65,6 +80,8 @@ def pgd_step_kernel(
     eps_stride3,
     EPS_MODE: tl.constexpr,
     HAS_GRAD: tl.constexpr,
+    BF16_BITS: tl.constexpr,  # x_adv, grad, x_nat are bfloat16 passed as their int16 bits
+    EPS_BF16_BITS: tl.constexpr,  # eps likewise
     COMPUTE_DTYPE: tl.constexpr,  # tl.float32, or tl.float64 for float64 tensors
     INDEX_64: tl.constexpr,  # int64 offsets when an index can pass 2**31 - 1
     BLOCK: tl.constexpr,
@@ -87,13 +104,16 @@ def pgd_step_kernel(
     offsets = pid * BLOCK + tl.arange(0, BLOCK)
     mask = offsets < n_elements
 
-    x = tl.load(x_ptr + offsets, mask=mask)
-    out_dtype = x.dtype
-    x = x.to(COMPUTE_DTYPE)
-    x_nat = tl.load(x_nat_ptr + offsets, mask=mask).to(COMPUTE_DTYPE)
+    x_raw = tl.load(x_ptr + offsets, mask=mask)
+    out_dtype = x_raw.dtype
+    if BF16_BITS:
+        x = _bf16_bits_to_float32(x_raw).to(COMPUTE_DTYPE)
+    else:
+        x = x_raw.to(COMPUTE_DTYPE)
+    x_nat = _load(x_nat_ptr, offsets, mask, BF16_BITS, COMPUTE_DTYPE)
 
     if HAS_GRAD:
-        g = tl.load(grad_ptr + offsets, mask=mask).to(COMPUTE_DTYPE)
+        g = _load(grad_ptr, offsets, mask, BF16_BITS, COMPUTE_DTYPE)
         # sign with sign(NaN) = 0; step * sign is exact, so contraction into an FMA cannot change it.
         sign = (g > 0).to(COMPUTE_DTYPE) - (g < 0).to(COMPUTE_DTYPE)
         x = x + step * sign
@@ -101,7 +121,7 @@ def pgd_step_kernel(
     if EPS_MODE == 0:
         eps = eps_bits.to(tl.int64).to(tl.float64, bitcast=True).to(COMPUTE_DTYPE)
     elif EPS_MODE == 1:
-        eps = tl.load(eps_ptr + offsets, mask=mask).to(COMPUTE_DTYPE)
+        eps = _load(eps_ptr, offsets, mask, EPS_BF16_BITS, COMPUTE_DTYPE)
     else:
         rest = offsets
         eps_offsets = (rest % eps_size3) * eps_stride3
@@ -111,7 +131,7 @@ def pgd_step_kernel(
         eps_offsets += (rest % eps_size1) * eps_stride1
         rest = rest // eps_size1
         eps_offsets += rest * eps_stride0
-        eps = tl.load(eps_ptr + eps_offsets, mask=mask).to(COMPUTE_DTYPE)
+        eps = _load(eps_ptr, eps_offsets, mask, EPS_BF16_BITS, COMPUTE_DTYPE)
 
     # clamp_keep_nan twice: to the eps box around x_nat, then to [lo, hi]. A NaN x fails every
     # comparison and stays NaN; a NaN bound is taken, as torch.maximum would give NaN.
@@ -121,9 +141,10 @@ def pgd_step_kernel(
     x = tl.where((x > box_hi) | (box_hi != box_hi), box_hi, x)
     x = tl.where(x < lo, lo, x)
     x = tl.where(x > hi, hi, x)
-    if out_dtype == tl.bfloat16:
-        x = _bf16_round_nearest_even(x)
-    tl.store(x_ptr + offsets, x.to(out_dtype), mask=mask)
+    if BF16_BITS:
+        tl.store(x_ptr + offsets, _bf16_round_nearest_even(x), mask=mask)
+    else:
+        tl.store(x_ptr + offsets, x.to(out_dtype), mask=mask)
 
 
 def double_bits(value: float) -> int:
@@ -161,6 +182,10 @@ def eps_plan(eps, x: torch.Tensor):
     return mode, [1] * pad + sizes, [0] * pad + strides
 
 
+def _as_bits(t: torch.Tensor) -> torch.Tensor:
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t
+
+
 def launch_args(x_adv, grad, x_nat, eps, step_size, lo, hi):
     """(grid, args, constexprs) of the pgd_step_kernel launch for these operands; ptx.py compiles from
     the same description (on meta tensors), so what it inspects is what runs."""
@@ -168,6 +193,13 @@ def launch_args(x_adv, grad, x_nat, eps, step_size, lo, hi):
     mode, sizes, strides = eps_plan(eps, x_adv)
     eps_extent = sum((s - 1) * st for s, st in zip(sizes, strides)) if mode == EPS_STRIDED else 0
     n_blocks = triton.cdiv(n_elements, BLOCK)
+    # bfloat16 tensors travel as their int16 bits (see _bf16_bits_to_float32).
+    bf16_bits = x_adv.dtype == torch.bfloat16
+    eps_bf16_bits = mode != EPS_SCALAR and eps.dtype == torch.bfloat16
+    x_adv, x_nat = _as_bits(x_adv), _as_bits(x_nat)
+    grad = _as_bits(grad) if grad is not None else None
+    if mode != EPS_SCALAR:
+        eps = _as_bits(eps)
     args = (
         x_adv,
         grad if grad is not None else x_adv,
@@ -184,6 +216,8 @@ def launch_args(x_adv, grad, x_nat, eps, step_size, lo, hi):
     constexprs = dict(
         EPS_MODE=mode,
         HAS_GRAD=grad is not None,
+        BF16_BITS=bf16_bits,
+        EPS_BF16_BITS=eps_bf16_bits,
         COMPUTE_DTYPE=tl.float64 if x_adv.dtype == torch.float64 else tl.float32,
         INDEX_64=n_blocks * BLOCK > 2**31 - 1 or eps_extent > 2**31 - 1,
         BLOCK=BLOCK,

@@ -28,7 +28,9 @@ from . import pgd_step as pgd_step_module
 _DIVISIBLE_16 = [["tt.divisibility", 16]]
 _GLOBAL_ACCESS = re.compile(r"\b((?:ld|st)\.global[\w.:]*)")
 _PTX_REG_DECL = re.compile(r"\.reg\s+\.(\w+)\s+%\w+<(\d+)>;")
-_TRITON_DTYPE = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64"}
+_TRITON_DTYPE = {
+    torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16", torch.float64: "fp64", torch.int16: "i16"
+}
 
 
 def _specialize(fn, args, constexprs):

@@ -28,6 +28,13 @@ def memory_format_of(x: torch.Tensor, name: str) -> torch.memory_format:
     )
 
 
+def device_of(x, name: str) -> torch.device:
+    """x.device, or a TypeError naming the argument when x is not a tensor."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    return x.device
+
+
 def check_float_tensor(x: torch.Tensor, name: str, allow_float64: bool = True) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
@@ -121,6 +128,8 @@ def check_cam_args(cam, size, eps, eps_low, mode, allow_float64=True) -> tuple[i
             raise ValueError(f"{name} must be a finite number >= 0, got {v}")
     if eps_low > eps:
         raise ValueError(f"eps_low must be <= eps, got eps_low={eps_low}, eps={eps}")
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a str ('jet' or 'cam'), got {type(mode).__name__}")
     if mode not in ("jet", "cam"):
         raise ValueError(f"mode must be 'jet' or 'cam', got {mode!r}")
     return size

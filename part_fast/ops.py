@@ -13,7 +13,6 @@ PART_FAST_BACKEND=<name> or `use_backend(name)` forces one. The backend choice i
 from __future__ import annotations
 
 import contextlib
-import functools
 import os
 import warnings
 
@@ -47,21 +46,36 @@ def _read_env_backend() -> str | None:
 _forced_backend: str | None = _read_env_backend()
 
 
-@functools.lru_cache(maxsize=None)
-def _extension_has(dispatch_key: str) -> bool:
+def _registered_kernels() -> frozenset[str]:
+    """Dispatch keys ("CPU", "CUDA") the loaded extension has kernels for, read once at import so that
+    backend selection is plain Python that torch.compile traces as constants."""
     if EXTENSION_ERROR is not None:
-        return False
-    return torch._C._dispatch_has_kernel_for_dispatch_key("part_fast::pgd_step_", dispatch_key)
+        return frozenset()
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    return frozenset(key for key in ("CPU", "CUDA") if has("part_fast::pgd_step_", key))
 
 
-@functools.lru_cache(maxsize=None)
+_EXTENSION_KERNELS = _registered_kernels()
+
+
+def _extension_has(dispatch_key: str) -> bool:
+    return dispatch_key in _EXTENSION_KERNELS
+
+
+_TRITON_UNSET = object()
+_triton_module = _TRITON_UNSET
+
+
 def _triton_kernels():
-    """part_fast.kernels, or None when Triton cannot run here."""
-    try:
-        from . import kernels
-    except Exception:  # triton missing or broken: the backend is simply not offered
-        return None
-    return kernels
+    """part_fast.kernels, or None when Triton cannot run here (imported on first use, then remembered)."""
+    global _triton_module
+    if _triton_module is _TRITON_UNSET:
+        try:
+            from . import kernels
+        except Exception:  # triton missing or broken: the backend is simply not offered
+            kernels = None
+        _triton_module = kernels
+    return _triton_module
 
 
 def _triton_interpreted() -> bool:
@@ -141,7 +155,7 @@ def pgd_step_(x_adv, grad, x_nat, eps, step_size, lo=0.0, hi=1.0):
 
     eps: a float or a tensor broadcastable to x_adv (e.g. (B,1,H,W), (B,C,H,W), (1,C,1,1)).
     sign(NaN) = 0; half types are computed in float32. Returns x_adv."""
-    backend = select_backend(x_adv.device)
+    backend = select_backend(_checks.device_of(x_adv, "x_adv"))
     if backend in ("cpu", "cuda"):
         eps_map, eps_value = _split_eps(eps)
         torch.ops.part_fast.pgd_step_(
@@ -159,7 +173,7 @@ def pgd_step_(x_adv, grad, x_nat, eps, step_size, lo=0.0, hi=1.0):
 
 def project_(x_adv, x_nat, eps, lo=0.0, hi=1.0):
     """In place: x_adv <- clip(clamp(x_adv, x_nat - eps, x_nat + eps), lo, hi). Returns x_adv."""
-    backend = select_backend(x_adv.device)
+    backend = select_backend(_checks.device_of(x_adv, "x_adv"))
     if backend in ("cpu", "cuda"):
         eps_map, eps_value = _split_eps(eps)
         torch.ops.part_fast.project_(x_adv, x_nat, eps_map, eps_value, _scalar("lo", lo), _scalar("hi", hi))
@@ -176,10 +190,10 @@ def project_(x_adv, x_nat, eps, lo=0.0, hi=1.0):
 def cam_eps_map(cam, size, eps, eps_low, mode="jet"):
     """Raw CAM (B, h, w) -> per-pixel budget: (B, 3, H, W) float32 for mode "jet" (the released mask),
     (B, 1, H, W) for mode "cam" (channel-shared). `size` is (H, W) or an int."""
-    backend = select_backend(cam.device)
+    backend = select_backend(_checks.device_of(cam, "cam"))
     if backend in ("cpu", "cuda"):
         if not isinstance(mode, str):
-            raise TypeError(f"mode must be a str, got {type(mode).__name__}")
+            raise TypeError(f"mode must be a str ('jet' or 'cam'), got {type(mode).__name__}")
         out_size = list(_checks.normalize_size(size))
         return torch.ops.part_fast.cam_eps_map(cam, out_size, _scalar("eps", eps), _scalar("eps_low", eps_low), mode)
     if backend == "triton":
@@ -192,12 +206,24 @@ def cam_eps_map(cam, size, eps, eps_low, mode="jet"):
 # Shape-only implementations so the ops trace under torch.compile(fullgraph=True) and FakeTensor.
 if EXTENSION_ERROR is None:
 
+    # The checks matter beyond tracing: a call mixing a real tensor with a meta one dispatches here.
+    def _check_fake_operands(x_adv, others, eps_map):
+        for name, t in others + [("eps", eps_map)]:
+            if t is None:
+                continue
+            if t.device != x_adv.device:
+                raise ValueError(f"{name} must be on x_adv's device {x_adv.device}, got {t.device}")
+            if name != "eps" and t.shape != x_adv.shape:
+                raise ValueError(f"{name} must have the same shape as x_adv {tuple(x_adv.shape)}, got {tuple(t.shape)}")
+
     @torch.library.register_fake("part_fast::pgd_step_")
     def _pgd_step_fake(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi):
+        _check_fake_operands(x_adv, [("grad", grad), ("x_nat", x_nat)], eps_map)
         return None
 
     @torch.library.register_fake("part_fast::project_")
     def _project_fake(x_adv, x_nat, eps_map, eps, lo, hi):
+        _check_fake_operands(x_adv, [("x_nat", x_nat)], eps_map)
         return None
 
     @torch.library.register_fake("part_fast::cam_eps_map")

@@ -206,6 +206,8 @@ def cam_eps_map(cam, size, eps, eps_low, mode="jet"):
     CAM (all equal, or non-finite) gives eps_low everywhere."""
     size = _checks.check_cam_args(cam, size, eps, eps_low, mode)
     batch = cam.shape[0]
+    if batch == 0:
+        return torch.empty(0, 3 if mode == "jet" else 1, *size, dtype=torch.float32, device=cam.device)
     norm, degenerate = minmax_normalize(cam)
     up = pil_bicubic_resize(norm, size)
     if mode == "jet":

@@ -1,0 +1,122 @@
+"""Shared fixtures and helpers for the part_fast op tests.
+
+TRITON_INTERPRET=1 must be in the environment before Triton (and part_fast, which may import it) is
+first imported, so the Triton backend runs on CPU tensors: this module sets it at import time.
+"""
+import os
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import zlib  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+import part_fast  # noqa: E402
+from part_fast import ops, reference  # noqa: E402
+
+# Every backend usable for CPU tensors here, except the reference they are all compared against.
+BACKENDS = [name for name in ops.available_backends("cpu") if name != "reference"]
+# The same plus the reference, for checks every backend must pass on its own (errors, invariants).
+ALL_BACKENDS = ops.available_backends("cpu")
+
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+# The Triton interpreter runs kernels in numpy, one program at a time: keep its cases at CIFAR-batch size.
+TRITON_MAX_NUMEL = 400_000
+
+
+def seed_of(text: str) -> int:
+    return zlib.crc32(text.encode()) & 0x7FFFFFFF
+
+
+@pytest.fixture
+def gen(request) -> torch.Generator:
+    """A CPU generator seeded by the test's node id (test name + params): fresh but reproducible inputs."""
+    return torch.Generator().manual_seed(seed_of(request.node.nodeid))
+
+
+@pytest.fixture(autouse=True)
+def _automatic_backend(monkeypatch):
+    """Every test starts with no forced backend, whatever PART_FAST_BACKEND the runner had."""
+    monkeypatch.setattr(ops, "_forced_backend", None)
+
+
+def skip_unsupported(backend: str, dtype: torch.dtype | None = None, numel: int = 0) -> None:
+    """Skip, with a reason, the cases a backend does not cover on CPU tensors."""
+    if backend == "triton":
+        if numel > TRITON_MAX_NUMEL:
+            pytest.skip(f"triton runs interpreted on CPU (TRITON_INTERPRET=1): {numel} elements is too slow")
+
+
+def rand(shape, gen, dtype=torch.float32, low=0.0, high=1.0):
+    return (torch.rand(shape, generator=gen, dtype=torch.float64) * (high - low) + low).to(dtype)
+
+
+def randn(shape, gen, dtype=torch.float32):
+    return torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout == "channels_last":
+        return t.contiguous(memory_format=torch.channels_last)
+    assert layout == "contiguous"
+    return t.contiguous()
+
+
+def attack_inputs(shape, dtype, layout, gen, eps=8 / 255):
+    """x_nat in [0, 1]; x_adv = x_nat + noise of up to 2*eps (so some elements are outside the ball and
+    some outside [0, 1]); grad standard normal with exact zeros, NaNs and infinities sprinkled in."""
+    x_nat = rand(shape, gen)
+    x_adv = x_nat + rand(shape, gen, low=-2 * eps, high=2 * eps)
+    grad = randn(shape, gen)
+    u = rand(shape, gen)
+    grad = torch.where(u < 0.05, torch.zeros_like(grad), grad)
+    grad = torch.where((u >= 0.05) & (u < 0.08), torch.full_like(grad, float("nan")), grad)
+    grad = torch.where((u >= 0.08) & (u < 0.10), torch.full_like(grad, float("inf")), grad)
+    grad = torch.where((u >= 0.10) & (u < 0.12), torch.full_like(grad, -float("inf")), grad)
+    return tuple(to_layout(t.to(dtype), layout) for t in (x_adv, grad, x_nat))
+
+
+def _ordered_bits(t: torch.Tensor) -> torch.Tensor:
+    """The float's bit pattern as an integer that is monotone in the value (-0.0 and +0.0 both map to 0)."""
+    bits = {2: torch.int16, 4: torch.int32, 8: torch.int64}[t.element_size()]
+    i = t.contiguous().view(bits).to(torch.int64)
+    sign_bit = 1 << (8 * t.element_size() - 1)
+    # a negative float's pattern reads as a negative integer: its magnitude bits are i + sign_bit
+    return torch.where(i < 0, -(i + sign_bit), i)
+
+
+def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|a - b| in units in the last place of their (common) dtype, for finite values."""
+    assert a.dtype == b.dtype
+    return (_ordered_bits(a) - _ordered_bits(b)).abs()
+
+
+def assert_same_attack_result(out: torch.Tensor, expected: torch.Tensor, backend: str) -> None:
+    """pgd_step_ / project_ results: the math is the reference's, element for element, so every backend
+    must match it exactly (NaN where the reference has NaN)."""
+    assert out.dtype == expected.dtype and out.shape == expected.shape
+    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+
+
+def backend_ids(names):
+    return [f"backend={n}" for n in names]
+
+
+__all__ = [
+    "ALL_BACKENDS",
+    "BACKENDS",
+    "DTYPES",
+    "HALF_DTYPES",
+    "assert_same_attack_result",
+    "attack_inputs",
+    "part_fast",
+    "rand",
+    "randn",
+    "reference",
+    "seed_of",
+    "skip_unsupported",
+    "to_layout",
+]

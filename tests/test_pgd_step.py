@@ -1,0 +1,541 @@
+"""pgd_step_ and project_: every backend against the reference, invariants, and every bad input."""
+import math
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from conftest import (
+    ALL_BACKENDS,
+    BACKENDS,
+    DTYPES,
+    HALF_DTYPES,
+    assert_same_attack_result,
+    attack_inputs,
+    rand,
+    randn,
+    skip_unsupported,
+    to_layout,
+)
+from part_fast import ops, reference
+
+SHAPES = [(1, 1, 1, 1), (3, 3, 7, 5), (2, 3, 32, 32), (4, 1, 9, 1), (128, 3, 32, 32)]
+LAYOUTS = ["contiguous", "channels_last"]
+OPS = ["pgd_step_", "project_"]
+EPS = 8 / 255
+STEP = 2 / 255
+
+# Every form the budget can take: scalars, and tensors broadcastable to x_adv in every layout/stride.
+EPS_FORMS = [
+    "float",
+    "int",
+    "zero",
+    "t_bchw",  # the jet map's shape, float32
+    "t_bchw_xdtype",  # x_adv's dtype instead of float32
+    "t_b1hw",  # the channel-shared "cam" map
+    "t_1c11",
+    "t_c11",  # fewer dims than x_adv
+    "t_hw",
+    "t_b111",
+    "t_0d",
+    "t_bchw_channels_last",
+    "t_bchw_contiguous_when_x_cl",
+    "t_expanded",  # stride-0 dims
+    "t_strided",  # a non-contiguous slice
+    "t_transposed",
+    "t_with_zeros",
+]
+
+
+def make_eps(form, shape, dtype, layout, gen):
+    b, c, h, w = shape
+
+    def budget(s, dt=torch.float32):
+        return rand(s, gen, low=0.0, high=2 * EPS).to(dt)
+
+    if form == "float":
+        return EPS
+    if form == "int":
+        return 1
+    if form == "zero":
+        return 0.0
+    if form == "t_bchw":
+        return to_layout(budget(shape), layout)
+    if form == "t_bchw_xdtype":
+        return to_layout(budget(shape, dtype), layout)
+    if form == "t_b1hw":
+        return budget((b, 1, h, w))
+    if form == "t_1c11":
+        return budget((1, c, 1, 1))
+    if form == "t_c11":
+        return budget((c, 1, 1))
+    if form == "t_hw":
+        return budget((h, w))
+    if form == "t_b111":
+        return budget((b, 1, 1, 1))
+    if form == "t_0d":
+        return budget(())
+    if form == "t_bchw_channels_last":
+        return budget(shape).contiguous(memory_format=torch.channels_last)
+    if form == "t_bchw_contiguous_when_x_cl":
+        return budget(shape).contiguous()
+    if form == "t_expanded":
+        return budget((b, 1, 1, 1)).expand(b, c, h, w)
+    if form == "t_strided":
+        return budget((b, c, h, 2 * w))[..., ::2]
+    if form == "t_transposed":
+        return budget((b, c, w, h)).transpose(2, 3)
+    if form == "t_with_zeros":
+        e = budget(shape)
+        return torch.where(rand(shape, gen) < 0.3, torch.zeros_like(e), e)
+    raise AssertionError(form)
+
+
+def run(op, backend, x_adv, grad, x_nat, eps, step=STEP, lo=0.0, hi=1.0):
+    with ops.use_backend(backend):
+        if op == "pgd_step_":
+            out = ops.pgd_step_(x_adv, grad, x_nat, eps, step, lo, hi)
+        else:
+            out = ops.project_(x_adv, x_nat, eps, lo, hi)
+    assert out is x_adv, "the in-place ops return x_adv itself"
+    return out
+
+
+def run_reference(op, x_adv, grad, x_nat, eps, step=STEP, lo=0.0, hi=1.0):
+    if op == "pgd_step_":
+        return reference.pgd_step_(x_adv, grad, x_nat, eps, step, lo, hi)
+    return reference.project_(x_adv, x_nat, eps, lo, hi)
+
+
+def eps_dense(eps, like):
+    """The budget as a float64 tensor of x_adv's shape, as the op sees it (rounded to the compute dtype)."""
+    if isinstance(eps, torch.Tensor):
+        ct = torch.float64 if like.dtype == torch.float64 else torch.float32
+        return eps.to(ct).to(torch.float64).expand(like.shape)
+    return torch.full(like.shape, float(eps), dtype=torch.float64)
+
+
+def assert_in_ball_and_box(out, x_nat, eps, lo, hi):
+    """lo <= x_adv <= hi exactly (lo, hi representable) and |x_adv - x_nat| <= eps up to the rounding of
+    x_nat +- eps in the compute and storage dtypes (one ulp of the storage dtype)."""
+    o, xn, e = out.to(torch.float64), x_nat.to(torch.float64), eps_dense(eps, out)
+    assert not out.isnan().any()
+    assert (o >= lo).all() and (o <= hi).all(), "x_adv left the box [lo, hi]"
+    fi = torch.finfo(out.dtype)
+    tol = fi.eps * (xn.abs() + e) + fi.tiny
+    excess = (o - xn).abs() - e
+    assert (excess <= tol).all(), f"x_adv left the eps ball by {float(excess.max())}"
+
+
+# ------------------------------------------------------------------------------------ vs reference
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("eps_form", EPS_FORMS)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
+def test_matches_reference(backend, op, eps_form, layout, dtype, shape, gen):
+    skip_unsupported(backend, dtype, math.prod(shape))
+    x_adv, grad, x_nat = attack_inputs(shape, dtype, layout, gen)
+    eps = make_eps(eps_form, shape, dtype, layout, gen)
+    expected = run_reference(op, x_adv.clone(), grad, x_nat, eps)
+    grad_before, x_nat_before = grad.clone(), x_nat.clone()
+    eps_before = eps.clone() if isinstance(eps, torch.Tensor) else eps
+
+    out = run(op, backend, x_adv, grad, x_nat, eps)
+
+    assert_same_attack_result(out, expected, backend)
+    assert out.stride() == to_layout(torch.empty(shape), layout).stride(), "x_adv keeps its layout"
+    # Inputs other than x_adv are read-only.
+    torch.testing.assert_close(grad, grad_before, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(x_nat, x_nat_before)
+    if isinstance(eps, torch.Tensor):
+        assert torch.equal(eps, eps_before)
+    assert_in_ball_and_box(out, x_nat, eps, 0.0, 1.0)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("box", [(0.25, 0.75), (0.5, 0.5), (-1.0, 2.0), (-math.inf, math.inf), (0.0, 0.0)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_matches_reference_other_boxes(backend, op, box, dtype, gen):
+    skip_unsupported(backend, dtype)
+    shape = (3, 3, 7, 5)
+    lo, hi = box
+    x_adv, grad, x_nat = attack_inputs(shape, dtype, "contiguous", gen)
+    eps = rand((3, 1, 7, 5), gen, high=0.1)
+    expected = run_reference(op, x_adv.clone(), grad, x_nat, eps, 0.03, lo, hi)
+    out = run(op, backend, x_adv, grad, x_nat, eps, 0.03, lo, hi)
+    assert_same_attack_result(out, expected, backend)
+    assert (out.to(torch.float64) >= lo).all() and (out.to(torch.float64) <= hi).all()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("threads", [1, 3, 4])
+@pytest.mark.parametrize("eps_form", ["t_b1hw", "t_strided", "t_1c11", "t_bchw"])
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_matches_reference_across_task_splits(backend, threads, eps_form, layout, gen):
+    """An odd shape larger than the CPU kernel's grain (32768), so parallel tasks start mid-row of a
+    broadcast budget."""
+    shape = (5, 3, 61, 67)
+    skip_unsupported(backend, torch.float32, math.prod(shape))
+    x_adv, grad, x_nat = attack_inputs(shape, torch.float32, layout, gen)
+    eps = make_eps(eps_form, shape, torch.float32, layout, gen)
+    expected = reference.pgd_step_(x_adv.clone(), grad, x_nat, eps, STEP)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = run("pgd_step_", backend, x_adv, grad, x_nat, eps)
+    finally:
+        torch.set_num_threads(previous)
+    assert_same_attack_result(out, expected, backend)
+
+
+# ------------------------------------------------------------------------------ value semantics
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_step_is_step_size_times_sign(backend, dtype, gen):
+    """Inside a box and ball too large to bind, the update is exactly x + step * sign(grad) (computed in
+    float32 for half types), with sign(0) = sign(NaN) = 0."""
+    skip_unsupported(backend, dtype)
+    shape = (2, 3, 5, 4)
+    x_adv, grad, x_nat = attack_inputs(shape, dtype, "contiguous", gen)
+    ct = torch.float64 if dtype == torch.float64 else torch.float32
+    g = grad.to(ct)
+    sign = torch.where(g > 0, 1.0, torch.where(g < 0, -1.0, 0.0)).to(ct)
+    expected = (x_adv.to(ct) + 0.125 * sign).to(dtype)
+    out = run("pgd_step_", backend, x_adv, grad, x_nat, 10.0, 0.125, -10.0, 10.0)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_matches_release_update(backend, gen):
+    """float32 with finite gradients: the released eager update (delta clamped, then added to x_nat) gives
+    the same values up to the rounding of x_nat + (x_adv - x_nat)."""
+    shape = (4, 3, 8, 8)
+    x_nat = rand(shape, gen)
+    x_adv = (x_nat + rand(shape, gen, low=-EPS, high=EPS)).clamp(0, 1)
+    grad = randn(shape, gen)
+    eps = torch.where(rand((4, 3, 8, 8), gen) < 0.5, 8 / 255, 7 / 255).to(torch.float32)
+    for _ in range(10):
+        expected = reference.pgd_step_release(x_adv, grad, x_nat, eps, STEP)
+        out = run("pgd_step_", backend, x_adv.clone(), grad, x_nat, eps)
+        torch.testing.assert_close(out, expected, rtol=0, atol=2e-7)
+        x_adv = out
+        grad = randn(shape, gen)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("fill", [7.0, -7.0, 0.5])
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_every_element_written(backend, op, fill, layout, dtype, gen):
+    """x_adv poisoned with a value outside the box (or far from x_nat) must come back inside box and ball
+    everywhere, including the tail of an odd-sized tensor."""
+    shape = (3, 3, 7, 5)
+    skip_unsupported(backend, dtype)
+    _, grad, x_nat = attack_inputs(shape, dtype, layout, gen)
+    x_nat = to_layout(x_nat.clamp(0.1, 0.9), layout)
+    x_adv = to_layout(torch.full(shape, fill, dtype=dtype), layout)
+    eps = rand((3, 3, 7, 5), gen, low=0.0, high=0.05)
+    out = run(op, backend, x_adv, grad, x_nat, eps)
+    assert_in_ball_and_box(out, x_nat, eps, 0.0, 1.0)
+    if fill != 0.5:
+        # a poison far above (below) x_nat lands on the upper (lower) edge of the ball
+        ct = torch.float64 if dtype == torch.float64 else torch.float32
+        edge = x_nat.to(ct) + (eps.to(ct) if fill > 0 else -eps.to(ct))
+        assert torch.equal(out, edge.to(dtype))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("eps", [0.0, 0, "tensor", "tensor_xdtype"])
+@pytest.mark.parametrize("box", [(0.0, 1.0), (0.25, 0.75)])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_eps_zero_returns_clipped_input(backend, op, eps, box, dtype, gen):
+    """eps = 0 returns clip(x_nat, lo, hi) exactly, wherever x_adv was and whatever the gradient."""
+    skip_unsupported(backend, dtype)
+    shape = (3, 3, 7, 5)
+    x_adv, grad, x_nat = attack_inputs(shape, dtype, "contiguous", gen)
+    x_adv = x_adv * 3 - 1  # far outside the box too
+    if eps == "tensor":
+        eps = torch.zeros((3, 1, 7, 5))
+    elif eps == "tensor_xdtype":
+        eps = torch.zeros(shape, dtype=dtype)
+    lo, hi = box
+    out = run(op, backend, x_adv, grad, x_nat, eps, STEP, lo, hi)
+    assert torch.equal(out, x_nat.clamp(lo, hi))
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_nan_gradient_takes_no_step(backend, dtype, gen):
+    """sign(NaN) = 0: a NaN gradient element leaves x_adv where projection puts it, and x_adv stays finite."""
+    skip_unsupported(backend, dtype)
+    shape = (2, 3, 6, 6)
+    x_adv, grad, x_nat = attack_inputs(shape, dtype, "contiguous", gen)
+    nan_mask = rand(shape, gen) < 0.5
+    grad = torch.where(nan_mask, torch.full_like(grad, float("nan")), grad)
+    expected = reference.pgd_step_(x_adv.clone(), torch.nan_to_num(grad, nan=0.0), x_nat, EPS, STEP)
+    out = run("pgd_step_", backend, x_adv.clone(), grad, x_nat, EPS)
+    assert torch.isfinite(out).all()
+    assert torch.equal(out, expected)
+    # all-NaN gradient: exactly a projection
+    all_nan = torch.full_like(grad, float("nan"))
+    out = run("pgd_step_", backend, x_adv.clone(), all_nan, x_nat, EPS)
+    assert torch.equal(out, reference.project_(x_adv.clone(), x_nat, EPS))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_nan_in_x_adv_matches_reference(backend, op, gen):
+    """A NaN already in x_adv is not hidden by the clamps (it stays NaN, as torch.clamp does)."""
+    shape = (2, 3, 4, 4)
+    x_adv, grad, x_nat = attack_inputs(shape, torch.float32, "contiguous", gen)
+    x_adv[0, 1, 2, 3] = float("nan")
+    expected = run_reference(op, x_adv.clone(), grad, x_nat, EPS)
+    out = run(op, backend, x_adv, grad, x_nat, EPS)
+    assert_same_attack_result(out, expected, backend)
+    assert out[0, 1, 2, 3].isnan() and int(out.isnan().sum()) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("where", ["x_nat", "eps"])
+def test_nan_bound_matches_reference(backend, op, where, gen):
+    """A NaN in x_nat or in a tensor budget makes that element's bound NaN: it propagates as with
+    torch.maximum / torch.minimum in the reference."""
+    shape = (2, 3, 4, 4)
+    x_adv, grad, x_nat = attack_inputs(shape, torch.float32, "contiguous", gen)
+    eps = rand(shape, gen, high=0.05)
+    if where == "x_nat":
+        x_nat[1, 2, 0, 1] = float("nan")
+    else:
+        eps[0, 0, 3, 3] = float("nan")
+    expected = run_reference(op, x_adv.clone(), grad, x_nat, eps)
+    out = run(op, backend, x_adv, grad, x_nat, eps)
+    assert_same_attack_result(out, expected, backend)
+    assert int(out.isnan().sum()) == 1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_subnormals_match_reference(backend, op, dtype):
+    """Subnormal values of the storage dtype are neither flushed nor mangled (eps = 0 returns x_nat)."""
+    skip_unsupported(backend, dtype)
+    tiny = torch.finfo(dtype).tiny
+    values = torch.tensor([tiny / 2, tiny / 8, tiny * 0.75, -tiny / 4, tiny, 0.0], dtype=torch.float64)
+    x_nat = values.to(dtype).reshape(1, 1, 1, 6)
+    x_adv = torch.zeros_like(x_nat)
+    grad = torch.ones_like(x_nat)
+    for eps in (0.0, torch.zeros((1, 1, 1, 6), dtype=dtype)):
+        expected = run_reference(op, x_adv.clone(), grad, x_nat, eps, 0.0, -1.0, 1.0)
+        assert torch.equal(expected, x_nat)
+        out = run(op, backend, x_adv.clone(), grad, x_nat, eps, 0.0, -1.0, 1.0)
+        assert_same_attack_result(out, expected, backend)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("op", OPS)
+def test_empty_batch(backend, op):
+    z = torch.empty((0, 3, 4, 4))
+    out = run(op, backend, z, z.clone(), z.clone(), EPS)
+    assert out.shape == (0, 3, 4, 4)
+
+
+# ----------------------------------------------------------------------------- property tests
+def _finite(dtype, min_value=None, max_value=None):
+    width = 16 if dtype == torch.float16 else (64 if dtype == torch.float64 else 32)
+    return st.floats(min_value, max_value, allow_nan=False, allow_infinity=False, width=width)
+
+
+def _representable(v, dtype):
+    return float(torch.tensor(v, dtype=torch.float64).to(dtype))
+
+
+@st.composite
+def attack_case(draw, dtype):
+    b = draw(st.integers(1, 2))
+    c = draw(st.integers(1, 3))
+    h = draw(st.integers(1, 5))
+    w = draw(st.integers(1, 5))
+    shape = (b, c, h, w)
+    n = b * c * h * w
+    # bounds exactly representable at the strategy's width
+    big = 65504.0 if dtype == torch.float16 else (2.0**100 if dtype != torch.float64 else 2.0**1000)
+    lo = _representable(draw(_finite(torch.float64, -big, big)), dtype)
+    hi = _representable(draw(_finite(torch.float64, -big, big)), dtype)
+    lo, hi = min(lo, hi), max(lo, hi)
+    val = _finite(dtype, -big, big)
+    x_nat = torch.tensor(draw(st.lists(_finite(torch.float64, lo, hi), min_size=n, max_size=n)), dtype=torch.float64)
+    x_nat = x_nat.to(dtype).clamp(lo, hi).reshape(shape)  # natural images are inside the box
+    x_adv = torch.tensor(draw(st.lists(val, min_size=n, max_size=n)), dtype=torch.float64).to(dtype).reshape(shape)
+    # gradients may be NaN or infinite: sign(NaN) = 0 keeps x_adv finite
+    grad_val = st.one_of(val, st.sampled_from([float("nan"), float("inf"), -float("inf"), 0.0, -0.0]))
+    grad = torch.tensor(draw(st.lists(grad_val, min_size=n, max_size=n)), dtype=torch.float64).to(dtype).reshape(shape)
+    step = draw(_finite(torch.float64, 0.0, big))
+    eps_kind = draw(st.sampled_from(["scalar", "tensor"]))
+    if eps_kind == "scalar":
+        eps = draw(_finite(torch.float64, 0.0, big))
+    else:
+        eps_shape = draw(st.sampled_from([shape, (b, 1, h, w), (1, c, 1, 1), ()]))
+        m = math.prod(eps_shape)
+        eps = torch.tensor(draw(st.lists(_finite(torch.float64, 0.0, big), min_size=m, max_size=m)))
+        eps = eps.to(torch.float32).clamp(max=torch.finfo(torch.float32).max).reshape(eps_shape)
+    layout = draw(st.sampled_from(LAYOUTS))
+    return [to_layout(t, layout) for t in (x_adv, grad, x_nat)] + [eps, step, lo, hi]
+
+
+PROPERTY = settings(
+    max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large]
+)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_property_ball_and_box(backend, dtype, op):
+    """For any finite x_adv, x_nat in [lo, hi], any budget and any gradient (NaN and inf included):
+    x_adv is finite, lo <= x_adv <= hi and |x_adv - x_nat| <= eps."""
+    skip_unsupported(backend, dtype)
+
+    @PROPERTY
+    @given(attack_case(dtype))
+    def check(case):
+        x_adv, grad, x_nat, eps, step, lo, hi = case
+        out = run(op, backend, x_adv, grad, x_nat, eps, step, lo, hi)
+        assert_in_ball_and_box(out, x_nat, eps, lo, hi)
+
+    check()
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op", OPS)
+def test_property_matches_reference(backend, dtype, op):
+    skip_unsupported(backend, dtype)
+
+    @PROPERTY
+    @given(attack_case(dtype))
+    def check(case):
+        x_adv, grad, x_nat, eps, step, lo, hi = case
+        expected = run_reference(op, x_adv.clone(), grad, x_nat, eps, step, lo, hi)
+        out = run(op, backend, x_adv, grad, x_nat, eps, step, lo, hi)
+        assert_same_attack_result(out, expected, backend)
+
+    check()
+
+
+# ---------------------------------------------------------------------------------- bad inputs
+def _good(shape=(2, 3, 4, 4), dtype=torch.float32):
+    g = torch.Generator().manual_seed(0)
+    x_nat = rand(shape, g, dtype)
+    return {"x_adv": x_nat.clone(), "grad": randn(shape, g, dtype), "x_nat": x_nat, "eps": EPS,
+            "step_size": STEP, "lo": 0.0, "hi": 1.0}
+
+
+def _with(**changes):
+    args = _good()
+    args.update({k: (v(args) if callable(v) else v) for k, v in changes.items()})
+    return args
+
+
+BAD_CASES = {
+    # shapes
+    "x_adv_3d": (ValueError, lambda: _with(x_adv=lambda a: a["x_adv"][0], grad=lambda a: a["grad"][0],
+                                             x_nat=lambda a: a["x_nat"][0])),
+    "x_adv_5d": (ValueError, lambda: _with(x_adv=lambda a: a["x_adv"][None], grad=lambda a: a["grad"][None],
+                                             x_nat=lambda a: a["x_nat"][None])),
+    "grad_shape": (ValueError, lambda: _with(grad=lambda a: a["grad"][:, :2].contiguous())),
+    "x_nat_shape": (ValueError, lambda: _with(x_nat=lambda a: a["x_nat"][:1].contiguous())),
+    "x_nat_broadcastable_shape": (ValueError, lambda: _with(x_nat=lambda a: a["x_nat"][:1, :1].contiguous())),
+    "eps_not_broadcastable": (ValueError, lambda: _with(eps=torch.full((2, 2, 4, 4), EPS))),
+    "eps_broadcasts_up": (ValueError, lambda: _with(eps=torch.full((4, 3, 4, 4), EPS))),
+    "eps_5d": (ValueError, lambda: _with(eps=torch.full((1, 2, 3, 4, 4), EPS))),
+    # dtypes
+    "grad_dtype": (TypeError, lambda: _with(grad=lambda a: a["grad"].double())),
+    "x_nat_dtype": (TypeError, lambda: _with(x_nat=lambda a: a["x_nat"].half())),
+    "x_adv_int": (TypeError, lambda: _with(x_adv=lambda a: a["x_adv"].to(torch.int32),
+                                             grad=lambda a: a["grad"].to(torch.int32),
+                                             x_nat=lambda a: a["x_nat"].to(torch.int32))),
+    "x_adv_uint8": (TypeError, lambda: _with(x_adv=lambda a: a["x_adv"].to(torch.uint8),
+                                               grad=lambda a: a["grad"].to(torch.uint8),
+                                               x_nat=lambda a: a["x_nat"].to(torch.uint8))),
+    "grad_int": (TypeError, lambda: _with(grad=lambda a: a["grad"].to(torch.int64))),
+    "x_adv_bool": (TypeError, lambda: _with(x_adv=lambda a: a["x_adv"] > 0.5, grad=lambda a: a["grad"] > 0,
+                                              x_nat=lambda a: a["x_nat"] > 0.5)),
+    "x_adv_complex": (TypeError, lambda: _with(x_adv=lambda a: a["x_adv"].to(torch.complex64),
+                                                 grad=lambda a: a["grad"].to(torch.complex64),
+                                                 x_nat=lambda a: a["x_nat"].to(torch.complex64))),
+    "eps_tensor_int": (TypeError, lambda: _with(eps=torch.ones((2, 3, 4, 4), dtype=torch.int32))),
+    "eps_tensor_half_for_float_x": (TypeError, lambda: _with(eps=torch.full((2, 3, 4, 4), EPS, dtype=torch.float16))),
+    "eps_tensor_double_for_float_x": (TypeError, lambda: _with(eps=torch.full((2, 3, 4, 4), EPS, dtype=torch.float64))),
+    # devices (the only other device of a CPU-only machine is "meta")
+    "x_nat_device": (ValueError, lambda: _with(x_nat=lambda a: a["x_nat"].to("meta"))),
+    "grad_device": (ValueError, lambda: _with(grad=lambda a: a["grad"].to("meta"))),
+    "eps_device": (ValueError, lambda: _with(eps=torch.full((2, 3, 4, 4), EPS, device="meta"))),
+    # layouts: a non-dense x_adv is an error, not a hidden copy
+    "x_adv_strided": (ValueError, lambda: _with(x_adv=lambda a: torch.zeros(2, 3, 4, 8)[..., ::2],
+                                                  grad=lambda a: a["grad"], x_nat=lambda a: a["x_nat"])),
+    "x_adv_expanded": (ValueError, lambda: _with(x_adv=lambda a: torch.zeros(2, 3, 4, 1).expand(2, 3, 4, 4))),
+    "x_adv_transposed": (ValueError, lambda: _with(x_adv=lambda a: torch.zeros(2, 3, 4, 4).transpose(2, 3))),
+    "x_adv_cl_others_contiguous": (ValueError, lambda: _with(
+        x_adv=lambda a: a["x_adv"].contiguous(memory_format=torch.channels_last))),
+    "grad_channels_last": (ValueError, lambda: _with(grad=lambda a: a["grad"].contiguous(memory_format=torch.channels_last))),
+    "x_nat_strided": (ValueError, lambda: _with(x_nat=lambda a: torch.zeros(2, 3, 4, 8)[..., ::2])),
+    "grad_strided": (ValueError, lambda: _with(grad=lambda a: torch.zeros(2, 3, 8, 4)[:, :, ::2])),
+    # scalars
+    "eps_negative": (ValueError, lambda: _with(eps=-1e-3)),
+    "eps_negative_int": (ValueError, lambda: _with(eps=-1)),
+    "eps_nan": (ValueError, lambda: _with(eps=float("nan"))),
+    "eps_inf": (ValueError, lambda: _with(eps=float("inf"))),
+    "eps_str": (TypeError, lambda: _with(eps="0.03")),
+    "eps_bool": (TypeError, lambda: _with(eps=True)),
+    "eps_none": (TypeError, lambda: _with(eps=None)),
+    "step_negative": (ValueError, lambda: _with(step_size=-STEP)),
+    "step_nan": (ValueError, lambda: _with(step_size=float("nan"))),
+    "step_str": (TypeError, lambda: _with(step_size="a")),
+    "lo_gt_hi": (ValueError, lambda: _with(lo=1.0, hi=0.0)),
+    "lo_nan": (ValueError, lambda: _with(lo=float("nan"))),
+    "hi_nan": (ValueError, lambda: _with(hi=float("nan"))),
+    "lo_tensor": (TypeError, lambda: _with(lo=torch.tensor(0.0))),
+}
+
+# project_ takes no gradient or step: the cases about them do not apply.
+PROJECT_SKIP = {"grad_shape", "grad_dtype", "grad_int", "grad_device", "grad_channels_last", "grad_strided",
+                "step_negative", "step_nan", "step_str"}
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize(
+    "op, case",
+    [(op, case) for op in OPS for case in sorted(BAD_CASES) if not (op == "project_" and case in PROJECT_SKIP)],
+)
+def test_bad_input_raises(backend, op, case):
+    """Every backend raises the same exception type for a bad argument, and leaves x_adv untouched."""
+    exc, make = BAD_CASES[case]
+    a = make()
+    x_adv = a["x_adv"]
+    before = x_adv.clone() if x_adv.device.type != "meta" else None
+    with ops.use_backend(backend), pytest.raises(exc):
+        if op == "pgd_step_":
+            ops.pgd_step_(x_adv, a["grad"], a["x_nat"], a["eps"], a["step_size"], a["lo"], a["hi"])
+        else:
+            ops.project_(x_adv, a["x_nat"], a["eps"], a["lo"], a["hi"])
+    if before is not None:
+        assert torch.equal(x_adv, before), "a rejected call must not write x_adv"
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_non_dense_x_adv_is_not_silently_copied(backend):
+    """A strided view of a larger tensor would be updated in a hidden copy and the caller's tensor left
+    stale: it must raise, and the base tensor must be unchanged."""
+    base = torch.full((2, 3, 4, 8), 7.0)
+    view = base[..., ::2]
+    x_nat = torch.full((2, 3, 4, 4), 0.5)
+    with ops.use_backend(backend), pytest.raises(ValueError, match="x_adv"):
+        ops.project_(view, x_nat, EPS)
+    assert (base == 7.0).all()

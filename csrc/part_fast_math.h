@@ -12,6 +12,12 @@
 #define PF_HD inline
 #endif
 
+#if defined(__GNUC__)
+#define PF_ALWAYS_INLINE __attribute__((always_inline))
+#else
+#define PF_ALWAYS_INLINE
+#endif
+
 namespace part_fast {
 
 // ---------------------------------------------------------------------------------------- PGD step

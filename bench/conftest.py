@@ -1,0 +1,13 @@
+"""Settings of the micro-benchmarks: torch threads (BENCH_THREADS, default 2) and the machine info
+pytest-benchmark records with every run (BENCH_DEVICE, default cpu)."""
+import os
+
+import torch
+
+from bench import ops_report
+
+torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+
+
+def pytest_benchmark_update_machine_info(config, machine_info):
+    machine_info["part_fast"] = ops_report.machine_info(torch.device(os.environ.get("BENCH_DEVICE", "cpu")))

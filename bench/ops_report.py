@@ -1,0 +1,325 @@
+"""Side-by-side timings of part_fast's ops in ONE process: a markdown table on stdout, JSON to --out.
+
+    python -m bench.ops_report --out bench/ops_report_cpu.json                 # cpu + reference backends
+    python -m bench.ops_report --device cuda --out bench/ops_report_cuda.json  # cuda + triton + reference
+
+Every row is timed on the same inputs the other backends of its group see, in the same run, next to a
+`x.clone()` of the same shape (the memory-bandwidth yardstick). Figures are reported, never asserted.
+See bench/README.md for the columns and how bytes are counted. Also the case list and builders used by
+bench/test_bench_ops.py.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from dataclasses import asdict, dataclass, replace
+from typing import Callable
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "3")  # keep the CUDA profiler's log lines out of the report
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import part_fast
+from part_fast import ops, reference
+
+EPS, EPS_LOW, STEP_SIZE = 8 / 255, 2 / 255, 2 / 255
+STEP_SHAPES = ((128, 3, 32, 32), (512, 3, 64, 64))  # a CIFAR batch; a large one (25 MB per tensor)
+EPS_FORMS = {"(B,3,H,W)": 3, "(B,1,H,W)": 1}  # eps form -> its channel count
+CAM_SHAPE, CAM_OUT, CAM_MODES = (128, 4, 4), (32, 32), ("jet", "cam")
+RELEASE = "release"  # reference.pgd_step_release: the released code's eager chain
+CLONE = "torch"  # x.clone(): one read and one write of x, the bandwidth yardstick
+COMPILED = ("cpu", "cuda", "triton")
+
+
+@dataclass(frozen=True)
+class Case:
+    op: str  # "pgd_step_", "project_", "cam_eps_map" or "clone"
+    impl: str  # a part_fast backend, RELEASE or CLONE
+    shape: tuple  # x's shape; the CAM's (B, h, w) for cam_eps_map
+    variant: str = ""  # the eps form "(B,C,H,W)" or the cam mode
+
+    @property
+    def backend(self) -> str | None:
+        """The backend to force while timing (None: the case calls no part_fast op)."""
+        return self.impl if self.impl in ops.BACKENDS else None
+
+    @property
+    def shape_text(self) -> str:
+        text = "×".join(map(str, self.shape))
+        return f"{text}→{CAM_OUT[0]}×{CAM_OUT[1]}" if self.op == "cam_eps_map" else text
+
+    @property
+    def clone_shape(self) -> tuple:
+        """Shape of the clone this row's bandwidth is compared with: x's, or the (B,3,H,W) CAM output."""
+        return (self.shape[0], 3, *CAM_OUT) if self.op == "cam_eps_map" else self.shape
+
+    def label(self) -> str:
+        """An ASCII id, e.g. pgd_step_-cpu-128x3x32x32-(B,3,H,W)."""
+        shape = self.shape_text.replace("×", "x").replace("→", "to")
+        return "-".join(filter(None, (self.op, self.impl, shape, self.variant)))
+
+
+def timed_backends(device: torch.device) -> list[str]:
+    """part_fast backends worth timing on `device`: compiled ones and the reference, never the Triton
+    interpreter (TRITON_INTERPRET=1), which is a correctness tool."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return [b for b in ops.available_backends(device) if not (b == "triton" and interpreted)]
+
+
+def all_cases(backends: list[str]) -> list[Case]:
+    """Every case, in table order: per step shape the clone, pgd_step_ (release chain first), project_;
+    then cam_eps_map per mode."""
+    cases = []
+    for shape in STEP_SHAPES:
+        cases.append(Case("clone", CLONE, shape))
+        for op, impls in (("pgd_step_", (RELEASE, *backends)), ("project_", backends)):
+            cases += [Case(op, impl, shape, form) for form in EPS_FORMS for impl in impls]
+    cases += [Case("cam_eps_map", b, CAM_SHAPE, mode) for mode in CAM_MODES for b in backends]
+    return cases
+
+
+def attack_tensors(shape: tuple, eps_channels: int, device: torch.device, seed: int = 0):
+    """x_adv, grad, x_nat, eps (float32): x_adv inside the eps ball around x_nat in [0, 1], a mixed
+    EPS / EPS_LOW budget, a dense random gradient, so every clamp of the step does real work."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, _, height, width = shape
+    x_nat = torch.rand(shape, generator=gen)
+    eps = torch.where(torch.rand((batch, eps_channels, height, width), generator=gen) < 0.5, EPS, EPS_LOW)
+    x_adv = (x_nat + (2 * torch.rand(shape, generator=gen) - 1) * eps).clamp(0, 1)
+    grad = torch.randn(shape, generator=gen)
+    return [t.to(device) for t in (x_adv, grad, x_nat, eps)]
+
+
+def build(case: Case, device: torch.device) -> tuple[Callable[[], object], int]:
+    """(fn, nbytes): fn() runs the case once (the backend is forced by the caller), nbytes is the memory
+    traffic the op cannot avoid: every input read once, every output written once."""
+    if case.op == "cam_eps_map":
+        cam = torch.randn(CAM_SHAPE, generator=torch.Generator().manual_seed(0)).to(device)
+        out_nbytes = cam.shape[0] * (3 if case.variant == "jet" else 1) * CAM_OUT[0] * CAM_OUT[1] * 4
+        return (lambda: ops.cam_eps_map(cam, CAM_OUT, EPS, EPS_LOW, case.variant)), cam.nbytes + out_nbytes
+    x_adv, grad, x_nat, eps = attack_tensors(case.shape, EPS_FORMS.get(case.variant, 3), device)
+    if case.op == "clone":
+        return x_adv.clone, 2 * x_adv.nbytes
+    if case.op == "project_":
+        return (lambda: ops.project_(x_adv, x_nat, eps)), 2 * x_adv.nbytes + x_nat.nbytes + eps.nbytes
+    step_nbytes = 2 * x_adv.nbytes + grad.nbytes + x_nat.nbytes + eps.nbytes
+    if case.impl == RELEASE:
+        return (lambda: reference.pgd_step_release(x_adv, grad, x_nat, eps, STEP_SIZE)), step_nbytes
+    return (lambda: ops.pgd_step_(x_adv, grad, x_nat, eps, STEP_SIZE)), step_nbytes
+
+
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def time_blocks(fn, device, run_time: float, min_blocks=3, block_time=2e-3, warmup_time=0.05) -> list[float]:
+    """Per-call times of blocks of back-to-back calls (a block lasts ~block_time, or one call), after a
+    warm-up; at least min_blocks blocks and run_time seconds."""
+    sync = synchronizer(device)
+    fn()  # first call: lazy initialisation, allocations
+    sync()
+    start, warmup_calls = time.perf_counter(), 0
+    while warmup_calls == 0 or time.perf_counter() - start < warmup_time:
+        fn()
+        sync()
+        warmup_calls += 1
+    one_call = (time.perf_counter() - start) / warmup_calls
+    calls_per_block = max(1, round(block_time / max(one_call, 1e-7)))
+    block_means = []
+    deadline = time.perf_counter() + run_time
+    while len(block_means) < min_blocks or time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        for _ in range(calls_per_block):
+            fn()
+        sync()
+        block_means.append((time.perf_counter() - t0) / calls_per_block)
+    return block_means
+
+
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:  # views (detach, ...) launch nothing
+            self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def kernels_per_call(fn, device) -> list[str]:
+    """The kernels one call launches. On a GPU, the CUDA kernels the profiler records (Triton ones too);
+    on the CPU, the aten ops that compute (each is one kernel launch when the tensors are on a GPU)."""
+    fn()
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    with _OpCounter() as counter:
+        fn()
+    return counter.names
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def machine_info(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:
+        triton_version = None
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "part_fast": part_fast.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cuda_available": torch.cuda.is_available(),
+        "triton": triton_version,
+        "backends_available": ops.available_backends(),
+        "backends_timed": timed_backends(device),
+        "dtype": "float32",
+        "load_average_before": os.getloadavg(),  # 1/5/15 min: other work on the machine skews CPU timings
+    }
+
+
+def measure(cases: list[Case], device: torch.device, run_time: float, rounds: int) -> list[dict]:
+    """Time every case in `rounds` interleaved rounds, each adding run_time / rounds of blocks. A case's
+    time is the median of its blocks in its quickest round: other work on the machine only slows calls
+    down, and interleaving gives every case the same chances of a quiet round."""
+    round_medians = {case: [] for case in cases}
+    nbytes, kernels = {}, {}
+    for _ in range(rounds):
+        for case in cases:
+            fn, nbytes[case] = build(case, device)
+            with ops.use_backend(case.backend):
+                round_medians[case].append(statistics.median(time_blocks(fn, device, run_time / rounds)))
+                if case not in kernels:
+                    kernels[case] = kernels_per_call(fn, device)
+    seconds = {case: min(medians) for case, medians in round_medians.items()}
+    rows = []
+    for case in cases:
+        gb_per_s = nbytes[case] / seconds[case] / 1e9
+        clone = Case("clone", CLONE, case.clone_shape)
+        clone_gb_per_s = nbytes[clone] / seconds[clone] / 1e9 if clone in seconds else None
+        release = seconds.get(replace(case, impl=RELEASE))
+        reference_time = seconds.get(replace(case, impl="reference"))
+        rows.append(asdict(case) | {
+            "shape": case.shape_text,
+            "median_us": seconds[case] * 1e6,
+            "round_medians_us": [t * 1e6 for t in round_medians[case]],
+            "bytes": nbytes[case],
+            "gb_per_s": gb_per_s,
+            "pct_clone_bw": 100 * gb_per_s / clone_gb_per_s if clone_gb_per_s else None,
+            "speedup_vs_release": release / seconds[case] if release else None,
+            "speedup_vs_reference": reference_time / seconds[case] if reference_time else None,
+            "kernels_per_call": len(kernels[case]),
+            "kernels": kernels[case],
+        })
+    return rows
+
+
+def check_targets(rows: list[dict]) -> list[dict]:
+    """The issue's targets, per compiled backend: reported as met / not met, never asserted."""
+    small, large = (Case("pgd_step_", "", shape).shape_text for shape in STEP_SHAPES)
+    cam_shape = Case("cam_eps_map", "", CAM_SHAPE).shape_text
+    full_eps = "(B,3,H,W)"
+    goals = {  # (op, shape, variant) -> (description, the row's figure, goal)
+        ("pgd_step_", small, full_eps): (f"pgd_step_ × release, {small}, {full_eps} eps", "speedup_vs_release", 10),
+        ("pgd_step_", large, full_eps): (f"pgd_step_ % clone GB/s, {large}, {full_eps} eps", "pct_clone_bw", 70),
+    }
+    for mode in CAM_MODES:
+        goals[("cam_eps_map", cam_shape, mode)] = (f"cam_eps_map × reference, mode {mode}", "speedup_vs_reference", 3)
+    results = []
+    for r in rows:
+        goal = goals.get((r["op"], r["shape"], r["variant"]))
+        if goal and r["impl"] in COMPILED:
+            name, key, target = goal
+            results.append({"target": name, "backend": r["impl"], "value": r[key], "goal": target,
+                            "met": r[key] >= target})
+    return results
+
+
+def _fmt(value, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def markdown(rows: list[dict], targets: list[dict], machine: dict) -> str:
+    lines = [
+        f"{machine['cpu']} ({machine['logical_cores']} cores, {machine['cpu_capability']}), "
+        + (f"GPU {machine['gpu']}, " if machine["gpu"] else "")
+        + f"torch {machine['torch']}, {machine['torch_threads']} threads, float32, {machine['date']}, "
+        + f"load average before/after {machine['load_average_before'][0]:.1f}/{machine['load_average_after'][0]:.1f}",
+        "",
+    ]
+    noisy = [r for r in rows if max(r["round_medians_us"]) > 1.5 * min(r["round_medians_us"])]
+    if noisy:
+        lines += [f"Note: {len(noisy)} of {len(rows)} rows varied > 1.5× between rounds (other work on the "
+                  "machine); each row reports its quickest round.", ""]
+    lines += [
+        "| op | impl | shape | eps / mode | median µs | MB moved | GB/s | % clone BW | × release | × reference "
+        "| kernels |",
+        "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['op']} | {r['impl']} | {r['shape']} | {r['variant'] or '—'} | {r['median_us']:.1f} | "
+            f"{r['bytes'] / 1e6:.2f} | {r['gb_per_s']:.1f} | {_fmt(r['pct_clone_bw'], '.0f')} | "
+            f"{_fmt(r['speedup_vs_release'], '.1f')} | {_fmt(r['speedup_vs_reference'], '.1f')} | "
+            f"{r['kernels_per_call']} |"
+        )
+    lines += ["", "| target | backend | measured | goal | met |", "|---|---|---:|---:|---|"]
+    for t in targets:
+        met = "yes" if t["met"] else "NO"
+        lines.append(f"| {t['target']} | {t['backend']} | {t['value']:.2f} | ≥ {t['goal']} | {met} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cpu", help="cpu (cpu, reference) or cuda (cuda, triton, reference)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--run-time", type=float, default=1.0, help="seconds of timed blocks per row, all rounds")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all rows")
+    parser.add_argument("--out", help="write the rows, targets and machine info as JSON here")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU visible")
+    machine = machine_info(device)
+    rows = measure(all_cases(timed_backends(device)), device, args.run_time, args.rounds)
+    machine["load_average_after"] = os.getloadavg()
+    targets = check_targets(rows)
+    print(markdown(rows, targets, machine))
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump({"machine": machine, "rows": rows, "targets": targets}, f, indent=1)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -297,6 +297,23 @@ def markdown(rows: list[dict], targets: list[dict], machine: dict) -> str:
     return "\n".join(lines)
 
 
+README_START, README_END = "<!-- bench:ops:start -->", "<!-- bench:ops:end -->"
+
+
+def write_readme_table(path: str, table: str) -> None:
+    """Replace the README's block between the bench:ops markers with `table` (atomically: temp + rename)."""
+    with open(path) as f:
+        text = f.read()
+    if README_START not in text or README_END not in text:
+        raise SystemExit(f"{path} has no {README_START} ... {README_END} block to fill")
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{head}{README_START}\n{table}\n{README_END}{tail}")
+    os.replace(tmp, path)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--device", default="cpu", help="cpu (cpu, reference) or cuda (cuda, triton, reference)")
@@ -304,7 +321,18 @@ def main(argv=None) -> None:
     parser.add_argument("--run-time", type=float, default=1.0, help="seconds of timed blocks per row, all rounds")
     parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds over all rows")
     parser.add_argument("--out", help="write the rows, targets and machine info as JSON here")
+    parser.add_argument("--from-json", help="measure nothing: render the table of this earlier --out JSON")
+    parser.add_argument("--readme", help="also write the table into this file's bench:ops block (README.md)")
     args = parser.parse_args(argv)
+
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        table = markdown(saved["rows"], saved["targets"], saved["machine"])
+        print(table)
+        if args.readme:
+            write_readme_table(args.readme, table)
+        return
 
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -314,11 +342,17 @@ def main(argv=None) -> None:
     rows = measure(all_cases(timed_backends(device)), device, args.run_time, args.rounds)
     machine["load_average_after"] = os.getloadavg()
     targets = check_targets(rows)
-    print(markdown(rows, targets, machine))
+    table = markdown(rows, targets, machine)
+    print(table)
     if args.out:
-        with open(args.out, "w") as f:
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        tmp = f"{args.out}.tmp"
+        with open(tmp, "w") as f:
             json.dump({"machine": machine, "rows": rows, "targets": targets}, f, indent=1)
             f.write("\n")
+        os.replace(tmp, args.out)
+    if args.readme:
+        write_readme_table(args.readme, table)
 
 
 if __name__ == "__main__":

@@ -19,18 +19,12 @@
 #include <string>
 
 #include "checks.h"
+#include "cuda/dispatch.cuh"
 #include "jet_lut.h"
 #include "part_fast_math.h"
 
 namespace part_fast {
 namespace {
-
-// float32, float16 and bfloat16: float64 is CPU-only.
-#define PF_DISPATCH_CUDA_FLOAT_TYPES(TYPE, NAME, ...)     \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                          \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 // Many threads per block: with one block per image, a training batch (~128 images) gives about one
 // block per SM, so the block itself must carry enough warps to hide latency.

@@ -18,17 +18,11 @@
 #include <optional>
 
 #include "checks.h"
+#include "cuda/dispatch.cuh"
 #include "part_fast_math.h"
 
 namespace part_fast {
 namespace {
-
-// float32, float16 and bfloat16: float64 is CPU-only (a CUDA float64 step is never what training wants).
-#define PF_DISPATCH_CUDA_FLOAT_TYPES(TYPE, NAME, ...)     \
-  AT_DISPATCH_SWITCH(TYPE, NAME,                          \
-                     AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
-                     AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__)  \
-                     AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
 
 constexpr int kThreads = 256;
 // Enough resident blocks to saturate every SM; the grid-stride loop covers the rest.

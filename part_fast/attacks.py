@@ -8,26 +8,15 @@ so its adversarial example, does not depend on the batch it came in.
 """
 from __future__ import annotations
 
-import contextlib
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .modes import eval_mode
 
 STARTS = ("uniform", "release", "normal", None)
 LOSSES = ("ce", "kl", "cw")
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module):
-    was_training = model.training
-    model.eval()
-    try:
-        yield model
-    finally:
-        model.train(was_training)
 
 
 def _check_inputs(x: torch.Tensor, y: torch.Tensor | None):
@@ -131,6 +120,8 @@ class MMA:
 
     def __call__(self, x, y, eps_map=None, generator=None):
         _check_inputs(x, y)
+        if y is None:
+            raise ValueError("MMA needs the labels y")
         x_nat = x.detach().float()
         budget = self.pgd.eps if eps_map is None else eps_map
         with eval_mode(self.model):

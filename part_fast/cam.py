@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .modes import eval_mode
+
 METHODS = ("gradcam", "xgradcam", "layercam")
 
 # Where the CAM layer is on architectures we know: the last block before global pooling.
@@ -34,6 +36,9 @@ def find_layer(model: nn.Module, layer: str | nn.Module | None = None) -> nn.Mod
     if isinstance(layer, nn.Module):
         return layer
     modules = dict(_unwrap(model).named_modules())
+    if isinstance(layer, str) and layer not in modules:
+        # The wrapper's own names also work ("module.layer4" for a DataParallel model).
+        modules.update((n, m) for n, m in model.named_modules() if n)
     if layer is None:
         for name in _KNOWN_LAYERS:
             if name in modules:
@@ -69,7 +74,11 @@ def _select_classes(logits: torch.Tensor, target, y) -> torch.Tensor:
         raise ValueError(f"target must be 'pred', 'label' or a tensor of class indices, got {target!r}")
     if classes.shape != (batch,) or classes.dtype not in (torch.int64, torch.int32):
         raise ValueError(f"class indices must be an integer tensor of shape ({batch},), got {classes.dtype} {tuple(classes.shape)}")
-    return classes.to(logits.device, torch.int64)
+    classes = classes.to(logits.device, torch.int64)
+    # An out-of-range index would be an opaque gather error on the CPU and a device-side assert on a GPU.
+    if batch and not bool(((classes >= 0) & (classes < logits.shape[1])).all()):
+        raise ValueError(f"class indices must be in [0, {logits.shape[1]}), got {classes.tolist()}")
+    return classes
 
 
 def cam_from_gradients(activations: torch.Tensor, gradients: torch.Tensor, method: str) -> torch.Tensor:
@@ -117,15 +126,16 @@ def compute_cam(
         torch.set_grad_enabled(True)
         leaf = output.detach().requires_grad_(True)
         captured.append(leaf)
-        return leaf
+        # The head gets a non-leaf copy: it may modify the layer's output in place (e.g. a ReLU(inplace=True)
+        # right after it), which autograd forbids on a leaf and which would also alter A itself.
+        return leaf.clone()
 
-    was_training = model.training
     grad_mode = torch.is_grad_enabled()
     handle = target_layer.register_forward_hook(hook)
     try:
-        model.eval()
-        torch.set_grad_enabled(False)
-        logits = model(x)
+        with eval_mode(model):
+            torch.set_grad_enabled(False)
+            logits = model(x)
         if not captured:
             raise RuntimeError("the CAM layer did not run during the forward pass")
         activations = captured[0]
@@ -136,7 +146,6 @@ def compute_cam(
     finally:
         handle.remove()
         torch.set_grad_enabled(grad_mode)
-        model.train(was_training)
     if return_logits:
         return cam, logits.detach()
     return cam

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .attacks import MMA, PGD, eval_mode
+from .attacks import MMA, PGD
+from .modes import eval_mode
 
 ATTACKS = ("natural", "pgd20", "mma", "aa", "aa-release")
 

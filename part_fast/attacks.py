@@ -26,6 +26,11 @@ def _check_inputs(x: torch.Tensor, y: torch.Tensor | None):
         raise ValueError(f"y must be a 1-D tensor of {x.shape[0]} labels, got shape {tuple(y.shape)}")
 
 
+def check_grad_possible() -> None:
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("attacks need input gradients: call them outside torch.inference_mode()")
+
+
 def same_layout(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     """Autograd may return a gradient in another memory layout than the input; the fused ops require one."""
     fmt = torch.channels_last if not like.is_contiguous() else torch.contiguous_format
@@ -94,14 +99,16 @@ class PGD:
         return ops.project_(x_adv.add_(unit * budget), x_nat, budget, self.lo, self.hi)
 
     def _input_gradient(self, x_adv, y, p_nat):
+        check_grad_possible()
         x_adv = x_adv.detach().requires_grad_(True)
-        logits = self.model(x_adv).float()
-        if self.loss == "ce":
-            loss = F.cross_entropy(logits, y, reduction="sum")
-        elif self.loss == "kl":
-            loss = F.kl_div(F.log_softmax(logits, dim=1), p_nat, reduction="sum")
-        else:
-            loss = margin(logits, y).sum()
+        with torch.enable_grad():  # an attack called inside torch.no_grad() still needs its input gradient
+            logits = self.model(x_adv).float()
+            if self.loss == "ce":
+                loss = F.cross_entropy(logits, y, reduction="sum")
+            elif self.loss == "kl":
+                loss = F.kl_div(F.log_softmax(logits, dim=1), p_nat, reduction="sum")
+            else:
+                loss = margin(logits, y).sum()
         (grad,) = torch.autograd.grad(loss, x_adv)
         return same_layout(grad, x_adv)
 
@@ -144,12 +151,14 @@ class MMA:
         pgd = self.pgd
         x_adv = pgd._start(x_nat, budget, generator)
         for _ in range(pgd.steps):
+            check_grad_possible()
             x_var = x_adv.detach().requires_grad_(True)
-            logits = self.model(x_var).float()
-            true = logits.gather(1, y[:, None]).squeeze(1)
-            other = logits.gather(1, target[:, None]).squeeze(1)
-            # CW-style targeted loss: push the target logit above the true one by `confidence`, then stop.
-            loss = -torch.clamp(true - other + self.confidence, min=0).sum()
+            with torch.enable_grad():
+                logits = self.model(x_var).float()
+                true = logits.gather(1, y[:, None]).squeeze(1)
+                other = logits.gather(1, target[:, None]).squeeze(1)
+                # CW-style targeted loss: push the target logit above the true one by `confidence`, then stop.
+                loss = -torch.clamp(true - other + self.confidence, min=0).sum()
             (grad,) = torch.autograd.grad(loss, x_var)
             grad = same_layout(grad, x_adv)
             ops.pgd_step_(x_adv, grad, x_nat, budget, pgd.alpha, pgd.lo, pgd.hi)

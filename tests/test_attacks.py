@@ -464,3 +464,18 @@ def test_bad_arguments(net):
         MMA(net, k=0)
     with pytest.raises(ValueError, match="labels"):
         MMA(net)(x, None)
+
+
+def test_pgd_runs_inside_no_grad_and_refuses_inference_mode():
+    """A user's torch.no_grad() must not break the attack; inference_mode gets a clear error."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3)).eval()
+    x, y = torch.rand(2, 3, 8, 8), torch.tensor([0, 1])
+    atk = PGD(model, eps=8 / 255, alpha=2 / 255, steps=2, start=None)
+    expected = atk(x, y)
+    with torch.no_grad():
+        got = atk(x, y)
+    assert torch.equal(got, expected) and not torch.equal(got, x)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        atk(x, y)

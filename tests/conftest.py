@@ -43,6 +43,16 @@ def _automatic_backend(monkeypatch):
     monkeypatch.setattr(ops, "_forced_backend", None)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of small models: as fast on an idle machine, and on a loaded one it
+    avoids OpenMP workers spin-waiting for a core (several times slower with 2 threads on 2 busy cores)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def skip_unsupported(backend: str, dtype: torch.dtype | None = None, numel: int = 0) -> None:
     """Skip, with a reason, the cases a backend does not cover on CPU tensors."""
     if backend == "triton":

@@ -15,14 +15,7 @@ EPS, EPS_LOW, ALPHA = 8 / 255, 7 / 255, 2 / 255
 B, H = 8, 16
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for these small models: as fast on an idle machine, and on a loaded one it
-    avoids OpenMP workers spin-waiting for a core (several times slower with 2 threads on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class SmallNet(nn.Module):

@@ -12,14 +12,7 @@ from part_fast.cam import METHODS, compute_cam
 EPS, EPS_LOW = 8 / 255, 7 / 255
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for these small models: as fast on an idle machine, and on a loaded one it
-    avoids OpenMP workers spin-waiting for a core (several times slower with 2 threads on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 class FlipEquivariantNet(nn.Module):

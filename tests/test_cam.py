@@ -21,14 +21,7 @@ from part_fast.models import preact_resnet18, resnet18, with_normalization, wrn3
 RTOL = 1e-5
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for these small models: as fast on an idle machine, and on a loaded one it
-    avoids OpenMP workers spin-waiting for a core (several times slower with 2 threads on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ----------------------------------------------------------------------------------------- models

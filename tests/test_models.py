@@ -11,14 +11,7 @@ from part_fast.models import BUNDLED, CAM_LAYERS, Normalize, get_model, with_nor
 PARAMS = {"resnet18": 11_173_962, "preact-resnet18": 11_172_170, "wrn34-10": 46_160_474}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread for these small models: as fast on an idle machine, and on a loaded one it
-    avoids OpenMP workers spin-waiting for a core (several times slower with 2 threads on 2 busy cores)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def n_params(model):

@@ -5,12 +5,15 @@ release's per-image pipeline), one PGD step of each attack loop, and the update 
     python -m pytest bench/test_bench_stage.py --benchmark-only -k update
 
 Timings only: nothing here asserts a speed. ResNet-18, batch 128, the same CAM-realistic model and images
-as the report (see bench/STAGE.md). Full PGD-10 runs are left to the report (~25 s each on 2 cores);
+as the report (see bench/STAGE.md). glibc's default malloc is kept (it is process-wide and these tests may
+share a session with test_bench_ops.py); BENCH_KEEP_FREED_MEMORY=1 applies the report's setting
+(stage_report.keep_freed_memory) when this module is imported. Full PGD-10 runs are left to the report (~25 s each on 2 cores);
 here each attack is timed for one step (forward + input gradient + update), which is what PGD-10
 repeats ten times.
 """
+import os
+
 import pytest
-import torch
 
 from bench import stage_report as sr
 from part_fast import ops, reference
@@ -18,6 +21,9 @@ from part_fast.attacks import PGD
 from part_fast.budget import PixelBudget
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+if os.environ.get("BENCH_KEEP_FREED_MEMORY") == "1":
+    sr.keep_freed_memory()
 
 
 @pytest.fixture(scope="module")

@@ -713,8 +713,8 @@ def markdown(res: dict) -> str:
     lines = [
         f"{m['cpu']} ({m['logical_cores']} cores, {m['cpu_capability']}), torch {m['torch']}, {m['torch_threads']} threads, "
         f"float32, no GPU, {m['date']}; torchattacks {m['torchattacks']}, matplotlib {m['matplotlib']}, Pillow {m['pillow']}, "
-        f"numpy {m['numpy']}; malloc: {m.get('malloc', 'system default')}. Total {m['total_seconds']:.0f} s "
-        f"(+{m['waited_for_quiet_s']:.0f} s waiting for quiet).",
+        f"numpy {m['numpy']}; malloc: {m.get('malloc', 'system default')}. Total {m['total_seconds']:.0f} s, "
+        f"{m['waited_for_quiet_s']:.0f} s of it waiting for quiet.",
         f"Load average (1 min) at start / after the CAM stage / at the end: {la('load_average_before')} / "
         f"{la('load_average_after_cam_stage')} / {la('load_average_after')} (the later two include this run's own 2 threads). Every figure is the quickest of its runs; "
         "\"others\" = CPU cores other processes used during that run (/proc/stat; 0 = quiet machine, 2 = both cores taken).",

@@ -112,6 +112,8 @@ def compute_cam(
     returns the (detached) logits of the eval-mode forward."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError("CAMs need gradients of the head: call compute_cam outside torch.inference_mode()")
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D tensor (B, C, H, W), got {getattr(x, 'shape', type(x))}")
     target_layer = find_layer(model, layer)

@@ -620,3 +620,10 @@ def test_bad_arguments(tiny):
     with pytest.raises(ValueError, match=r"\(B, K, h, w\)"):
         compute_cam(tiny, x, layer="head.4")  # the Linear: a 2-D output
     assert no_hooks(tiny) and no_param_grads(tiny)
+
+
+def test_compute_cam_refuses_inference_mode_clearly():
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+                                torch.nn.Flatten(), torch.nn.Linear(4, 3))
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
+        compute_cam(model, torch.rand(2, 3, 8, 8), layer="0")

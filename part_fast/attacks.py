@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .modes import eval_mode
+from .modes import check_grad_possible, eval_mode
 
 STARTS = ("uniform", "release", "normal", None)
 LOSSES = ("ce", "kl", "cw")
@@ -24,11 +24,6 @@ def _check_inputs(x: torch.Tensor, y: torch.Tensor | None):
         raise ValueError(f"x must be a floating 4-D tensor (B, C, H, W) in [0, 1], got {getattr(x, 'shape', type(x))}")
     if y is not None and (y.dim() != 1 or y.shape[0] != x.shape[0]):
         raise ValueError(f"y must be a 1-D tensor of {x.shape[0]} labels, got shape {tuple(y.shape)}")
-
-
-def check_grad_possible() -> None:
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("attacks need input gradients: call them outside torch.inference_mode()")
 
 
 def same_layout(grad: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -99,7 +94,7 @@ class PGD:
         return ops.project_(x_adv.add_(unit * budget), x_nat, budget, self.lo, self.hi)
 
     def _input_gradient(self, x_adv, y, p_nat):
-        check_grad_possible()
+        check_grad_possible("attacks need input gradients")
         x_adv = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():  # an attack called inside torch.no_grad() still needs its input gradient
             logits = self.model(x_adv).float()
@@ -151,7 +146,7 @@ class MMA:
         pgd = self.pgd
         x_adv = pgd._start(x_nat, budget, generator)
         for _ in range(pgd.steps):
-            check_grad_possible()
+            check_grad_possible("attacks need input gradients")
             x_var = x_adv.detach().requires_grad_(True)
             with torch.enable_grad():
                 logits = self.model(x_var).float()

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .modes import eval_mode
+from .modes import check_grad_possible, eval_mode
 
 METHODS = ("gradcam", "xgradcam", "layercam")
 
@@ -112,8 +112,7 @@ def compute_cam(
     returns the (detached) logits of the eval-mode forward."""
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}, got {method!r}")
-    if torch.is_inference_mode_enabled():
-        raise RuntimeError("CAMs need gradients of the head: call compute_cam outside torch.inference_mode()")
+    check_grad_possible("CAMs need gradients of the head")
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D tensor (B, C, H, W), got {getattr(x, 'shape', type(x))}")
     target_layer = find_layer(model, layer)

@@ -1,8 +1,9 @@
-"""Model-mode handling shared by the CAM and the attacks."""
+"""Model-mode and grad-mode handling shared by the CAM and the attacks."""
 from __future__ import annotations
 
 import contextlib
 
+import torch
 from torch import nn
 
 
@@ -17,3 +18,9 @@ def eval_mode(model: nn.Module):
     finally:
         for m, training in modes:
             m.training = training
+
+
+def check_grad_possible(what: str) -> None:
+    """A clear error where autograd's would be opaque: no gradient can be taken under inference_mode."""
+    if torch.is_inference_mode_enabled():
+        raise RuntimeError(f"{what}: call them outside torch.inference_mode()")

@@ -6,7 +6,7 @@ per image, with nothing written to global memory but the result.
                -> PIL bicubic resize to (H, W)         (horizontal pass, float32, vertical pass, float32)
                -> "jet": jet colours of up*up, 3 channels  |  "cam": the upsampled value, 1 channel
                -> z-score over the image's values (float64 mean, population std)
-               -> eps where z > 1, eps_low elsewhere (and everywhere for a degenerate CAM)
+               -> eps where float32(z) > 1, eps_low elsewhere (and everywhere for a degenerate CAM)
 
 Bit-exactness with the reference (PIL / matplotlib):
 - The min-max division is correctly rounded (div_rn): Triton's float32 `/` is approximate on a GPU.
@@ -163,8 +163,10 @@ def cam_eps_map_kernel(
                     d = v - mean[:, None, None]
                     total += _per_image_sum(tl.where(valid, d * d, 0.0))
                 else:
-                    # float64 `/` is div.rn.f64
-                    keep = (v - mean[:, None, None]) / std[:, None, None] > threshold[:, None, None]
+                    # float64 `/` is div.rn.f64; z is rounded to float32 before the comparison, as the
+                    # release casts it (cvt.rn.f32.f64).
+                    z = ((v - mean[:, None, None]) / std[:, None, None]).to(tl.float32)
+                    keep = z > threshold[:, None, None]
                     out_offsets = ch * plane + out_rows * W + out_cols[None, None, :]
                     tl.store(out_images + out_offsets, tl.where(keep, eps, eps_low), mask=valid)
         if phase == 0:
@@ -173,7 +175,7 @@ def cam_eps_map_kernel(
             std = tl.sqrt(total / n_values)  # float64 sqrt is sqrt.rn.f64
             # z > 1 selects; a constant map (std 0) or a degenerate CAM selects nothing (z > inf is false
             # for every z). A zero std is replaced by 1 as the reference does, so nothing divides by 0.
-            threshold = tl.where((std > 0.0) & ~degenerate, 1.0, float("inf")).to(tl.float64)
+            threshold = tl.where((std > 0.0) & ~degenerate, 1.0, float("inf")).to(tl.float32)
             std = tl.where(std > 0.0, std, 1.0)
 
 
@@ -199,7 +201,7 @@ def _dense_weights(in_size: int, out_size: int, device: torch.device) -> torch.T
 
 @functools.lru_cache(maxsize=8)
 def _jet_lut(device: torch.device) -> torch.Tensor:
-    return reference.jet_lut(device).contiguous()
+    return reference.mask_jet_lut(device).contiguous()
 
 
 def launch_config(batch: int, h: int, w: int, H: int, W: int) -> dict:

@@ -69,7 +69,17 @@ def test_header_literals_are_the_table(tmp_path):
     assert text == reference.jet_lut_header()
     rows = [line.strip().rstrip("\\").strip().rstrip(",") for line in text.splitlines() if line.strip().startswith("{0x")]
     parsed = np.array([[float.fromhex(v) for v in row.strip("{}").split(", ")] for row in rows])
-    assert np.array_equal(parsed, reference.jet_lut_numpy())
+    assert np.array_equal(parsed, reference.mask_jet_lut_numpy())
+
+
+def test_mask_jet_lut_is_the_release_round_trip():
+    """The mask's table is matplotlib's after process_overlay's (255 * rgb) / 255: 3 values move by
+    one ulp, nothing else changes."""
+    lut, mask = reference.jet_lut_numpy(), reference.mask_jet_lut_numpy()
+    assert np.array_equal(mask, (255 * JET(np.arange(256) / 255)[:, :3]).astype(np.double) / 255)
+    moved = mask != lut
+    assert int(moved.sum()) == 3
+    assert np.array_equal(np.nextafter(lut[moved], 0), mask[moved])
 
 
 def _jet_probe_values():
@@ -97,7 +107,7 @@ def test_jet_colors_square_in_float32():
     up = torch.from_numpy(_jet_probe_values()[:4096].reshape(1, 64, 64).clip(-1, 2))
     ours = reference.jet_colors(up)[0].permute(1, 2, 0).numpy()
     a = up[0].numpy()
-    assert np.array_equal(ours, JET(a**2)[:, :, :3])
+    assert np.array_equal(ours, (255 * JET(a**2)[:, :, :3]).astype(np.double) / 255)
 
 
 # ----------------------------------------------------------------------------------- PIL resize
@@ -188,18 +198,53 @@ def test_minmax_normalize_matches_numpy(gen):
 def release_eps_map(cam: np.ndarray, size, eps, eps_low, mode):
     """The released pipeline for one image, written out with numpy / PIL / matplotlib (§3):
     ReLU + min-max in float32 (torchcam), PIL "F" bicubic resize, square, matplotlib jet (alpha dropped),
-    z-score with the population std over all 3*H*W values, eps where > 1. NaNs flow through as they did."""
+    (255 * rgb).astype(double) / 255, z-score with the population std over all 3*H*W values,
+    clamp(z, 1, z.max()).float(), eps where > 1. NaNs flow through as they did."""
     with np.errstate(invalid="ignore", divide="ignore", over="ignore"):
         c = np.maximum(cam.astype(np.float32), np.float32(0))
         c = c - c.min()
         c = c / c.max()
         up = pil_resize(c, size)
         if mode == "jet":
-            values = JET(up**2)[:, :, :3].transpose(2, 0, 1)
+            values = ((255 * JET(up**2)[:, :, :3]).astype(np.double) / 255).transpose(2, 0, 1)
         else:
             values = up.astype(np.float64)[None]
         z = (values - values.mean()) / values.std()
-    return np.where(z > 1, np.float32(eps), np.float32(eps_low)).astype(np.float32)
+        weight = torch.clamp(torch.from_numpy(z), 1, float(z.max())).float().numpy()
+    return np.where(weight > 1, np.float32(eps), np.float32(eps_low)).astype(np.float32)
+
+
+def _row_with_last_z(target: float) -> torch.Tensor:
+    """A float64 row whose last value has the smallest z-score (over the whole row) that is > target,
+    found by bisecting that value between two adjacent doubles."""
+    base = torch.tensor([-1.0] * 6 + [0.0] * 4 + [0.5], dtype=torch.float64)
+
+    def z_of(x):
+        row = base.clone()
+        row[-1] = x
+        m = row.mean()
+        return float((row[-1] - m) / ((row - m) ** 2).mean().sqrt()), row
+
+    lo, hi = -1.0, 10.0  # z(-1) < 0 < 1 < z(10)
+    while np.nextafter(lo, hi) < hi:
+        mid = 0.5 * (lo + hi)
+        if mid in (lo, hi):
+            break
+        lo, hi = (mid, hi) if z_of(mid)[0] <= target else (lo, mid)
+    z, row = z_of(hi)
+    assert z > target
+    return z, row
+
+
+def test_zscore_threshold_rounds_z_to_float32_as_the_release():
+    """The release compares clamp(z, 1, max).float() > 1: a float64 z just above 1 rounds to 1.0f and is
+    not selected (a float64 comparison would select it); a z clearly above 1 in float32 is."""
+    z, row = _row_with_last_z(1.0)
+    assert 1.0 < z <= 1.0 + 2**-24
+    assert not reference._zscore_above_one(row[None])[0, -1]
+    z, row = _row_with_last_z(1.0 + 2**-22)
+    assert np.float32(z) > 1
+    assert reference._zscore_above_one(row[None])[0, -1]
 
 
 @pytest.mark.parametrize("mode", ["jet", "cam"])

@@ -67,10 +67,11 @@ bool normalize_cam(const float* cam, int64_t n, float* out) {
   return true;
 }
 
-// Threshold of a z-score: (v - mean) / std > 1 with the population std; a zero std selects nothing.
+// Threshold of a z-score: float32((v - mean) / std) > 1 with the population std, because the release
+// casts its float64 z to float32 before comparing; a zero std selects nothing.
 struct Threshold {
   double mean = 0.0, std = 0.0;
-  bool keep(double v) const { return std > 0.0 && (v - mean) / std > 1.0; }
+  bool keep(double v) const { return std > 0.0 && static_cast<float>((v - mean) / std) > 1.0f; }
 };
 
 Threshold zscore_threshold(const double* values, int64_t n) {

@@ -161,10 +161,11 @@ struct Upsampled {
   }
 };
 
-// z = (v - mean) / std > 1, written as the reference writes it (no rearranging: the rounding must match);
-// a zero std (constant values) selects nothing.
+// float32(z) > 1 with z = (v - mean) / std, written as the reference writes it (no rearranging: the
+// rounding must match; the release casts its float64 z to float32 before comparing); a zero std
+// (constant values) selects nothing.
 __device__ __forceinline__ bool above_one_sigma(double v, double mean, double std) {
-  return std > 0.0 && (v - mean) / std > 1.0;
+  return std > 0.0 && __double2float_rn((v - mean) / std) > 1.0f;
 }
 
 __device__ __forceinline__ double square(double v) {

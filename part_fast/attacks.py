@@ -62,8 +62,10 @@ class PGD:
         self.start, self.loss, self.lo, self.hi = start, loss, float(lo), float(hi)
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None, eps_map=None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-        """Adversarial examples for (x, y). eps_map (any form pgd_step_ accepts) overrides the scalar eps."""
+                 generator: torch.Generator | None = None, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
+        """Adversarial examples for (x, y). eps_map (any form pgd_step_ accepts) overrides the scalar eps.
+        clean_logits: for loss "kl", the eval-mode logits of x if the caller already has them (the PART
+        budget's CAM forward), which saves the attack its own clean forward."""
         _check_inputs(x, y)
         if y is None and self.loss != "kl":
             raise ValueError(f"loss {self.loss!r} needs the labels y")
@@ -72,8 +74,12 @@ class PGD:
         with eval_mode(self.model):
             p_nat = None
             if self.loss == "kl":
-                with torch.no_grad():
-                    p_nat = F.softmax(self.model(x_nat).float(), dim=1)
+                if clean_logits is None:
+                    with torch.no_grad():
+                        clean_logits = self.model(x_nat)
+                elif clean_logits.shape[0] != x.shape[0] or clean_logits.dim() != 2:
+                    raise ValueError(f"clean_logits must be (B, classes) with B={x.shape[0]}, got {tuple(clean_logits.shape)}")
+                p_nat = F.softmax(clean_logits.detach().float(), dim=1)
             x_adv = self._start(x_nat, budget, generator)
             for _ in range(self.steps):
                 grad = self._input_gradient(x_adv, y, p_nat)

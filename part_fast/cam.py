@@ -16,7 +16,9 @@ from .modes import check_grad_possible, eval_mode
 METHODS = ("gradcam", "xgradcam", "layercam")
 
 # Where the CAM layer is on architectures we know: the last block before global pooling.
-_KNOWN_LAYERS = ("layer4", "block3")
+# layer4: ResNets (bundled and torchvision); block3: WideResNet; features: cnn-small and torchvision's
+# VGG / DenseNet / MobileNet / EfficientNet, whose `features` end where global pooling begins.
+_KNOWN_LAYERS = ("layer4", "block3", "features")
 # XGradCAM's denominator guard (pytorch-grad-cam uses 1e-7 as well): an all-zero activation map gives a
 # zero weight instead of NaN.
 _XGRADCAM_TINY = 1e-7

@@ -142,6 +142,19 @@ def test_kl_needs_no_labels_and_equals_the_trades_loop(net):
         assert kl(net(out), None) > kl(net(start), None)
 
 
+def test_kl_reuses_given_clean_logits(net):
+    """clean_logits (e.g. from the PART budget's CAM forward) replace the attack's own clean forward: the
+    same logits give the same result; other logits give another result; a wrong shape is refused."""
+    x, _ = data(seed=5)
+    atk = PGD(net, EPS, ALPHA, steps=3, start=None, loss="kl")
+    with torch.no_grad():
+        logits = net(x)
+    assert torch.equal(atk(x, clean_logits=logits), atk(x))
+    assert not torch.equal(atk(x, clean_logits=logits.flip(0)), atk(x))
+    with pytest.raises(ValueError, match="clean_logits"):
+        atk(x, clean_logits=logits[:1])
+
+
 def test_equals_torchattacks_pgd(net):
     torchattacks = pytest.importorskip("torchattacks")
     x, y = data(seed=9)

@@ -6,13 +6,14 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .cnn_small import cnn_small
 from .resnet import preact_resnet18, resnet18
 from .wide_resnet import wrn34_10
 
-BUNDLED = {"resnet18": resnet18, "preact-resnet18": preact_resnet18, "wrn34-10": wrn34_10}
+BUNDLED = {"resnet18": resnet18, "preact-resnet18": preact_resnet18, "wrn34-10": wrn34_10, "cnn-small": cnn_small}
 
 # The layer whose activations the CAM reads, per bundled architecture (the release's choice).
-CAM_LAYERS = {"resnet18": "layer4", "preact-resnet18": "layer4", "wrn34-10": "block3"}
+CAM_LAYERS = {"resnet18": "layer4", "preact-resnet18": "layer4", "wrn34-10": "block3", "cnn-small": "features"}
 
 
 class Normalize(nn.Module):
@@ -45,4 +46,4 @@ def get_model(name: str, num_classes: int = 10) -> nn.Module:
     )
 
 
-__all__ = ["BUNDLED", "CAM_LAYERS", "Normalize", "get_model", "preact_resnet18", "resnet18", "with_normalization", "wrn34_10"]
+__all__ = ["BUNDLED", "CAM_LAYERS", "Normalize", "cnn_small", "get_model", "preact_resnet18", "resnet18", "with_normalization", "wrn34_10"]

@@ -1,0 +1,259 @@
+"""The trainer: schedule, run directory, exact resume after SIGKILL, seeding, divergence, AMP, data."""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from part_fast import train as train_mod
+from part_fast.train import TrainConfig, TrainingDiverged, load_checkpoint, lr_factor, train
+
+ROOT = Path(__file__).resolve().parents[1]
+CIFAR_SUBSET = ROOT.parent / "shared" / "data" / "cifar10-subset.tar"
+
+
+def tiny(out, **kw) -> TrainConfig:
+    """A run that takes a few seconds: 96 shapes images, batches of 32, PGD-1, cnn-small."""
+    base = dict(out=str(out), dataset="shapes", arch="cnn-small", method="part", epochs=3, warmup=1, lr=0.05,
+                batch_size=32, steps=1, train_subset=96, test_subset=32, eval_examples=0, seed=3, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def quiet(*_args):
+    pass
+
+
+def weights(run_dir) -> dict:
+    return load_checkpoint(Path(run_dir) / "last.pt")["model"]
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------------------- schedule
+def test_lr_schedule_counts_milestones_after_warmup():
+    # The release: x0.1 from PART-epoch 60, x0.01 from PART-epoch 90 (PART epochs counted from 1 after warm-up).
+    f = [lr_factor(e, 20, (60, 90)) for e in range(0, 120)]
+    assert f[:79] == [1.0] * 79  # global epochs 0..78 = warm-up 20 + PART epochs 1..59
+    assert f[79] == pytest.approx(0.1) and f[108] == pytest.approx(0.1)  # PART epoch 60 .. 89
+    assert f[109] == pytest.approx(0.01)  # PART epoch 90
+    assert lr_factor(0, 0, (1,)) == pytest.approx(0.1)
+
+
+def test_release_defaults_per_dataset(tmp_path):
+    cifar = TrainConfig(out=str(tmp_path)).resolved()
+    assert (cifar.lr, cifar.weight_decay, cifar.step_size) == (0.01, 2e-4, 2 / 255)
+    assert (cifar.epochs, cifar.warmup, cifar.batch_size, cifar.beta) == (80, 20, 128, 6.0)
+    assert (cifar.eps, cifar.eps_low, cifar.steps, cifar.cam, cifar.mask) == (8 / 255, 7 / 255, 10, "gradcam", "jet")
+    svhn = TrainConfig(out=str(tmp_path), dataset="svhn").resolved()
+    assert (svhn.lr, svhn.weight_decay, svhn.step_size) == (0.01, 0.0035, 1 / 255)
+    # An explicit flag wins over the dataset default.
+    assert TrainConfig(out=str(tmp_path), dataset="svhn", step_size=0.5 / 255).resolved().step_size == 0.5 / 255
+
+
+@pytest.mark.parametrize("change, match", [
+    ({"eps_low": 9 / 255}, "eps_low <= eps"),
+    ({"method": "pgd"}, "method must be one of"),
+    ({"dataset": "mnist"}, "dataset must be one of"),
+    ({"warmup": 5, "epochs": 3}, "warmup must be"),
+    ({"amp": "fp8"}, "amp must be one of"),
+    ({"amp": "fp16"}, "fp16 needs a GPU"),
+    ({"sync_bn": True}, "sync_bn needs CUDA"),
+    ({"mask": "heat"}, "mask must be one of"),
+    ({"cam": "scorecam"}, "cam must be one of"),
+    ({"batch_size": 1}, "batch_size"),
+])
+def test_bad_config_is_a_clear_error(tmp_path, change, match):
+    with pytest.raises(ValueError, match=match):
+        tiny(tmp_path / "run", **change).resolved()
+
+
+# ------------------------------------------------------------------------------------- run directory
+def test_run_dir_contents_and_checkpoint_keys(tmp_path):
+    out = tmp_path / "run"
+    history = train(tiny(out, epochs=2, eval_examples=32, log_steps=True), log=quiet)
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "last.pt", "metrics.jsonl", "steps.jsonl"]
+    config = json.loads((out / "config.json").read_text())
+    assert config["method"] == "part" and config["lr"] == 0.05 and config["step_size"] == 2 / 255
+    lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert lines == json.loads(json.dumps(history))
+    assert [r["epoch"] for r in lines] == [1, 2]
+    assert [r["phase"] for r in lines] == ["warmup", "part"]
+    for r in lines:
+        assert r["train_examples"] == 96
+        assert 0 <= r["test_nat_acc"] <= 100 and r["test_examples"] == 32
+        parts = r["data_seconds"] + r["budget_seconds"] + r["attack_seconds"] + r["update_seconds"]
+        assert 0 < parts <= r["epoch_seconds"]
+    # Warm-up epochs have no budget (full eps everywhere); PART epochs give eps_low to most elements.
+    assert lines[0]["eps_high_fraction"] == 1.0 and lines[0]["budget_seconds"] < 0.01
+    assert 0 < lines[1]["eps_high_fraction"] < 0.6
+    steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
+    assert [(s["epoch"], s["step"]) for s in steps] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
+    ckpt = load_checkpoint(out / "last.pt")
+    assert {"model", "optimizer", "scheduler", "epoch", "rng", "config"} <= set(ckpt)
+    assert {"python", "numpy", "torch", "cuda", "data_order"} <= set(ckpt["rng"])
+    assert ckpt["epoch"] == 2 and ckpt["config"] == config
+
+
+def test_existing_run_dir_is_not_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(FileExistsError, match="--resume"):
+        train(tiny(out), log=quiet)
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_resume_with_another_config_is_refused(tmp_path):
+    out = tmp_path / "run"
+    train(tiny(out, epochs=1), log=quiet)
+    with pytest.raises(ValueError, match="eps_low"):
+        train(tiny(out, epochs=2, eps_low=6 / 255), resume=True, log=quiet)
+
+
+def test_same_seed_same_run_other_seed_other_run(tmp_path):
+    a = train(tiny(tmp_path / "a", epochs=2), log=quiet)
+    b = train(tiny(tmp_path / "b", epochs=2), log=quiet)
+    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
+    train(tiny(tmp_path / "c", epochs=2, seed=4), log=quiet)
+    assert not torch.equal(weights(tmp_path / "a")["linear.weight"], weights(tmp_path / "c")["linear.weight"])
+
+
+def test_resume_in_process_equals_uninterrupted(tmp_path):
+    full = train(tiny(tmp_path / "full", method="part-trades"), log=quiet)
+    train(tiny(tmp_path / "cut", method="part-trades", epochs=1), log=quiet)
+    resumed = train(tiny(tmp_path / "cut", method="part-trades"), resume=True, log=quiet)
+    assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
+    strip = lambda h: [{k: v for k, v in r.items() if "seconds" not in k} for r in h]  # noqa: E731
+    assert strip(resumed) == strip(full)
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 3
+
+
+def _cli_train(out, *extra):
+    return [sys.executable, "-m", "part_fast", "train", "--dataset", "shapes", "--arch", "cnn-small", "--method", "part",
+            "--epochs", "3", "--warmup", "1", "--lr", "0.05", "--batch-size", "32", "--steps", "1",
+            "--train-subset", "96", "--test-subset", "32", "--eval-examples", "0", "--seed", "3", "--log-steps",
+            "--out", str(out), *extra]
+
+
+def _env():
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+@pytest.mark.slow
+def test_sigkill_at_any_point_then_resume_equals_uninterrupted(tmp_path):
+    """Kill the training process with SIGKILL at several moments (before the first checkpoint, between
+    checkpoints, right after one), resume each time: the final weights equal an uninterrupted run's."""
+    ref = tmp_path / "ref"
+    subprocess.run(_cli_train(ref), check=True, env=_env(), capture_output=True)
+    out = tmp_path / "killed"
+    kills = 0
+    for delay in (2.5, 6.0, 9.0):  # seconds after start: startup / first epoch / later epochs
+        args = _cli_train(out, *(["--resume"] if out.exists() else []))
+        proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        time.sleep(delay)
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        # Whatever was on disk is whole: the checkpoint (if any) loads, the metrics parse.
+        if (out / "last.pt").exists():
+            ckpt = load_checkpoint(out / "last.pt")
+            lines = (out / "metrics.jsonl").read_text().splitlines()
+            assert len(lines) in (ckpt["epoch"] - 1, ckpt["epoch"])  # killed between the two writes at worst
+    assert kills >= 1, "the run finished before any kill: make the delays shorter"
+    done = subprocess.run(_cli_train(out, "--resume"), env=_env(), capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert_same_weights(weights(ref), weights(out))
+    assert (out / "metrics.jsonl").read_text().count("\n") == 3
+    ref_steps = [json.loads(s)["loss"] for s in (ref / "steps.jsonl").read_text().splitlines()]
+    cut_steps = [json.loads(s)["loss"] for s in (out / "steps.jsonl").read_text().splitlines()]
+    assert cut_steps == ref_steps
+    assert not list(out.glob(".*tmp*")), "a temporary file was left behind"
+
+
+def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
+    real = train_mod.OUTER_LOSSES["at"]
+    calls = {"n": 0}
+
+    def poisoned(logits, y):
+        calls["n"] += 1
+        loss = real(logits, y)
+        return loss * float("nan") if calls["n"] > 4 else loss  # epoch 1 has 3 steps: NaN in epoch 2
+
+    monkeypatch.setitem(train_mod.OUTER_LOSSES, "at", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="nan"):
+        train(tiny(out), log=quiet)
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["epoch"] == 1
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
+
+
+def test_amp_bf16_and_channels_last_train(tmp_path):
+    history = train(tiny(tmp_path / "run", epochs=2, amp="bf16", channels_last=True), log=quiet)
+    assert all(torch.isfinite(torch.tensor(r["train_loss"])) for r in history)
+    assert history[1]["phase"] == "part" and 0 < history[1]["eps_high_fraction"] < 1
+
+
+@pytest.mark.parametrize("method", ["at", "trades", "mart", "part-mart"])
+def test_every_method_trains(tmp_path, method):
+    history = train(tiny(tmp_path / method, epochs=2, method=method), log=quiet)
+    assert len(history) == 2
+    assert history[0]["train_loss"] > 0
+    assert (history[0]["train_nat_acc"] is None) == (method in ("at", "part"))
+
+
+def test_train_step_budget_belongs_to_the_attacked_batch(tmp_path, monkeypatch):
+    """The attack gets the budget of the augmented batch it attacks (the release's misalignment is
+    impossible): recomputing the budget of the attacked x with the same weights gives the same map."""
+    from part_fast.budget import PixelBudget
+
+    checks = []
+    real_call = train_mod.PGD.__call__
+
+    def spy(self, x, y=None, eps_map=None, **kw):
+        if eps_map is not None and len(checks) < 3:
+            budget = PixelBudget(8 / 255, 7 / 255, "gradcam", "jet", layer="features")
+            same = torch.equal(budget(self.model, x), eps_map)
+            other = torch.equal(budget(self.model, x.flip(0)), eps_map)
+            checks.append((same, other))
+        return real_call(self, x, y, eps_map=eps_map, **kw)
+
+    monkeypatch.setattr(train_mod.PGD, "__call__", spy)
+    train(tiny(tmp_path / "run", epochs=2), log=quiet)
+    assert checks == [(True, False)] * 3
+
+
+# ------------------------------------------------------------------------------------------ real data
+@pytest.fixture(scope="module")
+def cifar_subset_dir(tmp_path_factory):
+    if not CIFAR_SUBSET.exists():
+        pytest.skip(f"{CIFAR_SUBSET} is absent (it ships with the development machine, not with the package)")
+    root = tmp_path_factory.mktemp("cifar")
+    with tarfile.open(CIFAR_SUBSET) as tar:
+        tar.extractall(root, filter="data")
+    return root / "cifar10-subset"
+
+
+def test_trains_briefly_on_real_cifar10_images(tmp_path, cifar_subset_dir):
+    history = train(tiny(tmp_path / "run", dataset="imagefolder", data_dir=str(cifar_subset_dir), epochs=2,
+                         train_subset=128, test_subset=64, batch_size=64, eval_examples=64), log=quiet)
+    assert [r["phase"] for r in history] == ["warmup", "part"]
+    assert all(r["train_examples"] == 128 for r in history)
+    assert 0 < history[1]["eps_high_fraction"] < 0.6
+    assert history[1]["test_examples"] == 64

@@ -5,7 +5,7 @@ import argparse
 import json
 import sys
 import time
-from fractions import Fraction
+import math
 from pathlib import Path
 
 from .evaluate import MissingExtraError
@@ -13,11 +13,18 @@ from .train import METHODS, TrainConfig, TrainingDiverged
 
 
 def fraction(text: str) -> float:
-    """'8/255', '0.03' or '2' -> float; anything else is an argparse error naming the form."""
+    """'8/255', '1.5/255', '0.03' or '2' -> float (a/b is float(a) / float(b), exactly Python's 8/255);
+    anything else is an argparse error naming the form."""
+    parts = text.strip().split("/")
     try:
-        return float(Fraction(text.strip()))
+        if len(parts) > 2:
+            raise ValueError
+        value = float(parts[0]) / float(parts[1]) if len(parts) == 2 else float(parts[0])
     except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, got {text!r}") from None
+        value = math.nan
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"expected a number or a fraction like 8/255, got {text!r}")
+    return value
 
 
 def int_list(text: str) -> tuple[int, ...]:

@@ -172,12 +172,12 @@ def _render_shapes(params: dict, size: int, supersample: int):
     phase = (x_pix * st[:, 0, None, None] + y_pix * st[:, 1, None, None]) * st[:, 2, None, None] + st[:, 3, None, None]
     image = smooth + _triangle_wave(phase)[:, None] * st[:, 4:7, None, None]
 
-    # background 3: thin lines (at 60% opacity) and small blobs of random colours, anti-aliased analytically
+    # background 3: thin lines (at 35% opacity) and small blobs of random colours, anti-aliased analytically
     # (coverage from the distance to the line / blob edge in pixels)
     for line in np.moveaxis(params["lines"], 1, 0):  # each (B, 8): x0, y0, cos, sin, width, r, g, b
         dist = np.abs((x_pix - line[:, 0, None, None]) * line[:, 3, None, None]
                       - (y_pix - line[:, 1, None, None]) * line[:, 2, None, None])
-        cover = np.clip(line[:, 4, None, None] * 0.5 + 0.5 - dist, 0, 1)[:, None] * np.float32(0.6)
+        cover = np.clip(line[:, 4, None, None] * 0.5 + 0.5 - dist, 0, 1)[:, None] * np.float32(0.35)
         image = image * (1 - cover) + line[:, 5:8, None, None] * cover
     for blob in np.moveaxis(params["blobs"], 1, 0):  # each (B, 6): x, y, radius, r, g, b
         dist = np.sqrt((x_pix - blob[:, 0, None, None]) ** 2 + (y_pix - blob[:, 1, None, None]) ** 2)
@@ -210,8 +210,8 @@ class ShapesDataset(InMemoryImageDataset):
 
     Item i depends only on (seed, split, i): `ShapesDataset(m, ...)` is a prefix of `ShapesDataset(n, ...)`
     for m < n, bit for bit, and train and test use different random streams. Labels are balanced in every
-    block of 10 consecutive items. Per item, independently of the class: object radius 7/32-12/32 of the
-    image side (7-12 px at 32), position (object inside the image), rotation, colour (at a random contrast
+    block of 10 consecutive items. Per item, independently of the class: object radius 8/32-12/32 of the
+    image side (8-12 px at 32), position (object inside the image), rotation, colour (at a random contrast
     from the background behind it); background = smooth random colour field + faint stripes + 2 thin lines
     + 4 small blobs, then Gaussian pixel noise (sd 0.03). Rendered with numpy (object edges anti-aliased by 4x4
     supersampling) and stored as uint8, like a real dataset.
@@ -280,7 +280,7 @@ class ShapesDataset(InMemoryImageDataset):
                            *rng.uniform(0, 1, 3))
             for blob in p["blobs"][j]:
                 blob[:] = (*rng.uniform(0, size, 2), rng.uniform(1.0, 2.0) * scale, *rng.uniform(0, 1, 3))
-            radius = rng.uniform(7, 12) * scale
+            radius = rng.uniform(8, 12) * scale
             margin = 1.2 * radius  # the largest silhouette reaches 1.2 x radius (triangle)
             cx, cy = rng.uniform(margin, size - margin, 2)
             angle = rng.uniform(0, 2 * math.pi)
@@ -291,7 +291,7 @@ class ShapesDataset(InMemoryImageDataset):
             node_x, node_y = (min(int(c / size * (grid - 1) + 0.5), grid - 1) for c in (cx, cy))
             base = bg_grid[:, node_y, node_x]
             direction = rng.standard_normal(3)
-            step = rng.uniform(0.45, 0.7) * direction / max(math.hypot(*direction), 1e-12)
+            step = rng.uniform(0.6, 0.85) * direction / max(math.hypot(*direction), 1e-12)
             colour = base + step
             p["colour"][j] = np.clip(np.where((colour < 0) | (colour > 1), base - step, colour), 0, 1)
             p["noise"][j] = rng.standard_normal((3, size, size), dtype=np.float32) * np.float32(0.03)

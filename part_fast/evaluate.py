@@ -129,9 +129,9 @@ def evaluate(model: nn.Module, loader, attacks=("natural", "pgd20", "mma", "aa")
     correct = dict.fromkeys(attacks, 0)
     seconds = dict.fromkeys(attacks, 0.0)
     total = 0
-    generator_state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
+    # The attacks' random starts come from a fixed seed; the caller's CPU and CUDA generators are untouched.
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
         with eval_mode(model):
             for x, y in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
                 x, y = x.to(device), y.to(device)
@@ -142,8 +142,6 @@ def evaluate(model: nn.Module, loader, attacks=("natural", "pgd20", "mma", "aa")
                     with torch.no_grad():
                         correct[name] += int((model(x_adv).argmax(1) == y).sum())
                     seconds[name] += time.perf_counter() - start
-    finally:
-        torch.random.set_rng_state(generator_state)
     if total == 0:
         raise ValueError("the loader yielded no examples")
     result = {name: 100.0 * correct[name] / total for name in attacks}

@@ -1,4 +1,5 @@
-"""PNG figures: images with their PART budget maps. matplotlib is imported here only (Agg backend)."""
+"""PNG figures: images with their PART budget maps. matplotlib is imported here only, through its
+object API (Figure + Agg canvas), so a caller's pyplot backend and open figures are left alone."""
 from __future__ import annotations
 
 import os
@@ -9,13 +10,13 @@ import torch
 from .train import atomic_write_bytes
 
 
-def _pyplot():
-    import matplotlib
+def _figure(rows: int, cols: int, figsize):
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
 
-    matplotlib.use("Agg", force=True)
-    import matplotlib.pyplot as plt
-
-    return plt
+    fig = Figure(figsize=figsize)
+    FigureCanvasAgg(fig)
+    return fig, fig.subplots(rows, cols, squeeze=False)
 
 
 def budget_overlay_png(path: str | os.PathLike, images: torch.Tensor, eps_maps: torch.Tensor, eps: float,
@@ -24,13 +25,12 @@ def budget_overlay_png(path: str | os.PathLike, images: torch.Tensor, eps_maps: 
     """One column per image: the image, the share of its colour channels given the full eps (white = all
     three, black = none), and the image with that share overlaid in red. `eps_maps` is (B, 1 or 3, H, W).
     With object_masks (B, H, W), a last row outlines the ground-truth object."""
-    plt = _pyplot()
     images = images.detach().float().cpu().clamp(0, 1)
     high = (eps_maps.detach().float().cpu() == torch.tensor(eps, dtype=torch.float32)).float().mean(1)  # (B, H, W)
     n = images.shape[0]
     rows = 3 + (object_masks is not None)
     names = row_names or ("image", "full-eps share", "overlay", "object")[:rows]
-    fig, axes = plt.subplots(rows, n, figsize=(1.6 * n, 1.7 * rows), squeeze=False)
+    fig, axes = _figure(rows, n, figsize=(1.6 * n, 1.7 * rows))
     for i in range(n):
         img = images[i].permute(1, 2, 0).numpy()
         axes[0, i].imshow(img, interpolation="nearest")
@@ -54,5 +54,4 @@ def budget_overlay_png(path: str | os.PathLike, images: torch.Tensor, eps_maps: 
         fig.savefig(f, format="png", dpi=110)
 
     atomic_write_bytes(path, write)
-    plt.close(fig)
     return path

@@ -133,8 +133,13 @@ class TrainConfig:
         need(self.start in STARTS, f"start must be one of {STARTS}, got {self.start!r}")
         need(self.amp in (None, *AMP_DTYPES), f"amp must be one of {tuple(AMP_DTYPES)} or None, got {self.amp!r}")
         need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an int >= 1, got {self.epochs!r}")
-        need(isinstance(self.warmup, int) and 0 <= self.warmup <= self.epochs,
-             f"warmup must be an int in [0, epochs={self.epochs}], got {self.warmup!r}")
+        need(isinstance(self.warmup, int) and self.warmup >= 0, f"warmup must be an int >= 0, got {self.warmup!r}")
+        # Base methods keep `warmup` only as the origin of the LR milestones (so AT and PART share a schedule).
+        need(not self.is_part or self.warmup <= self.epochs,
+             f"warmup ({self.warmup}) must not exceed epochs ({self.epochs}) for {self.method}")
+        need(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an int >= 0, got {self.seed!r}")
+        need(self.momentum >= 0, f"momentum must be >= 0, got {self.momentum}")
+        need(self.weight_decay is None or self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(isinstance(self.batch_size, int) and self.batch_size >= 2, f"batch_size must be an int >= 2, got {self.batch_size!r}")
         need(isinstance(self.steps, int) and self.steps >= 0, f"steps must be an int >= 0, got {self.steps!r}")
         need(0 <= self.eps_low <= self.eps <= 1, f"need 0 <= eps_low <= eps <= 1, got eps_low={self.eps_low}, eps={self.eps}")
@@ -145,6 +150,10 @@ class TrainConfig:
         need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
         need(self.eval_examples >= 0, f"eval_examples must be >= 0, got {self.eval_examples}")
         need(not (self.amp == "fp16" and self.device == "cpu"), "amp fp16 needs a GPU; use --amp bf16 on the CPU")
+        # TRADES' KL ascent starts 0.001 from x: its input gradients (~1e-10) flush to zero in fp16, so the
+        # attack would never move. bf16 has float32's range.
+        need(not (self.amp == "fp16" and self.base == "trades"),
+             f"amp fp16 would stall the {self.method} attack (its KL gradients underflow in fp16); use --amp bf16")
         need(not (self.sync_bn and not self.device.startswith("cuda")),
              "sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); use plain BatchNorm on the CPU")
 
@@ -267,6 +276,7 @@ class RunState:
     device: torch.device
     dist: Distributed
     budget: PixelBudget
+    num_classes: int = 10
     epoch: int = 0  # completed epochs
     history: list = field(default_factory=list)
 
@@ -305,17 +315,21 @@ def build_state(config: TrainConfig, num_classes: int, device: torch.device, dis
         optimizer, lambda e: lr_factor(e, config.warmup, config.milestones))
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     budget = PixelBudget(config.eps, config.eps_low, config.cam, config.mask, layer=CAM_LAYERS.get(config.arch))
-    return RunState(config, model, attack_model, outer, optimizer, scheduler, scaler, device, dist_info, budget)
+    return RunState(config, model, attack_model, outer, optimizer, scheduler, scaler, device, dist_info, budget,
+                    num_classes=num_classes)
 
 
-def make_attack(state: RunState) -> PGD:
+def make_attack(state: RunState, part_phase: bool) -> PGD:
+    """The inner maximisation of the base method. AT starts uniformly in the (per-pixel) box; with
+    start="release", PART epochs use the released PART-PGD start (global eps, unclipped) while warm-up
+    epochs keep the uniform start, as the release's torchattacks PGD did."""
     cfg = state.config
     if cfg.base == "trades":
         loss, start = "kl", "normal"
     elif cfg.base == "mart":
         loss, start = "ce", "normal"
     else:
-        loss, start = "ce", cfg.start
+        loss, start = "ce", ("release" if cfg.start == "release" and part_phase else "uniform")
     return PGD(state.attack_model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps, start=start, loss=loss)
 
 
@@ -368,8 +382,11 @@ def train_step(state: RunState, x: torch.Tensor, y: torch.Tensor, *, part_phase:
             logits_nat, logits_adv = state.outer(x, x_adv)
             loss = OUTER_LOSSES[cfg.base](logits_nat, logits_adv, y, cfg.beta)
     loss_value = float(loss.detach())
-    if not math.isfinite(loss_value):
-        raise TrainingDiverged(f"the {cfg.method} loss became {loss_value} at epoch {state.epoch + 1}")
+    # Every rank decides together, or the healthy ranks would wait forever in the gradient all-reduce.
+    (bad_ranks,) = state.dist.all_sum([0.0 if math.isfinite(loss_value) else 1.0], device)
+    if bad_ranks:
+        raise TrainingDiverged(f"the {cfg.method} loss became non-finite ({loss_value} on rank {state.dist.rank}) "
+                               f"at epoch {state.epoch + 1}")
     state.scaler.scale(loss).backward()
     state.scaler.step(state.optimizer)
     state.scaler.update()
@@ -401,7 +418,8 @@ def _set_rng_state(rng: dict) -> None:
     np.random.set_state(rng["numpy"])
     torch.set_rng_state(rng["torch"])
     if rng.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
+        # A machine with fewer GPUs than the one that saved the run restores the devices it has.
+        torch.cuda.set_rng_state_all(rng["cuda"][: torch.cuda.device_count()])
 
 
 def checkpoint_dict(state: RunState) -> dict:
@@ -411,6 +429,7 @@ def checkpoint_dict(state: RunState) -> dict:
         "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict(),
         "epoch": state.epoch,
+        "num_classes": state.num_classes,
         "rng": _rng_state(state),
         "config": state.config.to_json(),
         "metrics": state.history,
@@ -444,7 +463,7 @@ def load_model(path: str | os.PathLike, device="cpu") -> tuple[nn.Module, TrainC
     """The trained model (eval mode) and its config from a RUN_DIR/last.pt."""
     ckpt = load_checkpoint(path)
     config = TrainConfig.from_json(ckpt["config"])
-    num_classes = _num_classes_of_state(ckpt["model"])
+    num_classes = ckpt.get("num_classes") or _num_classes_of_state(ckpt["model"])
     model = build_model(config, num_classes)
     model.load_state_dict(ckpt["model"])
     return model.to(device).eval(), config
@@ -528,15 +547,33 @@ def _init_distributed(config: TrainConfig) -> tuple[Distributed, torch.device]:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
         if config.batch_size % info.world:
             raise ValueError(f"batch_size {config.batch_size} must be divisible by the {info.world} processes")
-    elif device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {config.device!r} requested but CUDA is not available")
+    elif device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {config.device!r} requested but CUDA is not available")
+        if device.index is not None:
+            torch.cuda.set_device(device)  # Triton launches and pinned-memory copies follow the current device
     return info, device
 
 
 def _loaders(config: TrainConfig, info: Distributed, device: torch.device):
-    train_set, test_set, data_info = data_mod.build_datasets(
-        config.dataset, config.data_dir, download=config.download, train_subset=config.train_subset,
-        test_subset=config.test_subset, seed=config.seed)
+    def build(download):
+        return data_mod.build_datasets(config.dataset, config.data_dir, download=download,
+                                       train_subset=config.train_subset, test_subset=config.test_subset, seed=config.seed)
+
+    if config.download and info.enabled:
+        # Rank 0 downloads alone; the others read what it fetched (one writer per folder).
+        error = None
+        if info.is_main:
+            try:
+                build(True)
+            except Exception as err:  # noqa: BLE001 - the other ranks must hear of it
+                error = err
+        (failed,) = info.all_sum([1.0 if error else 0.0], device)
+        if error is not None:
+            raise error
+        if failed:
+            raise RuntimeError("rank 0 could not download the dataset; see its error")
+    train_set, test_set, data_info = build(config.download and not info.enabled)
     local_batch = config.batch_size // info.world
     if len(train_set) < config.batch_size:
         raise ValueError(f"the training set has {len(train_set)} examples, fewer than one batch of {config.batch_size}")
@@ -550,6 +587,8 @@ def _loaders(config: TrainConfig, info: Distributed, device: torch.device):
     eval_loader = None
     if config.eval_examples:
         n = min(config.eval_examples, len(test_set))
+        if n < info.world:
+            raise ValueError(f"eval_examples ({n} available) must be at least the number of processes ({info.world})")
         shard = Subset(test_set, range(info.rank, n, info.world))
         eval_loader = DataLoader(shard, batch_size=max(local_batch, 1), num_workers=config.workers, pin_memory=pin)
     return train_loader, sampler, eval_loader, data_info
@@ -584,7 +623,7 @@ def _prepare_on_all_ranks(config: TrainConfig, info: Distributed, device, resume
     if info.is_main:
         try:
             ckpt = prepare_run_dir(config, resume, is_main=True)
-        except (ValueError, OSError) as err:
+        except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks, or they wait forever
             error = err
     if info.enabled:
         (failed,) = info.all_sum([1.0 if error else 0.0], device)
@@ -597,13 +636,27 @@ def _prepare_on_all_ranks(config: TrainConfig, info: Distributed, device, resume
     return ckpt
 
 
+def _sync_buffers(state: RunState) -> None:
+    """Give every rank rank 0's BatchNorm running statistics. DDP broadcasts them at each forward, but each
+    rank then updates its own copy; the checkpoint holds rank 0's, so without this a resumed rank 1 would
+    start from other statistics than the uninterrupted one (and ranks would evaluate different models)."""
+    if state.dist.enabled:
+        for buffer in state.model.buffers():
+            dist.broadcast(buffer, 0)
+
+
+def _all_finite(model: nn.Module) -> bool:
+    return all(bool(torch.isfinite(t).all()) for t in (*model.parameters(), *model.buffers()) if t.is_floating_point())
+
+
 def _train(config: TrainConfig, info: Distributed, device, resume: bool, log) -> list[dict]:
-    # Data first: a missing dataset is reported before RUN_DIR exists, so a corrected rerun needs no --resume.
+    # Data and model first: a missing dataset or an unknown architecture is reported before RUN_DIR exists,
+    # so a corrected rerun needs no --resume.
     train_loader, sampler, eval_loader, data_info = _loaders(config, info, device)
+    state = build_state(config, data_info.num_classes, device, info)
     ckpt = _prepare_on_all_ranks(config, info, device, resume)
     if not info.is_main:
         log = _silent
-    state = build_state(config, data_info.num_classes, device, info)
     out = Path(config.out)
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -614,18 +667,27 @@ def _train(config: TrainConfig, info: Distributed, device, resume: bool, log) ->
         if "scaler" in ckpt:
             state.scaler.load_state_dict(ckpt["scaler"])
         state.epoch, state.history = int(ckpt["epoch"]), list(ckpt.get("metrics", []))
+        saved_world = ckpt["rng"]["data_order"].get("world", 1)
+        if saved_world != info.world:
+            raise ValueError(f"--resume: the run was trained by {saved_world} processes and would continue with "
+                             f"{info.world}; data shards and random streams depend on it, so resume with {saved_world}")
         _set_rng_state(ckpt["rng"])
         if info.is_main:
             _write_metrics(out, state.history)
             _trim_steps_log(out, state.epoch)
         log(f"resumed {out} after epoch {state.epoch}")
+    elif resume and info.is_main:
+        _trim_steps_log(out, 0)  # interrupted before the first checkpoint: its step lines are redone
     show = _progress_enabled(config, info.is_main)
-    attack = make_attack(state)
     steps_log = open(out / "steps.jsonl", "a") if (config.log_steps and info.is_main) else None
     try:
         for epoch in tqdm(range(state.epoch, config.epochs), desc=f"{config.method} epochs", disable=not show,
                           initial=state.epoch, total=config.epochs):
-            record = _train_epoch(state, epoch, train_loader, sampler, attack, show, steps_log)
+            record = _train_epoch(state, epoch, train_loader, sampler, show, steps_log)
+            _sync_buffers(state)
+            if not _all_finite(state.model):
+                raise TrainingDiverged(f"the weights became non-finite in epoch {epoch + 1}; "
+                                       f"the checkpoint of epoch {state.epoch} is kept")
             if eval_loader is not None:
                 record.update(_evaluate_epoch(state, eval_loader, info))
             state.epoch = epoch + 1
@@ -644,9 +706,10 @@ def _silent(*_args) -> None:
     pass
 
 
-def _train_epoch(state: RunState, epoch: int, loader, sampler, attack: PGD, show: bool, steps_log) -> dict:
+def _train_epoch(state: RunState, epoch: int, loader, sampler, show: bool, steps_log) -> dict:
     cfg, info = state.config, state.dist
     part_phase = cfg.is_part and epoch >= cfg.warmup
+    attack = make_attack(state, part_phase)
     sampler.set_epoch(epoch)
     augment_gen = torch.Generator().manual_seed(derived_seed(cfg.seed, _PURPOSE_AUGMENT, epoch, info.rank)) \
         if cfg.augment else None

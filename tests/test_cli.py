@@ -19,12 +19,13 @@ TRAIN = ["train", "--dataset", "shapes", "--arch", "cnn-small", "--epochs", "2",
          "--steps", "1", "--train-subset", "64", "--test-subset", "32", "--eval-examples", "0"]
 
 
-@pytest.mark.parametrize("text, value", [("8/255", 8 / 255), ("0.5", 0.5), (" 2/255 ", 2 / 255), ("0", 0.0), ("3", 3.0)])
+@pytest.mark.parametrize("text, value", [("8/255", 8 / 255), ("0.5", 0.5), (" 2/255 ", 2 / 255), ("0", 0.0), ("3", 3.0),
+                                         ("1.5/255", 1.5 / 255)])
 def test_fraction(text, value):
     assert cli.fraction(text) == value
 
 
-@pytest.mark.parametrize("text", ["8/0", "a/255", "", "8//255"])
+@pytest.mark.parametrize("text", ["8/0", "a/255", "", "8//255", "nan", "inf", "1/2/3"])
 def test_fraction_rejects(text):
     with pytest.raises(argparse.ArgumentTypeError, match="fraction like 8/255"):
         cli.fraction(text)

@@ -40,7 +40,7 @@ def _first_step_loss_per_rank(config: TrainConfig, world: int) -> list[float]:
         x, y = next(iter(DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler)))
         aug = torch.Generator().manual_seed(train_mod.derived_seed(cfg.seed, train_mod._PURPOSE_AUGMENT, 0, rank))
         atk = torch.Generator().manual_seed(train_mod.derived_seed(cfg.seed, train_mod._PURPOSE_ATTACK, 0, rank))
-        r = train_mod.train_step(state, x, y, part_phase=True, attack=train_mod.make_attack(state), attack_gen=atk,
+        r = train_mod.train_step(state, x, y, part_phase=True, attack=train_mod.make_attack(state, part_phase=True), attack_gen=atk,
                                  augment_gen=aug)
         losses.append(r.loss)
     return losses
@@ -76,3 +76,27 @@ def test_torchrun_two_processes_gloo(tmp_path):
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["epoch"] == 2 and ckpt["rng"]["data_order"]["world"] == 2
     assert not any(k.startswith("module.") for k in ckpt["model"]), "the checkpoint holds the plain model's weights"
+
+
+@pytest.mark.slow
+def test_torchrun_resume_equals_uninterrupted(tmp_path):
+    """Two processes, 2 epochs straight vs 1 epoch + --resume: the same weights (BatchNorm statistics of
+    every rank included, which is why rank 0's are broadcast before each checkpoint)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+    run = lambda out, *extra: subprocess.run(  # noqa: E731
+        _torchrun() + ["--standalone", "--nproc_per_node=2", "-m", "part_fast", "train", *ARGS, "--out", str(out), *extra],
+        env=env, capture_output=True, text=True, timeout=600)
+    full = run(tmp_path / "full")
+    assert full.returncode == 0, full.stderr[-3000:]
+    epochs_at = ARGS.index("--epochs") + 1
+    one = list(ARGS)
+    one[epochs_at] = "1"
+    first = subprocess.run(_torchrun() + ["--standalone", "--nproc_per_node=2", "-m", "part_fast", "train", *one,
+                                          "--out", str(tmp_path / "cut")],
+                           env=env, capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = run(tmp_path / "cut", "--resume")
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    a, b = load_checkpoint(tmp_path / "full" / "last.pt")["model"], load_checkpoint(tmp_path / "cut" / "last.pt")["model"]
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

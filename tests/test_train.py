@@ -68,7 +68,12 @@ def test_release_defaults_per_dataset(tmp_path):
     ({"eps_low": 9 / 255}, "eps_low <= eps"),
     ({"method": "pgd"}, "method must be one of"),
     ({"dataset": "mnist"}, "dataset must be one of"),
-    ({"warmup": 5, "epochs": 3}, "warmup must be"),
+    ({"warmup": 5, "epochs": 3}, r"warmup \(5\) must not exceed epochs \(3\) for part"),
+    ({"warmup": -1}, "warmup must be an int >= 0"),
+    ({"seed": -1}, "seed must be an int >= 0"),
+    ({"momentum": -0.1}, "momentum must be >= 0"),
+    ({"amp": "bf16", "method": "part-trades", "device": "cuda", "sync_bn": False}, None),
+    ({"amp": "fp16", "method": "trades", "device": "cuda"}, "stall the trades attack"),
     ({"amp": "fp8"}, "amp must be one of"),
     ({"amp": "fp16"}, "fp16 needs a GPU"),
     ({"sync_bn": True}, "sync_bn needs CUDA"),
@@ -77,8 +82,23 @@ def test_release_defaults_per_dataset(tmp_path):
     ({"batch_size": 1}, "batch_size"),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, change, match):
+    if match is None:  # a valid combination next to the refused ones
+        tiny(tmp_path / "run", **change).resolved()
+        return
     with pytest.raises(ValueError, match=match):
         tiny(tmp_path / "run", **change).resolved()
+
+
+def test_base_methods_ignore_warmup_beyond_epochs(tmp_path):
+    # AT / TRADES / MART have no warm-up: `part-fast train --method at --epochs 10` must not fail on warmup=20.
+    cfg = tiny(tmp_path / "run", method="at", epochs=10, warmup=20).resolved()
+    assert lr_factor(9, cfg.warmup, cfg.milestones) == 1.0
+
+
+def test_unknown_arch_fails_before_the_run_dir_exists(tmp_path):
+    with pytest.raises(ValueError, match="unknown architecture"):
+        train(tiny(tmp_path / "run", arch="resnet-nope"), log=quiet)
+    assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------- run directory
@@ -257,3 +277,19 @@ def test_trains_briefly_on_real_cifar10_images(tmp_path, cifar_subset_dir):
     assert all(r["train_examples"] == 128 for r in history)
     assert 0 < history[1]["eps_high_fraction"] < 0.6
     assert history[1]["test_examples"] == 64
+
+
+@pytest.mark.parametrize("method, start, phase, expected", [
+    ("part", "uniform", False, ("ce", "uniform")),
+    ("part", "uniform", True, ("ce", "uniform")),
+    ("part", "release", False, ("ce", "uniform")),  # warm-up: the release's torchattacks PGD start (clipped)
+    ("part", "release", True, ("ce", "release")),  # PART epochs: global eps, unclipped, as released
+    ("part-trades", "uniform", True, ("kl", "normal")),
+    ("mart", "release", False, ("ce", "normal")),
+])
+def test_inner_attack_per_method_and_phase(tmp_path, method, start, phase, expected):
+    cfg = tiny(tmp_path / "run", method=method, start=start).resolved()
+    state = train_mod.build_state(cfg, 10, torch.device("cpu"), train_mod.Distributed())
+    attack = train_mod.make_attack(state, part_phase=phase)
+    assert (attack.loss, attack.start) == expected
+    assert (attack.eps, attack.alpha, attack.steps) == (cfg.eps, cfg.step_size, cfg.steps)

@@ -293,3 +293,14 @@ def test_inner_attack_per_method_and_phase(tmp_path, method, start, phase, expec
     attack = train_mod.make_attack(state, part_phase=phase)
     assert (attack.loss, attack.start) == expected
     assert (attack.eps, attack.alpha, attack.steps) == (cfg.eps, cfg.step_size, cfg.steps)
+
+
+@pytest.mark.slow
+def test_compile_trains_like_eager(tmp_path):
+    """--compile (torch.compile of the model; the CAM keeps the eager module for its hook) trains to the
+    same losses as eager, up to the compiler's float reassociation."""
+    eager = train(tiny(tmp_path / "eager", epochs=2, train_subset=64), log=quiet)
+    compiled = train(tiny(tmp_path / "compiled", epochs=2, train_subset=64, compile=True), log=quiet)
+    assert [r["phase"] for r in compiled] == ["warmup", "part"]
+    for a, b in zip(eager, compiled):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-3)

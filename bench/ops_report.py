@@ -43,6 +43,12 @@ class Case:
     impl: str  # a part_fast backend, RELEASE or CLONE
     shape: tuple  # x's shape; the CAM's (B, h, w) for cam_eps_map
     variant: str = ""  # the eps form "(B,C,H,W)" or the cam mode
+    dtype: str = "float32"  # of x_adv / grad / x_nat (eps and CAMs stay float32)
+    cam_out: tuple = CAM_OUT  # cam_eps_map's output size
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return getattr(torch, self.dtype)
 
     @property
     def backend(self) -> str | None:
@@ -52,17 +58,22 @@ class Case:
     @property
     def shape_text(self) -> str:
         text = "×".join(map(str, self.shape))
-        return f"{text}→{CAM_OUT[0]}×{CAM_OUT[1]}" if self.op == "cam_eps_map" else text
+        return f"{text}→{self.cam_out[0]}×{self.cam_out[1]}" if self.op == "cam_eps_map" else text
 
     @property
     def clone_shape(self) -> tuple:
         """Shape of the clone this row's bandwidth is compared with: x's, or the (B,3,H,W) CAM output."""
-        return (self.shape[0], 3, *CAM_OUT) if self.op == "cam_eps_map" else self.shape
+        return (self.shape[0], 3, *self.cam_out) if self.op == "cam_eps_map" else self.shape
+
+    @property
+    def clone_dtype(self) -> str:
+        return "float32" if self.op == "cam_eps_map" else self.dtype
 
     def label(self) -> str:
         """An ASCII id, e.g. pgd_step_-cpu-128x3x32x32-(B,3,H,W)."""
         shape = self.shape_text.replace("×", "x").replace("→", "to")
-        return "-".join(filter(None, (self.op, self.impl, shape, self.variant)))
+        dtype = "" if self.dtype == "float32" else self.dtype
+        return "-".join(filter(None, (self.op, self.impl, shape, self.variant, dtype)))
 
 
 def timed_backends(device: torch.device) -> list[str]:
@@ -72,19 +83,26 @@ def timed_backends(device: torch.device) -> list[str]:
     return [b for b in ops.available_backends(device) if not (b == "triton" and interpreted)]
 
 
-def all_cases(backends: list[str]) -> list[Case]:
-    """Every case, in table order: per step shape the clone, pgd_step_ (release chain first), project_;
-    then cam_eps_map per mode."""
+def all_cases(backends: list[str], step_shapes=STEP_SHAPES, dtypes=("float32",), eps_forms=tuple(EPS_FORMS),
+              cam_cases=((CAM_SHAPE, CAM_OUT),)) -> list[Case]:
+    """Every case, in table order: per step shape and dtype the clone, pgd_step_ (release chain first),
+    project_; then cam_eps_map per CAM size and mode."""
     cases = []
-    for shape in STEP_SHAPES:
-        cases.append(Case("clone", CLONE, shape))
-        for op, impls in (("pgd_step_", (RELEASE, *backends)), ("project_", backends)):
-            cases += [Case(op, impl, shape, form) for form in EPS_FORMS for impl in impls]
-    cases += [Case("cam_eps_map", b, CAM_SHAPE, mode) for mode in CAM_MODES for b in backends]
+    for shape in step_shapes:
+        for dtype in dtypes:
+            cases.append(Case("clone", CLONE, shape, dtype=dtype))
+            for op, impls in (("pgd_step_", (RELEASE, *backends)), ("project_", backends)):
+                cases += [Case(op, impl, shape, form, dtype) for form in eps_forms for impl in impls]
+    for cam_shape, cam_out in cam_cases:
+        yardstick = Case("clone", CLONE, (cam_shape[0], 3, *cam_out))  # the bandwidth of the map it writes
+        if yardstick not in cases:
+            cases.append(yardstick)
+        cases += [Case("cam_eps_map", b, tuple(cam_shape), mode, cam_out=tuple(cam_out)) for mode in CAM_MODES
+                  for b in backends]
     return cases
 
 
-def attack_tensors(shape: tuple, eps_channels: int, device: torch.device, seed: int = 0):
+def attack_tensors(shape: tuple, eps_channels: int, device: torch.device, seed: int = 0, dtype=torch.float32):
     """x_adv, grad, x_nat, eps (float32): x_adv inside the eps ball around x_nat in [0, 1], a mixed
     EPS / EPS_LOW budget, a dense random gradient, so every clamp of the step does real work."""
     gen = torch.Generator().manual_seed(seed)
@@ -93,17 +111,19 @@ def attack_tensors(shape: tuple, eps_channels: int, device: torch.device, seed: 
     eps = torch.where(torch.rand((batch, eps_channels, height, width), generator=gen) < 0.5, EPS, EPS_LOW)
     x_adv = (x_nat + (2 * torch.rand(shape, generator=gen) - 1) * eps).clamp(0, 1)
     grad = torch.randn(shape, generator=gen)
-    return [t.to(device) for t in (x_adv, grad, x_nat, eps)]
+    return [t.to(device, dtype) for t in (x_adv, grad, x_nat)] + [eps.to(device)]
 
 
 def build(case: Case, device: torch.device) -> tuple[Callable[[], object], int]:
     """(fn, nbytes): fn() runs the case once (the backend is forced by the caller), nbytes is the memory
     traffic the op cannot avoid: every input read once, every output written once."""
     if case.op == "cam_eps_map":
-        cam = torch.randn(CAM_SHAPE, generator=torch.Generator().manual_seed(0)).to(device)
-        out_nbytes = cam.shape[0] * (3 if case.variant == "jet" else 1) * CAM_OUT[0] * CAM_OUT[1] * 4
-        return (lambda: ops.cam_eps_map(cam, CAM_OUT, EPS, EPS_LOW, case.variant)), cam.nbytes + out_nbytes
-    x_adv, grad, x_nat, eps = attack_tensors(case.shape, EPS_FORMS.get(case.variant, 3), device)
+        cam = torch.randn(case.shape, generator=torch.Generator().manual_seed(0)).to(device)
+        out = case.cam_out
+        out_nbytes = cam.shape[0] * (3 if case.variant == "jet" else 1) * out[0] * out[1] * 4
+        return (lambda: ops.cam_eps_map(cam, out, EPS, EPS_LOW, case.variant)), cam.nbytes + out_nbytes
+    x_adv, grad, x_nat, eps = attack_tensors(case.shape, EPS_FORMS.get(case.variant, 3), device,
+                                             dtype=case.torch_dtype)
     if case.op == "clone":
         return x_adv.clone, 2 * x_adv.nbytes
     if case.op == "project_":
@@ -222,7 +242,7 @@ def measure(cases: list[Case], device: torch.device, run_time: float, rounds: in
     rows = []
     for case in cases:
         gb_per_s = nbytes[case] / seconds[case] / 1e9
-        clone = Case("clone", CLONE, case.clone_shape)
+        clone = Case("clone", CLONE, case.clone_shape, dtype=case.clone_dtype)
         clone_gb_per_s = nbytes[clone] / seconds[clone] / 1e9 if clone in seconds else None
         release = seconds.get(replace(case, impl=RELEASE))
         reference_time = seconds.get(replace(case, impl="reference"))
@@ -255,7 +275,7 @@ def check_targets(rows: list[dict]) -> list[dict]:
     results = []
     for r in rows:
         goal = goals.get((r["op"], r["shape"], r["variant"]))
-        if goal and r["impl"] in COMPILED:
+        if goal and r["impl"] in COMPILED and r.get("dtype", "float32") == "float32":
             name, key, target = goal
             results.append({"target": name, "backend": r["impl"], "value": r[key], "goal": target,
                             "met": r[key] >= target})
@@ -266,11 +286,18 @@ def _fmt(value, spec: str) -> str:
     return "—" if value is None else format(value, spec)
 
 
+def _variant(row: dict) -> str:
+    dtype = row.get("dtype", "float32")
+    text = row["variant"] or "—"
+    return text if dtype == "float32" else f"{text} {'bf16' if dtype == 'bfloat16' else dtype}"
+
+
 def markdown(rows: list[dict], targets: list[dict], machine: dict) -> str:
     lines = [
         f"{machine['cpu']} ({machine['logical_cores']} cores, {machine['cpu_capability']}), "
         + (f"GPU {machine['gpu']}, " if machine["gpu"] else "")
-        + f"torch {machine['torch']}, {machine['torch_threads']} threads, float32, {machine['date']}, "
+        + f"torch {machine['torch']}, {machine['torch_threads']} threads, "
+        + f"{', '.join(sorted({r.get('dtype', 'float32') for r in rows}))}, {machine['date']}, "
         + f"load average before/after {machine['load_average_before'][0]:.1f}/{machine['load_average_after'][0]:.1f}",
         "",
     ]
@@ -285,7 +312,7 @@ def markdown(rows: list[dict], targets: list[dict], machine: dict) -> str:
     ]
     for r in rows:
         lines.append(
-            f"| {r['op']} | {r['impl']} | {r['shape']} | {r['variant'] or '—'} | {r['median_us']:.1f} | "
+            f"| {r['op']} | {r['impl']} | {r['shape']} | {_variant(r)} | {r['median_us']:.1f} | "
             f"{r['bytes'] / 1e6:.2f} | {r['gb_per_s']:.1f} | {_fmt(r['pct_clone_bw'], '.0f')} | "
             f"{_fmt(r['speedup_vs_release'], '.1f')} | {_fmt(r['speedup_vs_reference'], '.1f')} | "
             f"{r['kernels_per_call']} |"

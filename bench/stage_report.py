@@ -785,8 +785,7 @@ def markdown(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
-    global BATCH, STEPS
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--data", default=DEFAULT_DATA, help="cifar10-subset.tar (random images when absent)")
@@ -807,7 +806,20 @@ def main(argv=None) -> None:
     parser.add_argument("--system-malloc", action="store_true",
                         help="keep glibc's default malloc (mmap + trim: page faults in every forward); see keep_freed_memory")
     parser.add_argument("--render", metavar="JSON", help="print the table of a previous run's JSON and exit")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def run_with(argv) -> dict:
+    """Run the report with these command-line arguments (the harness's entry point); returns the result."""
+    global BATCH, STEPS
+    args = build_parser().parse_args(argv)
+    BATCH, STEPS = args.batch, args.steps
+    return run(args)
+
+
+def main(argv=None) -> None:
+    global BATCH, STEPS
+    args = build_parser().parse_args(argv)
     if args.render:
         with open(args.render) as f:
             print(markdown(json.load(f)))

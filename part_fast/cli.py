@@ -118,6 +118,12 @@ def _show_cam_parser(sub) -> None:
     p.add_argument("--device", default="cpu")
 
 
+def _bench_parser(sub) -> None:
+    p = sub.add_parser("bench", help="every benchmark section side by side (needs a source checkout: bench/)",
+                       add_help=False)
+    p.add_argument("bench_args", nargs=argparse.REMAINDER, help="passed to `python -m bench.run` (try --help)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="part-fast", description="Fast, reproducible PART (ICML 2024).")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -125,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _demo_parser(sub)
     _show_cam_parser(sub)
+    _bench_parser(sub)
     return parser
 
 
@@ -206,10 +213,28 @@ def cmd_show_cam(args) -> int:
     return 0
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "show-cam": cmd_show_cam}
+def cmd_bench(args) -> int:
+    import subprocess
+
+    # The harness lives in the source tree's bench/, which the package never imports: run it as a program.
+    root = Path(__file__).resolve().parents[1]
+    if not (root / "bench" / "run.py").is_file():
+        raise FileNotFoundError(f"part-fast bench needs a source checkout of part_fast (no bench/run.py under {root}); "
+                                "install with `pip install -e .` from a clone")
+    return subprocess.run([sys.executable, "-m", "bench.run", *args.bench_args], cwd=root).returncode
+
+
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "show-cam": cmd_show_cam, "bench": cmd_bench}
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["bench"]:  # everything after `bench` belongs to the harness's own parser
+        try:
+            return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
+        except FileNotFoundError as err:
+            print(f"part-fast bench: error: {err}", file=sys.stderr)
+            return 2
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -1,0 +1,261 @@
+"""`part-fast bench`: every benchmark section side by side in ONE process, written as JSON + markdown + PNG.
+
+    python -m bench.run                      # full run (~15 min on 2 CPU cores): the README's figures
+    python -m bench.run --quick              # every section at reduced size (< 3 min here; exercised by CI)
+    python -m bench.run --readme README.md   # also regenerate the README's tables from this run's JSON
+    python -m bench.run --from-json bench/results/<stem>.json --readme README.md   # re-render, measure nothing
+
+Sections:
+1. ops: pgd_step_, project_, cam_eps_map for every usable backend, the reference and the released eager
+   chain, at CIFAR (128×3×32×32), TinyImageNet (128×3×64×64) and ImageNet-like (64×3×224×224) sizes, float32
+   and bf16: time, GB/s and the share of the clone() bandwidth measured in the same run (bench/ops_report.py);
+2. the CAM + budget stage against the release's per-image pipeline, emulated (bench/stage_report.py);
+3. one training step of AT, PART (ours), PART as released, TRADES, PART-T (bench/train_step.py);
+4. GPU evidence that needs no GPU: PTX widths and registers, CUDA registers and spills, projected H100
+   times, launches per PGD step (bench/gpu_evidence.py).
+
+Writes <out>/<date>-<machine>.{json,md,png}. Figures are reported, never asserted; see bench/README.md.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from bench import ops_report
+
+DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+
+# Section 1 sizes: (x shape) and (CAM (B, h, w), output size) of the three dataset scales.
+FULL_STEP_SHAPES = ((128, 3, 32, 32), (128, 3, 64, 64), (64, 3, 224, 224))
+FULL_CAM_CASES = (((128, 4, 4), (32, 32)), ((128, 8, 8), (64, 64)), ((64, 7, 7), (224, 224)))
+QUICK_STEP_SHAPES = ((128, 3, 32, 32),)
+QUICK_CAM_CASES = (((128, 4, 4), (32, 32)),)
+DTYPES = ("float32", "bfloat16")
+
+README_BLOCKS = {"ops": ("<!-- bench:ops:start -->", "<!-- bench:ops:end -->"),
+                 "summary": ("<!-- bench:summary:start -->", "<!-- bench:summary:end -->")}
+
+
+def machine_slug(machine: dict) -> str:
+    """A file-name-safe machine id: the GPU's name if any, else the CPU's, plus the core count."""
+    name = machine.get("gpu") or machine.get("cpu", "unknown")
+    name = re.sub(r"\(r\)|\(tm\)|processor|cpu|@.*$", "", name, flags=re.IGNORECASE)
+    slug = re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-") or "machine"
+    return f"{slug}-{machine.get('logical_cores', 0)}c"
+
+
+# ------------------------------------------------------------------------------------------- sections
+def section_ops(device: torch.device, quick: bool, log) -> dict:
+    shapes = QUICK_STEP_SHAPES if quick else FULL_STEP_SHAPES
+    cams = QUICK_CAM_CASES if quick else FULL_CAM_CASES
+    forms = ("(B,3,H,W)",) if quick else tuple(ops_report.EPS_FORMS)
+    cases = ops_report.all_cases(ops_report.timed_backends(device), shapes, DTYPES, forms, cams)
+    log(f"[1/4] ops: {len(cases)} cases")
+    run_time, rounds = (0.15, 2) if quick else (1.0, 3)
+    rows = ops_report.measure(cases, device, run_time, rounds)
+    return {"rows": rows, "targets": ops_report.check_targets(rows), "run_time": run_time, "rounds": rounds}
+
+
+def section_stage(quick: bool, log) -> dict:
+    from bench import stage_report
+
+    log("[2/4] CAM + budget stage and PGD-10 vs the release")
+    argv = ["--out", ""]
+    if quick:
+        argv += ["--batch", "16", "--steps", "2", "--cam-reps", "1", "--release-reps", "1", "--pgd-reps", "1",
+                 "--update-rounds", "1", "--time-budget", "0"]
+    result = stage_report.run_with(argv)
+    result["markdown"] = stage_report.markdown(result)
+    return result
+
+
+def section_train_step(quick: bool, log) -> dict:
+    from bench import train_step
+
+    log("[3/4] one training step: AT, PART (ours), PART (release), TRADES, PART-T")
+    return train_step.run(quick=quick, log=lambda *a: None)
+
+
+def section_gpu(quick: bool, log) -> dict:
+    from bench import gpu_evidence
+
+    log("[4/4] GPU evidence: PTX, CUDA resource usage, projections, launches")
+    return gpu_evidence.run(quick=quick, log=lambda *a: None)
+
+
+# ------------------------------------------------------------------------------------------ rendering
+def targets_table(result: dict) -> str:
+    lines = ["| section | target | measured | goal | met |", "|---|---|---:|---|---|"]
+    for t in result["sections"]["ops"]["targets"]:
+        lines.append(f"| ops | {t['target']} ({t['backend']}) | {t['value']:.2f} | ≥ {t['goal']} | "
+                     f"{'yes' if t['met'] else 'NO'} |")
+    for t in result["sections"]["stage"].get("targets", []):
+        value = f"{t['value']}" if t.get("op") == "=" else f"{t['value']:.2f}"
+        lines.append(f"| stage | {t['target']} | {value} | {t.get('op', '≥')} {t['goal']:g} | "
+                     f"{'yes' if t['met'] else 'NO'} |")
+    for t in result["sections"]["train_step"].get("targets", []):
+        lines.append(f"| train step | {t.get('target', t.get('name'))} | {t['value']:.3f} | "
+                     f"{t.get('op', '≤')} {t['goal']:g} | {'yes' if t['met'] else 'NO'} |")
+    return "\n".join(lines)
+
+
+def header(result: dict) -> str:
+    m = result["machine"]
+    mode = "quick" if result["quick"] else "full"
+    return (f"`python -m bench.run{' --quick' if result['quick'] else ''}` ({mode} run), {m['date']}, "
+            f"{m['cpu']} ({m['logical_cores']} cores, {m['cpu_capability']})"
+            + (f", GPU {m['gpu']}" if m.get("gpu") else ", no GPU")
+            + f", torch {m['torch']}, {m['torch_threads']} threads; {result['seconds']:.0f} s in all.")
+
+
+def markdown(result: dict) -> str:
+    s = result["sections"]
+    ops_table = ops_report.markdown(s["ops"]["rows"], s["ops"]["targets"], result["machine"])
+    return "\n\n".join([
+        "# part_fast benchmark", header(result),
+        "## Targets", targets_table(result),
+        "## 1. Ops", ops_table,
+        "## 2. CAM + budget stage and PGD-10 against the release", s["stage"]["markdown"],
+        "## 3. One training step", s["train_step"]["markdown"],
+        "## 4. GPU evidence without a GPU", s["gpu"]["markdown"],
+    ]) + "\n"
+
+
+def readme_blocks(result: dict) -> dict:
+    s = result["sections"]
+    ops_table = ops_report.markdown(s["ops"]["rows"], s["ops"]["targets"], result["machine"])
+    summary = "\n\n".join([header(result), targets_table(result), s["train_step"]["markdown"]])
+    return {"ops": ops_table, "summary": summary}
+
+
+def write_readme(path: str | os.PathLike, result: dict) -> None:
+    text = Path(path).read_text()
+    for name, body in readme_blocks(result).items():
+        start, end = README_BLOCKS[name]
+        if start not in text or end not in text:
+            raise SystemExit(f"{path} has no {start} ... {end} block to fill")
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{start}\n{body}\n{end}{tail}"
+    _atomic_write(Path(path), text)
+
+
+def plot(result: dict, path: Path) -> None:
+    """GB/s of every op row against the clone() bandwidth of its shape (the roof), one panel per dtype."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    rows = [r for r in result["sections"]["ops"]["rows"] if r["op"] != "cam_eps_map"]
+    dtypes = sorted({r.get("dtype", "float32") for r in rows})
+    fig = Figure(figsize=(11, 3.6 * len(dtypes)))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(len(dtypes), 1, squeeze=False)[:, 0]
+    colours = {"release": "tab:red", "reference": "tab:orange", "cpu": "tab:blue", "cuda": "tab:green",
+               "triton": "tab:purple", "torch": "black"}
+    for ax, dtype in zip(axes, dtypes):
+        sub = [r for r in rows if r.get("dtype", "float32") == dtype]
+        groups = list(dict.fromkeys((r["op"], r["shape"], r["variant"]) for r in sub if r["op"] != "clone"))
+        roofs = {r["shape"]: r["gb_per_s"] for r in sub if r["op"] == "clone"}
+        impls = list(dict.fromkeys(r["impl"] for r in sub if r["op"] != "clone"))
+        width = 0.8 / max(len(impls), 1)
+        for k, impl in enumerate(impls):
+            xs, ys = [], []
+            for g, key in enumerate(groups):
+                row = next((r for r in sub if (r["op"], r["shape"], r["variant"]) == key and r["impl"] == impl), None)
+                if row:
+                    xs.append(g + k * width)
+                    ys.append(row["gb_per_s"])
+            ax.bar(xs, ys, width, label=impl, color=colours.get(impl))
+        for g, key in enumerate(groups):
+            roof = roofs.get(key[1])
+            if roof:
+                ax.hlines(roof, g - 0.1, g + 0.9, colors="black", linestyles="dashed", linewidth=1)
+        ax.set_xticks([g + 0.4 for g in range(len(groups))])
+        ax.set_xticklabels([f"{op}\n{shape}\n{variant}" for op, shape, variant in groups], fontsize=6)
+        ax.set_ylabel("GB/s")
+        ax.set_title(f"{dtype}: achieved bandwidth; dashed = clone() of the same shape (the roof)", fontsize=9)
+        ax.legend(fontsize=7, ncols=len(impls))
+    fig.tight_layout()
+
+    def write(f):
+        fig.savefig(f, format="png", dpi=110)
+
+    _atomic_write_bytes(path, write)
+
+
+def _atomic_write_bytes(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        write(f)
+    os.replace(tmp, path)
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    _atomic_write_bytes(path, lambda f: f.write(text.encode()))
+
+
+# ------------------------------------------------------------------------------------------------ main
+SECTIONS = ("ops", "stage", "train_step", "gpu")
+
+
+def run(quick: bool, device: torch.device, log=print) -> dict:
+    start = time.perf_counter()
+    machine = ops_report.machine_info(device)
+    sections = {
+        "ops": section_ops(device, quick, log),
+        # The stage report sets glibc's malloc to keep freed memory; sections 3 and 4 run after it.
+        "stage": section_stage(quick, log),
+        "train_step": section_train_step(quick, log),
+        "gpu": section_gpu(quick, log),
+    }
+    machine["load_average_after"] = os.getloadavg()
+    return {"quick": quick, "machine": machine, "sections": sections, "seconds": time.perf_counter() - start}
+
+
+def write_outputs(result: dict, out: Path) -> dict:
+    out.mkdir(parents=True, exist_ok=True)
+    date = result["machine"]["date"][:10]
+    stem = f"{date}-{machine_slug(result['machine'])}" + ("-quick" if result["quick"] else "")
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
+    _atomic_write(paths["json"], json.dumps(result, indent=1, default=str) + "\n")
+    _atomic_write(paths["md"], markdown(result))
+    plot(result, paths["png"])
+    return paths
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="part-fast bench", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="every section at reduced size (< 3 min on 2 cores)")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output folder (default bench/results/)")
+    parser.add_argument("--device", default="cpu", help="cpu, or cuda (GPU backends; sections 2-3 stay on the CPU)")
+    parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
+    parser.add_argument("--readme", help="regenerate this README's bench:ops and bench:summary blocks from the JSON")
+    parser.add_argument("--from-json", help="measure nothing: re-render this earlier run's JSON")
+    args = parser.parse_args(argv)
+    if args.from_json:
+        result = json.loads(Path(args.from_json).read_text())
+    else:
+        torch.set_num_threads(args.threads)
+        device = torch.device(args.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            print("part-fast bench: error: --device cuda but no GPU is visible", file=sys.stderr)
+            return 2
+        result = run(args.quick, device, log=lambda line: print(line, file=sys.stderr, flush=True))
+        paths = write_outputs(result, Path(args.out))
+        print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}", file=sys.stderr)
+    print(markdown(result))
+    if args.readme:
+        write_readme(args.readme, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,71 @@
+"""`part-fast bench --quick`: every section runs and writes JSON + markdown + PNG; the README is regenerated
+from the JSON. Figures are not asserted (a test is no benchmark), only that they exist and are sane."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def quick_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    done = subprocess.run([sys.executable, "-m", "part_fast", "bench", "--quick", "--out", str(out)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return out, done
+
+
+@pytest.mark.slow
+def test_quick_run_writes_json_markdown_png(quick_run):
+    out, done = quick_run
+    stems = {p.suffix: p for p in out.iterdir()}
+    assert set(stems) == {".json", ".md", ".png"}
+    assert stems[".json"].stem.endswith("-quick") and stems[".json"].stem[:4].isdigit()
+    result = json.loads(stems[".json"].read_text())
+    assert result["quick"] is True
+    assert set(result["sections"]) == {"ops", "stage", "train_step", "gpu"}
+    ops_rows = result["sections"]["ops"]["rows"]
+    assert {r["dtype"] for r in ops_rows} == {"float32", "bfloat16"}
+    assert {r["op"] for r in ops_rows} == {"clone", "pgd_step_", "project_", "cam_eps_map"}
+    assert all(r["median_us"] > 0 and r["gb_per_s"] > 0 for r in ops_rows)
+    assert any(r["impl"] == "release" for r in ops_rows)
+    assert result["sections"]["train_step"]["rows"] and result["sections"]["gpu"]["markdown"]
+    md = stems[".md"].read_text()
+    for heading in ("## 1. Ops", "## 2. CAM + budget stage", "## 3. One training step", "## 4. GPU evidence"):
+        assert heading in md
+    assert md.strip() in done.stdout
+    with Image.open(stems[".png"]) as im:
+        assert im.format == "PNG" and min(im.size) > 200
+
+
+@pytest.mark.slow
+def test_readme_blocks_are_regenerated_from_the_json(quick_run, tmp_path):
+    out, _ = quick_run
+    json_path = next(out.glob("*.json"))
+    readme = tmp_path / "README.md"
+    readme.write_text("intro\n<!-- bench:ops:start -->\nold\n<!-- bench:ops:end -->\nmiddle\n"
+                      "<!-- bench:summary:start -->\nold\n<!-- bench:summary:end -->\nend\n")
+    done = subprocess.run([sys.executable, "-m", "bench.run", "--from-json", str(json_path), "--readme", str(readme)],
+                          cwd=ROOT, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    text = readme.read_text()
+    assert "old" not in text and text.startswith("intro\n") and text.endswith("end\n")
+    assert "| pgd_step_ | cpu | 128×3×32×32 |" in text
+    assert "| section | target | measured | goal | met |" in text
+    # Rendering the same JSON twice gives the same README: nothing in it is typed by hand.
+    again = subprocess.run([sys.executable, "-m", "bench.run", "--from-json", str(json_path), "--readme", str(readme)],
+                           cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0 and readme.read_text() == text
+
+
+def test_committed_readme_has_the_generated_blocks():
+    text = (ROOT / "README.md").read_text()
+    for marker in ("bench:ops", "bench:summary"):
+        assert f"<!-- {marker}:start -->" in text and f"<!-- {marker}:end -->" in text

@@ -75,9 +75,13 @@ def test_num_classes_changes_only_the_classifier(name):
         assert model.fc.out_features == 100
         assert n_params(model) - PARAMS[name] == 90 * (640 + 1)
     else:
-        model = get_model(name, num_classes=100)
+        base, model = get_model(name), get_model(name, num_classes=100)
         assert model.linear.out_features == 100
-        assert n_params(model) - PARAMS[name] == 90 * (512 + 1)
+        features = {"cnn-small": 128, "resnet-small": 128}.get(name, 512)
+        assert model.linear.in_features == features
+        assert n_params(model) - n_params(base) == 90 * (features + 1)
+        if name in PARAMS:
+            assert n_params(base) == PARAMS[name]
 
 
 @pytest.mark.parametrize("name", sorted(BUNDLED))

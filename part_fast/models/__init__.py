@@ -7,13 +7,15 @@ import torch
 from torch import nn
 
 from .cnn_small import cnn_small
-from .resnet import preact_resnet18, resnet18
+from .resnet import preact_resnet18, resnet18, resnet_small
 from .wide_resnet import wrn34_10
 
-BUNDLED = {"resnet18": resnet18, "preact-resnet18": preact_resnet18, "wrn34-10": wrn34_10, "cnn-small": cnn_small}
+BUNDLED = {"resnet18": resnet18, "preact-resnet18": preact_resnet18, "wrn34-10": wrn34_10, "cnn-small": cnn_small,
+           "resnet-small": resnet_small}
 
 # The layer whose activations the CAM reads, per bundled architecture (the release's choice).
-CAM_LAYERS = {"resnet18": "layer4", "preact-resnet18": "layer4", "wrn34-10": "block3", "cnn-small": "features"}
+CAM_LAYERS = {"resnet18": "layer4", "preact-resnet18": "layer4", "wrn34-10": "block3", "cnn-small": "features",
+              "resnet-small": "layer4"}
 
 
 class Normalize(nn.Module):

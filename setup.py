@@ -49,7 +49,9 @@ def _extensions():
         define_macros.append(("PART_FAST_WITH_CUDA", None))
         include_dirs += _nvidia_include_dirs()
         ext_cls = CUDAExtension
-        extra = {"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo"]}
+        # --fmad=false: device code rounds every * and + on its own, as the host code does with
+        # -ffp-contract=off, so the CUDA kernels compute what the shared math header says (and the CPU tests check).
+        extra = {"cxx": cxx_flags, "nvcc": ["-O3", "--expt-relaxed-constexpr", "-lineinfo", "--fmad=false"]}
     else:
         ext_cls = CppExtension
         extra = {"cxx": cxx_flags}

@@ -1,0 +1,436 @@
+"""Benchmark section 3: the wall time of ONE optimiser step, AT / PART / PART (release) / TRADES / PART-T.
+
+    python -m bench.train_step --quick            # cnn-small, batch 16, PGD-2, 1 rep: seconds
+    python -m bench.train_step --out step.json    # ResNet-18, batch 64, PGD-10, 3 reps: several minutes
+
+All configurations run in one process on the same batch and start every timed step from the same weights
+(one initial model copied into each configuration; BatchNorm buffers and SGD momentum restored before each
+step), so the steps do identical work and differ only in what the method adds:
+
+| row            | what one step is                                                                         |
+|----------------|------------------------------------------------------------------------------------------|
+| AT             | `train_step`, method "at": PGD-k CE (uniform start), train-mode CE + SGD                 |
+| PART (ours)    | `train_step`, method "part", PART phase: `PixelBudget.with_logits` (one batched eval     |
+|                | forward + head-only gradient + fused `cam_eps_map`), PGD-k with the eps map (`pgd_step_`)|
+| PART (release) | the released code's cost: per-image mask (forward + full backward with hooks, PIL         |
+|                | bicubic, matplotlib jet, numpy z-score, `.to(device)`: `bench.stage_report`'s emulation), |
+|                | amortised per step = per-image cost x batch; PGD-k with the release's global-eps         |
+|                | unclipped start and eager update chain (`reference.pgd_step_release`); the same outer step|
+| TRADES         | `train_step`, method "trades": KL attack with its own clean eval forward, outer          |
+|                | CE(f(x_nat)) + beta KL(f(x_adv) || f(x_nat)) in train mode                                |
+| PART-T (ours)  | `train_step`, method "part-trades", PART phase: the CAM forward's logits are TRADES' KL  |
+|                | target (`clean_logits=`), so the budget replaces the attack's clean forward              |
+
+Two yardsticks are timed in the same rounds: an eval-mode forward (no grad) and a train-mode
+forward + CE + full backward of the batch. Figures are reported, never asserted.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import statistics
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from bench.ops_report import machine_info
+from bench.stage_report import DEFAULT_DATA, Interference, keep_freed_memory, load_cifar_subset, release_eps_map, \
+    release_update_pgd
+from part_fast.attacks import PGD
+from part_fast.cam import find_layer
+from part_fast.losses import OUTER_LOSSES
+from part_fast.models import CAM_LAYERS, get_model
+from part_fast.modes import eval_mode
+from part_fast.train import Distributed, TrainConfig, build_state, make_attack, train_step
+
+SEED = 0
+THREADS = 2
+FULL = {"arch": "resnet18", "batch": 64, "steps": 10, "reps": 3}
+QUICK = {"arch": "cnn-small", "batch": 16, "steps": 2, "reps": 1}
+# (row name, TrainConfig method, PART phase); "release" is built here from the "part" state's pieces.
+CONFIGS = (
+    ("AT", "at", False),
+    ("PART (ours)", "part", True),
+    ("PART (release)", "release", True),
+    ("TRADES", "trades", False),
+    ("PART-T (ours)", "part-trades", True),
+)
+YARDSTICKS = ("forward (eval, no grad)", "forward + backward (train, full)")
+BASE_OF = {"AT": "AT", "PART (ours)": "AT", "PART (release)": "AT", "TRADES": "TRADES", "PART-T (ours)": "TRADES"}
+SPLIT = ("data", "budget", "attack", "update")
+CPU = torch.device("cpu")
+
+
+# ------------------------------------------------------------------------------------------------ data
+def load_batch(batch: int, data: str = DEFAULT_DATA):
+    """(x, y, description): `batch` CIFAR-10 training images (stage_report's loader: classes round-robin)
+    when the subset tar exists, else seeded uniform random images."""
+    if data and os.path.isfile(data):
+        x, y = load_cifar_subset(data, "train", batch)
+        return x, y, f"CIFAR-10 subset ({os.path.basename(data)}): {batch} train images"
+    gen = torch.Generator().manual_seed(SEED)
+    x, y = torch.rand(batch, 3, 32, 32, generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+    return x, y, f"random uniform images ({data!r} not found)"
+
+
+# ---------------------------------------------------------------------------------- one configuration
+class _Layer4Alias(nn.Module):
+    """`stage_report.release_eps_map` reads its CAM layer as `model.layer4` (the release's ResNet-18
+    choice); for another architecture this wrapper names the model's CAM layer `layer4`. It shares the
+    model's parameters, so the release's `model.zero_grad()` and full backward act on the model itself."""
+
+    def __init__(self, model: nn.Module, layer: nn.Module):
+        super().__init__()
+        self.net, self.layer4 = model, layer
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Case:
+    """One row: a RunState of its method loaded with the shared initial weights, restored to the same
+    snapshot (weights, BatchNorm buffers, momentum) before every timed step."""
+
+    def __init__(self, name: str, method: str, part_phase: bool, arch: str, batch: int, steps: int,
+                 init: dict, device=CPU):
+        self.name, self.part_phase, self.device = name, part_phase, device
+        self.release = method == "release"
+        cfg = TrainConfig(out="(unused: no run directory)", arch=arch, method="part" if self.release else method,
+                          batch_size=batch, steps=steps, augment=False, eval_examples=0, device=str(device),
+                          seed=SEED).resolved()
+        self.state = build_state(cfg, num_classes=10, device=device, dist_info=Distributed())
+        self.state.model.load_state_dict(copy.deepcopy(init))
+        if self.release:
+            # The release's PART-PGD: global-eps start, not clipped; the eager update is stage_report's loop.
+            self.attack = PGD(self.state.attack_model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps,
+                              start="release", loss="ce")
+            model = self.state.model
+            layer = find_layer(model, CAM_LAYERS.get(arch))
+            self.cam_model = model if getattr(model, "layer4", None) is layer else _Layer4Alias(model, layer)
+        else:
+            self.attack = make_attack(self.state, part_phase)
+        self.snapshot = None
+        self.runs, self.others, self.splits, self.eps_high, self.losses = [], [], [], [], []
+
+    def take_snapshot(self):
+        self.snapshot = (copy.deepcopy(self.state.model.state_dict()), copy.deepcopy(self.state.optimizer.state_dict()))
+
+    def restore(self):
+        if self.snapshot is not None:
+            self.state.model.load_state_dict(self.snapshot[0])
+            self.state.optimizer.load_state_dict(self.snapshot[1])
+        for p in self.state.model.parameters():
+            p.grad = None
+
+    def release_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The release's per-image CAM + mask pipeline on these images, timed (eval mode, as the release)."""
+        model = self.state.model
+        with eval_mode(model), np.errstate(invalid="ignore", divide="ignore"):
+            t0 = time.perf_counter()
+            eps_map = release_eps_map(self.cam_model, x, self.state.config.eps, self.state.config.eps_low)
+            seconds = time.perf_counter() - t0
+        for p in model.parameters():  # the release's loop leaves a .grad on every parameter
+            p.grad = None
+        return eps_map, seconds
+
+    def release_step(self, x, y, eps_map, mask_seconds: float) -> dict:
+        """The release's step minus its mask (timed apart): eval-mode PGD-k with the global-eps unclipped
+        start and the eager update, then the same train-mode CE + SGD step as train_step."""
+        st = self.state
+        t0 = time.perf_counter()
+        x, y = x.to(self.device), y.to(self.device)
+        t1 = time.perf_counter()
+        x_adv = release_update_pgd(self.attack, x, y, eps_map)
+        t2 = time.perf_counter()
+        st.model.train()
+        st.optimizer.zero_grad(set_to_none=True)
+        (logits_adv,) = st.outer(x_adv)
+        loss = OUTER_LOSSES["at"](logits_adv, y)
+        loss_value = float(loss.detach())
+        loss.backward()
+        st.optimizer.step()
+        t3 = time.perf_counter()
+        self.eps_high.append(float((eps_map == st.config.eps).float().mean()))
+        self.losses.append(loss_value)
+        return {"data": t1 - t0, "budget": mask_seconds, "attack": t2 - t1, "update": t3 - t2}
+
+    def step(self, x, y, timed: bool = True):
+        """One optimiser step from the snapshot; records wall seconds (+ the amortised mask for the release)."""
+        self.restore()
+        if self.release:
+            eps_map, mask_s = self.release_mask(x)  # once per rep: per-image cost x batch = this loop's time
+            with Interference() as it:
+                split = self.release_step(x, y, eps_map, mask_s)
+            wall, others = it.seconds + mask_s, it.others
+        else:
+            gen = torch.Generator(device=self.device).manual_seed(SEED)  # the same random start every rep
+            with Interference() as it:
+                r = train_step(self.state, x, y, part_phase=self.part_phase, attack=self.attack, attack_gen=gen,
+                               augment_gen=None)
+            wall, others, split = it.seconds, it.others, dict(r.seconds)
+            self.eps_high.append(r.eps_high)
+            self.losses.append(r.loss)
+        if timed:
+            self.runs.append(wall)
+            self.others.append(others)
+            self.splits.append(split)
+
+    def summary(self, batch: int) -> dict:
+        best = min(range(len(self.runs)), key=self.runs.__getitem__)
+        median_split = {k: statistics.median(s[k] for s in self.splits) for k in SPLIT}
+        return {"name": self.name, "method": "part (release emulation)" if self.release else self.state.config.method,
+                "part_phase": self.part_phase, "min_s": self.runs[best], "median_s": statistics.median(self.runs),
+                "runs_s": self.runs, "images_per_s": batch / self.runs[best],
+                "images_per_s_median": batch / statistics.median(self.runs),
+                "seconds": self.splits[best], "seconds_median": median_split,
+                "others_cores_best": self.others[best], "others_cores_runs": self.others,
+                "eps_high_fraction": self.eps_high[-1], "loss": self.losses[-1]}
+
+
+class Yardstick:
+    """A model-work unit timed in the same rounds: eval forward, or train forward + CE + full backward."""
+
+    def __init__(self, name: str, model: nn.Module):
+        self.name, self.model, self.runs, self.others = name, model, [], []
+
+    def step(self, x, y, timed: bool = True):
+        for p in self.model.parameters():
+            p.grad = None
+        with Interference() as it:
+            if self.name.startswith("forward + backward"):
+                self.model.train()
+                F.cross_entropy(self.model(x), y).backward()
+            else:
+                with eval_mode(self.model), torch.no_grad():
+                    self.model(x)
+        if timed:
+            self.runs.append(it.seconds)
+            self.others.append(it.others)
+
+    def summary(self) -> dict:
+        return {"name": self.name, "min_s": min(self.runs), "median_s": statistics.median(self.runs),
+                "runs_s": self.runs, "others_cores_runs": self.others}
+
+
+# --------------------------------------------------------------------------------------------- the run
+def run(quick: bool = False, log=print, *, reps: int | None = None, data: str = DEFAULT_DATA,
+        keep_freed: bool = True) -> dict:
+    """Returns {"config": {...}, "rows": [...], "targets": [...], "markdown": str} (plus "yardsticks").
+
+    quick: cnn-small, batch 16, PGD-2, 1 rep (well under a minute); else ResNet-18, batch 64, PGD-10,
+    3 reps (several minutes on 2 cores). reps overrides the rep count. keep_freed: glibc malloc keeps freed
+    memory (no mmap / trim: see stage_report.keep_freed_memory), as the stage report runs by default."""
+    size = dict(QUICK if quick else FULL)
+    if reps is not None:
+        size["reps"] = int(reps)
+    arch, batch, steps, n_reps = size["arch"], size["batch"], size["steps"], size["reps"]
+    threads_before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    try:
+        malloc = ("glibc: no mmap, no trim (freed memory kept)" if keep_freed and keep_freed_memory()
+                  else "system default")
+        t_start = time.perf_counter()
+        machine = machine_info(CPU)
+        machine["malloc"] = malloc
+        x, y, data_desc = load_batch(batch, data)
+        torch.manual_seed(SEED)
+        base = get_model(arch)
+        init = base.state_dict()
+        log(f"train_step bench: {arch}, batch {batch}, PGD-{steps}, {n_reps} rep(s), {data_desc}")
+
+        cases = [Case(name, method, phase, arch, batch, steps, init) for name, method, phase in CONFIGS]
+        for c in cases:  # same initial weights everywhere
+            if not all(torch.equal(a, b) for a, b in zip(c.state.model.state_dict().values(), init.values())):
+                raise RuntimeError(f"{c.name}: the initial weights were not loaded")
+        yards = [Yardstick(name, copy.deepcopy(base)) for name in YARDSTICKS]
+
+        # warm-up: one step each (allocator, oneDNN primitives); the release's per-image path on a few images
+        for c in cases:
+            if c.release:
+                with eval_mode(c.state.model), np.errstate(invalid="ignore", divide="ignore"):
+                    release_eps_map(c.cam_model, x[:4])
+                mask, _ = c.release_mask(x)  # a full mask once: the warm-up step attacks with it
+                c.restore()
+                c.release_step(x, y, mask, 0.0)
+            else:
+                c.step(x, y, timed=False)
+            c.take_snapshot()  # steady state: momentum buffers exist; every timed step starts here
+            log(f"  warm-up {c.name}: done")
+        for yd in yards:
+            yd.step(x, y, timed=False)
+
+        entries = [*cases, *yards]
+        for r in range(n_reps):  # interleaved rounds, order rotated: no case always runs first
+            order = [entries[(i + r) % len(entries)] for i in range(len(entries))]
+            for e in order:
+                e.step(x, y)
+            log(f"  round {r + 1}/{n_reps}: " + ", ".join(f"{e.name} {e.runs[-1]:.3f}s" for e in entries))
+
+        rows = [c.summary(batch) for c in cases]
+        by = {row["name"]: row for row in rows}
+        for row in rows:
+            b = by[BASE_OF[row["name"]]]
+            row["vs_base"] = row["min_s"] / b["min_s"]
+            row["vs_base_median"] = row["median_s"] / b["median_s"]
+            row["base"] = b["name"]
+        yard_rows = [yd.summary() for yd in yards]
+        targets = _targets(by, quick)
+        config = {"quick": quick, "arch": arch, "batch": batch, "steps": steps, "reps": n_reps,
+                  "eps": 8 / 255, "eps_low": 7 / 255, "step_size": 2 / 255, "beta": 6.0, "mask": "jet",
+                  "cam": "gradcam", "cam_layer": CAM_LAYERS.get(arch), "threads": THREADS, "data": data_desc,
+                  "seed": SEED, "timing": "warm-up step, then `reps` interleaved rounds (order rotated); every step "
+                  "starts from the same post-warm-up snapshot; quickest and median reported",
+                  "machine": {**machine, "load_average_after": list(os.getloadavg())},
+                  "wall_seconds": time.perf_counter() - t_start}
+        result = {"config": config, "rows": rows, "targets": targets, "yardsticks": yard_rows}
+        result["why"] = _why(by, yard_rows, steps)
+        result["markdown"] = markdown(result)
+        return result
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _targets(by: dict, quick: bool) -> list[dict]:
+    def ratio(name, a, b, goal):
+        value, med = by[a]["min_s"] / by[b]["min_s"], by[a]["median_s"] / by[b]["median_s"]
+        return {"target": name, "value": value, "value_median": med, "op": "<=" if goal else None, "goal": goal,
+                "met": (value <= goal) if goal else None, "quick": quick}
+
+    return [ratio("PART (ours) / AT", "PART (ours)", "AT", 1.05),
+            ratio("PART-T (ours) / TRADES", "PART-T (ours)", "TRADES", 1.02),
+            ratio("PART (release) / PART (ours)", "PART (release)", "PART (ours)", None)]
+
+
+def _why(by: dict, yard_rows: list, steps: int) -> dict:
+    """The figures of the markdown's "why" paragraph, from each row's quickest rep (as the table)."""
+    part, at, rel = by["PART (ours)"], by["AT"], by["PART (release)"]
+    pt, tr = by["PART-T (ours)"], by["TRADES"]
+    fwd, fb = (y["min_s"] for y in yard_rows)
+    budget = part["seconds"]["budget"]
+    return {
+        "budget_s": budget,
+        "budget_share_of_part_step": budget / part["min_s"],
+        "budget_over_eval_forward": budget / fwd,
+        "predicted_extra_fraction": 1 / (3 * (steps + 1)),
+        "measured_extra_part_vs_at": part["min_s"] / at["min_s"] - 1,
+        "measured_extra_part_vs_at_median": part["median_s"] / at["median_s"] - 1,
+        "partt_budget_s": pt["seconds"]["budget"],
+        "trades_attack_minus_partt_attack_s": tr["seconds"]["attack"] - pt["seconds"]["attack"],
+        "measured_extra_partt_vs_trades": pt["min_s"] / tr["min_s"] - 1,
+        "at_over_forward_backward": at["min_s"] / fb,
+        "forward_backward_over_forward": fb / fwd,
+        "release_mask_s": rel["seconds"]["budget"],
+        "release_mask_share_of_step": rel["seconds"]["budget"] / rel["min_s"],
+        "release_attack_minus_ours_s": rel["seconds"]["attack"] - part["seconds"]["attack"],
+    }
+
+
+NOISY_CORES = 0.25  # a timed step during which other processes used more CPU than this is flagged
+
+
+def _noise(res: dict) -> dict:
+    runs = [(v, o) for r in res["rows"] for v, o in zip(r["runs_s"], r["others_cores_runs"])]
+    quiet_spread = []
+    for r in res["rows"]:
+        quiet = [v for v, o in zip(r["runs_s"], r["others_cores_runs"]) if o <= NOISY_CORES]
+        if len(quiet) > 1:
+            quiet_spread.append(max(quiet) / min(quiet) - 1)
+    return {"steps": len(runs), "noisy_steps": sum(o > NOISY_CORES for _, o in runs),
+            "quiet_spread_max": max(quiet_spread) if quiet_spread else None,
+            "quickest_noisy": [r["name"] for r in res["rows"] if r["others_cores_best"] > NOISY_CORES]}
+
+
+# ------------------------------------------------------------------------------------------ markdown
+def markdown(res: dict) -> str:
+    c, m, w = res["config"], res["config"]["machine"], res["why"]
+    b, k = c["batch"], c["steps"]
+    quick = " **(quick mode: not the reference size)**" if c["quick"] else ""
+    lines = [
+        f"### One training step: {c['arch']}, batch {b}, PGD-{k}, eps 8/255, step 2/255{quick}",
+        "",
+        f"{m['date']}, {m['cpu']}, {c['threads']} threads, torch {m['torch']}, {m['malloc']}; {c['data']}; "
+        f"load average {m['load_average_before'][0]:.2f} → {m['load_average_after'][0]:.2f}. Warm-up step, then "
+        f"{c['reps']} interleaved round(s); every step starts from the same weights, BatchNorm buffers and momentum. "
+        "Split columns: the quickest rep's `StepResult.seconds` (release: its own step, budget = the per-image mask "
+        f"of all {b} images, i.e. per-image cost × batch, measured once per rep).",
+        "",
+        "| configuration | s / step | median s | images/s | data | budget | attack | update | × base | others (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in res["rows"]:
+        s = r["seconds"]
+        lines.append(f"| {r['name']} | {r['min_s']:.3f} | {r['median_s']:.3f} | {r['images_per_s']:.1f} | "
+                     f"{s['data']:.4f} | {s['budget']:.3f} | {s['attack']:.3f} | {s['update']:.3f} | "
+                     f"{r['vs_base']:.3f} ({r['base']}) | {r['others_cores_best']:.2f} |")
+    yards, nz = res["yardsticks"], _noise(res)
+    note = (f"Noise: {nz['noisy_steps']} of {nz['steps']} timed steps ran while other processes used > {NOISY_CORES} "
+            "cores (the median column includes them; the quickest column does not"
+            + (f", except {', '.join(nz['quickest_noisy'])}" if nz["quickest_noisy"] else "") + ")")
+    if nz["quiet_spread_max"] is not None:
+        note += f"; the quiet steps of one row still differed by up to {100 * nz['quiet_spread_max']:.0f}% (max/min − 1)"
+    lines += ["", note + ".", "", "Yardsticks (same rounds): " + "; ".join(f"{y['name']} {y['min_s']:.3f} s (median {y['median_s']:.3f})"
+                                                         for y in yards) + ".",
+              "", "| target | quickest | median | goal | met |", "|---|---:|---:|---:|---|"]
+    for t in res["targets"]:
+        goal = f"≤ {t['goal']:g}" if t["goal"] else "—"
+        met = "—" if t["met"] is None else ("yes" if t["met"] else "NO")
+        if t["quick"] and t["met"] is not None:
+            met += " (quick)"
+        lines.append(f"| {t['target']} | {t['value']:.3f} | {t['value_median']:.3f} | {goal} | {met} |")
+    lines += [
+        "",
+        f"**Why.** PART's budget (one batched eval forward, a gradient through the head only, one fused "
+        f"`cam_eps_map`) took {w['budget_s']:.3f} s, {100 * w['budget_share_of_part_step']:.1f}% of the PART step "
+        f"({w['budget_over_eval_forward']:.2f}× an eval forward of the batch). A step's model work is {k + 1} "
+        f"forward+backward passes ({k} attack steps + the outer step; measured AT step = "
+        f"{w['at_over_forward_backward']:.1f}× one train forward+backward"
+        + (f", below {k + 1} because the attack's backward computes input gradients only"
+           if w["at_over_forward_backward"] < k + 1 else "")
+        + "), and a forward is about a third of a forward+backward "
+        f"(measured {1 / w['forward_backward_over_forward']:.2f}), so the budget should add ≈ 1/(3·({k}+1)) = "
+        f"{100 * w['predicted_extra_fraction']:.1f}%; measured PART / AT − 1 = {100 * w['measured_extra_part_vs_at']:+.1f}% "
+        f"(median {100 * w['measured_extra_part_vs_at_median']:+.1f}%). PART-T reuses the CAM forward's logits as "
+        f"TRADES' KL target, so its budget ({w['partt_budget_s']:.3f} s) replaces the attack's own clean forward "
+        f"(TRADES attack − PART-T attack = {w['trades_attack_minus_partt_attack_s']:+.3f} s) and only the head gradient "
+        f"+ `cam_eps_map` remain: PART-T / TRADES − 1 = {100 * w['measured_extra_partt_vs_trades']:+.1f}%. The release's "
+        f"per-image mask costs {w['release_mask_s']:.3f} s per step ({100 * w['release_mask_share_of_step']:.0f}% of its "
+        f"step: {b} batch-1 forwards and full backwards plus PIL / matplotlib / numpy per image), and its eager update "
+        f"changes the attack by {w['release_attack_minus_ours_s']:+.3f} s.",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="cnn-small, batch 16, PGD-2, 1 rep (seconds)")
+    parser.add_argument("--out", default=None, metavar="JSON", help="also write the result as JSON")
+    parser.add_argument("--reps", type=int, default=None, help="timed rounds (default: 1 quick, 3 full)")
+    parser.add_argument("--data", default=DEFAULT_DATA, help="cifar10-subset.tar (random images when absent)")
+    parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc settings")
+    parser.add_argument("--verbose", action="store_true", help="progress lines on stderr")
+    parser.add_argument("--render", metavar="JSON", help="print the markdown of a previous run's JSON and exit")
+    args = parser.parse_args(argv)
+    if args.render:
+        with open(args.render) as f:
+            res = json.load(f)
+        res["why"] = _why({r["name"]: r for r in res["rows"]}, res["yardsticks"], res["config"]["steps"])
+        print(markdown(res))
+        return
+    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.verbose else (lambda *a: None)
+    res = run(args.quick, log, reps=args.reps, data=args.data, keep_freed=not args.system_malloc)
+    print(res["markdown"])
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+            f.write("\n")
+
+
+if __name__ == "__main__":
+    main()

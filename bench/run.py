@@ -102,8 +102,10 @@ def targets_table(result: dict) -> str:
         lines.append(f"| stage | {t['target']} | {value} | {t.get('op', '≥')} {t['goal']:g} | "
                      f"{'yes' if t['met'] else 'NO'} |")
     for t in result["sections"]["train_step"].get("targets", []):
-        lines.append(f"| train step | {t.get('target', t.get('name'))} | {t['value']:.3f} | "
-                     f"{t.get('op', '≤')} {t['goal']:g} | {'yes' if t['met'] else 'NO'} |")
+        goal = "—" if t.get("goal") is None else f"{t.get('op', '≤')} {t['goal']:g}"
+        met = "—" if t.get("met") is None else ("yes" if t["met"] else "NO")
+        quick = " (quick)" if t.get("quick") else ""
+        lines.append(f"| train step | {t['target']}{quick} | {t['value']:.3f} | {goal} | {met} |")
     return "\n".join(lines)
 
 

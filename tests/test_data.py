@@ -371,9 +371,9 @@ def test_tinyimagenet_layout(tmp_path):
         train, test, info = build_datasets("tinyimagenet", data_dir)
         assert info == DataInfo("tinyimagenet", 3, (64, 64), ("n01", "n02", "n03"))
         assert len(train) == 6 and len(test) == 4
-    assert [train[i][1] for i in range(6)] == [0, 0, 1, 1, 2, 2]
+    assert [train[i][1] for i in range(6)] == [0, 1, 2, 0, 1, 2]  # classes round robin: prefixes hold every class
     assert [test[i][1] for i in range(4)] == [{"n01": 0, "n02": 1, "n03": 2}[w] for _, w in annotations]
-    gray, label = train[3]  # n02_1, stored grayscale
+    gray, label = train[4]  # n02_1, stored grayscale
     assert label == 1 and gray.shape == (3, 64, 64) and torch.equal(gray[0], gray[1]) and torch.equal(gray[1], gray[2])
     assert torch.equal(gray, pil_pixels(root / "train" / "n02" / "images" / "n02_1.JPEG"))
     assert torch.equal(test[1][0], pil_pixels(root / "val" / "images" / "val_1.JPEG"))
@@ -414,16 +414,19 @@ def test_cifar10_subset_imagefolder(cifar_subset_dir):
     train, test, info = build_datasets("imagefolder", cifar_subset_dir)
     assert (len(train), len(test)) == (10000, 2000)
     assert info == DataInfo("imagefolder", 10, (32, 32), CIFAR_CLASSES)
-    # ImageFolder order: class by class, 1000 (train) / 200 (test) each, files sorted
+    # Classes interleaved (round robin over the ImageFolder classes, files sorted within a class), so that
+    # the first N examples (--train-subset N) cover every class: item 10 * i + k is class k's i-th file.
     for k in (0, 3, 9):
-        x, y = test[200 * k + 17]
+        x, y = test[10 * 17 + k]
         assert y == k
         path = cifar_subset_dir / "test" / CIFAR_CLASSES[k] / "0017.jpg"
         assert x.dtype == torch.float32 and torch.equal(x, pil_pixels(path))
-    x, y = train[5432]
+    x, y = train[10 * 432 + 5]
     assert y == 5 and torch.equal(x, pil_pixels(cifar_subset_dir / "train" / "dog" / "0432.jpg"))
     sub_train, sub_test, _ = build_datasets("imagefolder", cifar_subset_dir, train_subset=100, test_subset=10)
     assert (len(sub_train), len(sub_test)) == (100, 10) and object_mask_of(sub_train) is None
+    assert sorted(sub_train[i][1] for i in range(100)) == sorted(list(range(10)) * 10)  # balanced prefix
+    assert [sub_test[i][1] for i in range(10)] == list(range(10))
     with pytest.raises(ValueError, match="train_subset"):
         build_datasets("imagefolder", cifar_subset_dir, train_subset=10001)
 

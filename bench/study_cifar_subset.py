@@ -1,0 +1,673 @@
+"""Real-data study (issue 5): AT vs PART (jet mask) vs PART (cam mask) on a 10 000 / 2 000 CIFAR-10 subset.
+
+    python -m bench.study_cifar_subset --readme README.md               # the study (hours on 2 CPU cores)
+    python -m bench.study_cifar_subset --report-only --readme README.md # re-render from the stored runs
+    python -m bench.study_cifar_subset --epochs 1 --warmup 0 --seeds 0 --train-subset 256 \\
+        --test-subset 64 --work /tmp/study_smoke --threads 1            # smoke check by hand (~1-2 min)
+
+Not a test, and never run in CI (pytest collects `tests/` only; nothing imports this module there): the
+full study takes hours. Run the smoke line above by hand after changing this file, then run it again (it
+must skip every run and only re-render), then add `--report-only`.
+
+What it does. `../shared/data/cifar10-subset.tar` (real CIFAR-10, ImageFolder layout, 1000 train / 200
+test images per class) is extracted once into `<work>/data/`. For seeds 0, 1, 2 and the methods AT, PART
+(jet mask: the released per-channel budget) and PART (cam mask: the paper's channel-shared budget), the
+library's trainer (`part_fast.train.train`) trains `arch="resnet-small"` (ResNet-10 at width 16, GradCAM at
+layer4) into `<work>/runs/<name>` (`at-seed0`, `part-jet-seed0`, `part-cam-seed0`, ...), and
+`part_fast.evaluate.evaluate` measures natural, PGD-20 and MMA accuracy on the whole test split
+(eps 8/255, step 2/255, evaluation seed 0 for every run). Runs go seed by seed (all methods of seed 0
+first), so an interrupted study still has comparable methods.
+
+Recipe (the released one is 80 epochs of ResNet-18 at lr 0.01 on 50 000 images; this machine affords ~1/100
+of its compute, so the schedule is shortened and the step size raised to match):
+- 15 epochs, batch 128: 78 steps per epoch, ~1 200 steps in all. PART methods train their first 5 epochs
+  as AT (the release's warm-up, scaled 20/80 -> 5/15), then 10 PART epochs. AT gets `warmup=5` too: the
+  trainer counts LR milestones after the warm-up for every method, so all three share one LR schedule and
+  differ only in the attack budget.
+- SGD lr 0.05, momentum 0.9: with ~1 200 steps from scratch, the release's 0.01 leaves a small BatchNorm
+  ResNet far from converged; 0.1 (the usual AT value for 200-epoch CIFAR runs) is noisy on a 10 000-image
+  set and makes seed-to-seed spread larger than the effect being measured. 0.05 is in between.
+- weight decay 5e-4 (the common CIFAR AT value, stronger than the release's 2e-4): 10 000 images overfit
+  sooner than 50 000, and robust overfitting is the usual failure of short AT runs on small sets.
+- LR x0.1 for the last fifth of the epochs (the last 3 of 15: milestone 8 counted after the 5 warm-up
+  epochs), so every run ends at a settled low-LR point instead of wherever the last noisy step put it.
+- PGD-5 training attack, step 2/255 (5 x 2/255 = 10/255 > eps: the box is reachable from any start), eps
+  8/255, eps_low 7/255 (the paper's), uniform random start in the per-pixel box.
+
+Subsets (`--train-subset` / `--test-subset`, for smoke runs): the library keeps the first N items of an
+ImageFolder split, which is sorted by class, so the first 256 training images would all be airplanes. This
+script instead links a class-balanced subset (round robin over the classes, first files of each class)
+into `<work>/data/cifar10-subset-balanced-train<N>-test<M>/` and trains on all of it.
+
+Resumable. A run whose `last.pt` holds `epoch == epochs` is not trained again; a partial RUN_DIR is
+continued with `train(config, resume=True)` (exactly, as the trainer guarantees); each run's evaluation
+is stored in RUN_DIR/study_eval.json (temp file + os.replace) and skipped when present. Killing the script
+and running the same command again therefore continues where it stopped. `<work>/study.json` holds the
+study's settings (a rerun with other settings in the same --work is refused: use another --work) and one
+record per session (command, wall time), from which the report's wall time is summed.
+
+Outputs: `<out>.json` (per run and per method), `<out>.md` (table, verdict sentence, command, wall time)
+and `<out>.png` (natural vs PGD-20 accuracy: one point per run, method means with +-1 std error bars).
+`<out>` is bench/results/study_cifar_subset with the default --work, else <work>/study_cifar_subset, so a
+smoke run never overwrites the study's results. `--readme FILE` also replaces FILE's
+`<!-- study:start -->` ... `<!-- study:end -->` block with the markdown.
+
+Checkpoints (`<work>/runs/`) and the extracted third-party images (`<work>/data/`) must not be committed:
+ignore the whole default work dir, `bench/results/study/`.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import hashlib
+import io
+import json
+import math
+import os
+import re
+import shlex
+import shutil
+import statistics
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from part_fast.data import build_datasets
+from part_fast.evaluate import evaluate
+from part_fast.train import TrainConfig, atomic_write_bytes, atomic_write_text, load_checkpoint, load_model, train
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_WORK = ROOT / "bench" / "results" / "study"
+DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-subset.tar"
+DEFAULT_OUT = ROOT / "bench" / "results" / "study_cifar_subset"
+TAR_TOP = "cifar10-subset"
+
+# (label, method, mask); AT ignores the mask (TrainConfig still validates one, so it keeps the default).
+METHODS = (("AT", "at", None), ("PART (jet)", "part", "jet"), ("PART (cam)", "part", "cam"))
+RUN_NAME = re.compile(r"^(at|part-jet|part-cam)-seed(\d+)$")
+
+# The fixed part of the recipe (see the module docstring for why).
+ARCH = "resnet-small"
+LR, MOMENTUM, WEIGHT_DECAY = 0.05, 0.9, 5e-4
+BATCH = 128
+STEPS, STEP_SIZE = 5, 2 / 255
+EPS, EPS_LOW = 8 / 255, 7 / 255
+CAM = "gradcam"
+EVAL_ATTACKS = ("natural", "pgd20", "mma")
+EVAL_SEED = 0
+EVAL_BATCH = 200
+README_START, README_END = "<!-- study:start -->", "<!-- study:end -->"
+METRICS = (("natural", "natural"), ("pgd20", "PGD-20"), ("mma", "MMA"))
+
+
+def run_name(method: str, mask: str | None, seed: int) -> str:
+    return f"{method}-seed{seed}" if mask is None else f"{method}-{mask}-seed{seed}"
+
+
+def label_of(name: str) -> str:
+    prefix = RUN_NAME.match(name).group(1)
+    return {"at": "AT", "part-jet": "PART (jet)", "part-cam": "PART (cam)"}[prefix]
+
+
+def default_milestones(epochs: int, warmup: int) -> tuple[int, ...]:
+    """One x0.1 drop for the last fifth of the epochs (at least one epoch), counted after the warm-up as the
+    trainer counts milestones; none if that drop would fall inside the warm-up or the run has one epoch."""
+    low = max(1, round(epochs / 5))
+    milestone = epochs - warmup - low + 1
+    return (milestone,) if epochs >= 2 and milestone >= 1 else ()
+
+
+# ------------------------------------------------------------------------------------------------- data
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def extract_once(tar_path: Path, data_root: Path, log) -> Path:
+    """<data_root>/cifar10-subset with train/ and test/, extracted from the tar unless already there
+    (into a temporary folder, then renamed: an interrupted extraction leaves no half tree behind)."""
+    target = data_root / TAR_TOP
+    if (target / "train").is_dir() and (target / "test").is_dir():
+        return target
+    if target.exists():
+        raise SystemExit(f"{target} exists but has no train/ and test/: remove it and rerun")
+    if not tar_path.is_file():
+        raise SystemExit(f"no data at {tar_path} (pass --data PATH/TO/cifar10-subset.tar)")
+    data_root.mkdir(parents=True, exist_ok=True)
+    tmp = data_root / f".extract-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    log(f"extracting {tar_path} into {target}")
+    try:
+        with tarfile.open(tar_path) as archive:
+            for member in archive.getmembers():
+                parts = Path(member.name).parts
+                if (not parts or parts[0] != TAR_TOP or ".." in parts or member.name.startswith("/")
+                        or not (member.isfile() or member.isdir())):
+                    raise SystemExit(f"{tar_path}: unexpected member {member.name!r} (expected regular files "
+                                     f"under {TAR_TOP}/)")
+            archive.extractall(tmp, filter="data")
+        os.replace(tmp / TAR_TOP, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def balanced_tree(full: Path, data_root: Path, n_train: int | None, n_test: int | None) -> Path:
+    """`full` itself without subsets; else a tree of symlinks holding the first N files of each split taken
+    round robin over the classes (so every class is present in equal share)."""
+    if n_train is None and n_test is None:
+        return full
+    name = f"{TAR_TOP}-balanced-train{n_train or 'all'}-test{n_test or 'all'}"
+    target = data_root / name
+    if target.is_dir():
+        return target
+    tmp = data_root / f".{name}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        for split, n in (("train", n_train), ("test", n_test)):
+            classes = sorted(d.name for d in (full / split).iterdir() if d.is_dir())
+            files = {c: sorted(p for p in (full / split / c).iterdir() if p.is_file()) for c in classes}
+            total = sum(len(v) for v in files.values())
+            n = total if n is None else n
+            if not len(classes) <= n <= total:
+                raise SystemExit(f"--{split}-subset {n}: must be between {len(classes)} (one image per class) "
+                                 f"and the {total} images of the {split} split")
+            chosen = []
+            for i in range(max(len(v) for v in files.values())):
+                chosen += [(c, files[c][i]) for c in classes if i < len(files[c])]
+            for c, path in chosen[:n]:
+                (tmp / split / c).mkdir(parents=True, exist_ok=True)
+                os.symlink(path.resolve(), tmp / split / c / path.name)
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+# ------------------------------------------------------------------------------------------ study state
+def make_spec(args, data_sha: str) -> dict:
+    """Everything that decides a run's numbers (seeds aside): a work dir holds one spec."""
+    return {
+        "data_sha256": data_sha, "arch": ARCH, "epochs": args.epochs, "warmup": args.warmup,
+        "lr": LR, "momentum": MOMENTUM, "weight_decay": WEIGHT_DECAY,
+        "milestones": list(default_milestones(args.epochs, args.warmup)), "batch_size": BATCH,
+        "steps": STEPS, "step_size": STEP_SIZE, "eps": EPS, "eps_low": EPS_LOW, "cam": CAM,
+        "train_subset": args.train_subset, "test_subset": args.test_subset,
+        "eval": {"attacks": list(EVAL_ATTACKS), "eps": EPS, "alpha": STEP_SIZE, "seed": EVAL_SEED},
+    }
+
+
+def is_default_study(spec: dict) -> bool:
+    return (spec["epochs"], spec["warmup"], spec["train_subset"], spec["test_subset"]) == (15, 5, None, None)
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+
+
+def open_study(work: Path, spec: dict, seeds: list[int], command: str) -> dict:
+    path = work / "study.json"
+    study = read_json(path)
+    if study is not None and study["spec"] != spec:
+        old, new = study["spec"], spec
+        diff = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in sorted(set(old) | set(new))
+                         if old.get(k) != new.get(k))
+        raise SystemExit(f"{work} holds a study with other settings ({diff}); rerun with its settings to "
+                         f"continue it, or choose another --work")
+    if study is None:
+        study = {"spec": spec, "seeds": [], "sessions": []}
+    study["seeds"] = sorted(set(study["seeds"]) | set(seeds))
+    study["sessions"].append({"command": command, "started": datetime.datetime.now().isoformat(timespec="seconds"),
+                              "seconds": 0.0, "trained": [], "evaluated": [], "finished": False,
+                              "torch_threads": torch.get_num_threads(), "load_average_start": os.getloadavg()})
+    write_json(path, study)
+    return study
+
+
+def completed_epochs(run_dir: Path) -> int:
+    ckpt = run_dir / "last.pt"
+    return int(load_checkpoint(ckpt)["epoch"]) if ckpt.exists() else 0
+
+
+def train_config(spec: dict, run_dir: Path, data_dir: Path, method: str, mask: str | None, seed: int,
+                 device: str) -> TrainConfig:
+    return TrainConfig(
+        out=str(run_dir), dataset="imagefolder", data_dir=str(data_dir), arch=spec["arch"], method=method,
+        epochs=spec["epochs"], warmup=spec["warmup"], lr=spec["lr"], momentum=spec["momentum"],
+        weight_decay=spec["weight_decay"], milestones=tuple(spec["milestones"]), batch_size=spec["batch_size"],
+        eps=spec["eps"], eps_low=spec["eps_low"], steps=spec["steps"], step_size=spec["step_size"],
+        cam=spec["cam"], mask=mask or TrainConfig.mask, seed=seed, device=device, eval_examples=0)
+
+
+def run_one(name: str, method: str, mask: str | None, seed: int, spec: dict, work: Path, data_dir: Path,
+            test_loader, device: str, log, on_train=lambda: None) -> tuple[bool, bool]:
+    """Train (or continue, or skip) and evaluate (or skip) one run; returns (trained, evaluated).
+    `on_train` is called before training starts (the session records the run even if killed in it)."""
+    run_dir = work / "runs" / name
+    epochs = spec["epochs"]
+    trained = evaluated = False
+    done = completed_epochs(run_dir)
+    if done >= epochs:
+        log(f"[{name}] trained ({plural(done, 'epoch')}): skip training")
+    else:
+        config = train_config(spec, run_dir, data_dir, method, mask, seed, device)
+        resume = run_dir.exists()
+        log(f"[{name}] {'continue after epoch ' + str(done) if resume else 'train'}: {method}"
+            f"{'' if mask is None else ' mask ' + mask}, seed {seed}, {plural(epochs, 'epoch')}")
+        on_train()
+        train(config, resume=resume, log=lambda line: log(f"[{name}] {line}"))
+        trained = True
+
+    eval_path = run_dir / "study_eval.json"
+    saved = read_json(eval_path)
+    if saved is not None and saved.get("spec") == spec["eval"] and saved.get("checkpoint_epoch") == epochs:
+        log(f"[{name}] evaluated: skip evaluation")
+        return trained, evaluated
+    model, _ = load_model(run_dir / "last.pt", device=device)
+    start = time.perf_counter()
+    result = evaluate(model, test_loader, attacks=EVAL_ATTACKS, eps=spec["eval"]["eps"], alpha=spec["eval"]["alpha"],
+                      device=device, seed=spec["eval"]["seed"], progress=sys.stderr.isatty())
+    seconds = time.perf_counter() - start
+    record = {"spec": spec["eval"], "checkpoint_epoch": epochs, "examples": result["examples"],
+              "accuracy": {a: result[a] for a in EVAL_ATTACKS}, "attack_seconds": result["seconds"],
+              "eval_seconds": seconds}
+    write_json(eval_path, record)
+    log(f"[{name}] natural {result['natural']:.2f}% | PGD-20 {result['pgd20']:.2f}% | MMA {result['mma']:.2f}% "
+        f"on {result['examples']} test images ({seconds:.0f}s)")
+    return trained, True
+
+
+# ----------------------------------------------------------------------------------------------- report
+def collect_runs(work: Path, spec: dict) -> list[dict]:
+    runs = []
+    runs_dir = work / "runs"
+    for run_dir in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
+        match = RUN_NAME.match(run_dir.name)
+        if not match:
+            continue
+        metrics_path = run_dir / "metrics.jsonl"
+        history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
+            if metrics_path.exists() else []
+        record = {"name": run_dir.name, "label": label_of(run_dir.name), "seed": int(match.group(2)),
+                  "epochs_done": len(history), "complete": len(history) >= spec["epochs"],
+                  "train_seconds": sum(h["epoch_seconds"] for h in history),
+                  "train_seconds_split": {k: sum(h.get(f"{k}_seconds", 0.0) for h in history)
+                                          for k in ("data", "budget", "attack", "update")},
+                  "final_train_adv_acc": history[-1]["train_adv_acc"] if history else None,
+                  "final_eps_high_fraction": history[-1]["eps_high_fraction"] if history else None}
+        saved = read_json(run_dir / "study_eval.json")
+        if saved is not None and saved.get("spec") == spec["eval"] and saved.get("checkpoint_epoch") == spec["epochs"]:
+            record.update({"accuracy": saved["accuracy"], "eval_seconds": saved["eval_seconds"],
+                           "eval_examples": saved["examples"], "attack_seconds": saved["attack_seconds"]})
+        runs.append(record)
+    return runs
+
+
+def summary(values: list[float]) -> dict:
+    n = len(values)
+    return {"n": n, "mean": statistics.fmean(values) if n else None,
+            "std": statistics.stdev(values) if n >= 2 else None, "values": values}
+
+
+def aggregate(runs: list[dict]) -> dict:
+    out = {}
+    for label, _, _ in METHODS:
+        mine = [r for r in runs if r["label"] == label]
+        evaluated = [r for r in mine if "accuracy" in r]
+        out[label] = {key: summary([r["accuracy"][key] for r in evaluated]) for key, _ in METRICS}
+        out[label]["train_seconds"] = summary([r["train_seconds"] for r in mine if r["complete"]])
+        out[label]["eval_seconds"] = summary([r["eval_seconds"] for r in evaluated])
+    return out
+
+
+def compare(agg: dict, part_label: str) -> dict:
+    """PART minus AT on each metric, with the pooled seed std and the standard error of the difference, and
+    the verdict on the paper's claim (higher natural accuracy at equal robustness):
+      shows            natural higher by more than the pooled seed std, and neither PGD-20 nor MMA lower
+                       by more than ~1 pooled seed std;
+      does not show    natural not higher, or robustness lower by more than ~1 std (a move along the
+                       trade-off, not past it);
+      inconclusive     a natural gain within the seed noise, or fewer than 2 seeds per method."""
+    at, part = agg["AT"], agg[part_label]
+    diffs = {}
+    for key, _ in METRICS:
+        a, p = at[key], part[key]
+        if a["n"] == 0 or p["n"] == 0:
+            diffs[key] = None
+            continue
+        d = p["mean"] - a["mean"]
+        if a["n"] >= 2 and p["n"] >= 2:
+            pooled = math.sqrt((a["std"] ** 2 + p["std"] ** 2) / 2)
+            se = math.sqrt(a["std"] ** 2 / a["n"] + p["std"] ** 2 / p["n"])
+        else:
+            pooled = se = None
+        diffs[key] = {"diff": d, "seed_std": pooled, "se": se}
+    if any(diffs[k] is None or diffs[k]["seed_std"] is None for k, _ in METRICS):
+        n_min = min(at["natural"]["n"], part["natural"]["n"])
+        return {"diffs": diffs, "natural_higher": None, "robust_kept": None, "verdict": "inconclusive at this scale",
+                "reason": f"only {n_min} evaluated seed(s) for one of the methods: no seed std to compare with"}
+    nat = diffs["natural"]
+    natural_higher = nat["diff"] > nat["seed_std"]
+    robust_kept = all(diffs[k]["diff"] >= -diffs[k]["seed_std"] for k in ("pgd20", "mma"))
+    if natural_higher and robust_kept:
+        verdict, reason = "shows", "natural accuracy higher by more than the seed std, robustness kept"
+    elif nat["diff"] <= 0:
+        verdict, reason = "does not show", "natural accuracy is not higher"
+    elif not robust_kept:
+        verdict, reason = "does not show", "robust accuracy drops by more than ~1 seed std (a trade-off move)"
+    else:
+        verdict, reason = "inconclusive at this scale", "the natural gain is within the seed-to-seed spread"
+    return {"diffs": diffs, "natural_higher": natural_higher, "robust_kept": robust_kept, "verdict": verdict,
+            "reason": reason}
+
+
+def fmt_cell(s: dict, expected: int, digits: int = 2) -> str:
+    if s["n"] == 0:
+        return "–"
+    text = f"{s['mean']:.{digits}f}" + (f" ± {s['std']:.{digits}f}" if s["std"] is not None else "")
+    return text + (f" (n={s['n']})" if s["n"] != expected else "")
+
+
+def fmt_time(s: dict, expected: int) -> str:
+    if s["n"] == 0:
+        return "–"
+    scale, unit = (60, "min") if s["mean"] >= 120 else (1, "s")
+    text = f"{s['mean'] / scale:.1f}" + (f" ± {s['std'] / scale:.1f}" if s["std"] is not None else "") + f" {unit}"
+    return text + (f" (n={s['n']})" if s["n"] != expected else "")
+
+
+def fmt_duration(seconds: float) -> str:
+    minutes = int(round(seconds / 60))
+    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{seconds / 60:.1f} min"
+
+
+def plural(n: int, word: str) -> str:
+    return f"{n} {word}" + ("" if n == 1 else "s")
+
+
+def signed(x: float) -> str:
+    return f"{x:+.2f}".replace("-", "−")
+
+
+def comparison_sentence(label: str, c: dict) -> str:
+    d = c["diffs"]
+    if any(d[k] is None for k, _ in METRICS):
+        return f"{label} vs AT: not enough evaluated runs yet → **{c['verdict']}**."
+    if d["natural"]["seed_std"] is None:
+        parts = [f"{name} {signed(d[k]['diff'])} pts" for k, name in METRICS]
+        return f"{label} − AT: {', '.join(parts)}; {c['reason']} → **{c['verdict']}**."
+    parts = [f"{name} {signed(d[k]['diff'])} ± {d[k]['se']:.2f} pts (seed std {d[k]['seed_std']:.2f})"
+             for k, name in METRICS]
+    checks = (f"natural higher by more than the seed std: {'yes' if c['natural_higher'] else 'no'}; "
+              f"PGD-20 and MMA within ~1 seed std or higher: {'yes' if c['robust_kept'] else 'no'}")
+    return f"{label} − AT: {', '.join(parts)}. {checks} → **{c['verdict']}**."
+
+
+def render_markdown(report: dict, png_link: str) -> str:
+    spec, agg, expected = report["spec"], report["methods"], len(report["seeds"])
+    milestones = spec["milestones"]
+    low = spec["epochs"] - spec["warmup"] - milestones[0] + 1 if milestones else 0
+    n_train = spec["train_subset"] or 10000
+    n_test = spec["test_subset"] or 2000
+    lines = []
+    if not is_default_study(spec):
+        lines += ["> **Not the study's settings** (a smoke or reduced run): "
+                  f"{plural(spec['epochs'], 'epoch')}, warm-up {spec['warmup']}, train subset {spec['train_subset']}, "
+                  f"test subset {spec['test_subset']}. Do not read these numbers as results.", ""]
+    lines += [
+        f"AT vs PART on real CIFAR-10 images ({n_train} train / {n_test} test, class-balanced, from "
+        f"`cifar10-subset.tar`): `{spec['arch']}` (ResNet-10, width 16, GradCAM at layer4), {plural(spec['epochs'], 'epoch')} "
+        f"(PART: {plural(spec['warmup'], 'AT warm-up epoch')}, then PART; AT uses the same LR schedule), SGD lr {spec['lr']} "
+        f"(momentum {spec['momentum']}, wd {spec['weight_decay']:g}"
+        + (f", ×0.1 for the last {plural(low, 'epoch')}" if milestones else "") + f"), batch {spec['batch_size']}, "
+        f"PGD-{spec['steps']} training (step 2/255), ε 8/255, ε_low 7/255. Evaluated on all {n_test} test images: "
+        f"natural, PGD-20 (step 2/255, random start), MMA (3 targets × 20 steps). Accuracy in %, mean ± sample "
+        f"std over seeds {', '.join(map(str, report['seeds']))}.",
+        "",
+        "| method | runs | natural | PGD-20 | MMA | train time / run | eval time / run |",
+        "|---|---|---:|---:|---:|---:|---:|",
+    ]
+    for label, _, _ in METHODS:
+        a = agg[label]
+        runs_done = a["natural"]["n"]
+        lines.append(f"| {label} | {runs_done}/{expected} | {fmt_cell(a['natural'], expected)} | "
+                     f"{fmt_cell(a['pgd20'], expected)} | {fmt_cell(a['mma'], expected)} | "
+                     f"{fmt_time(a['train_seconds'], expected)} | {fmt_time(a['eval_seconds'], expected)} |")
+    lines += ["", f"![natural vs PGD-20 accuracy per run]({png_link})", ""]
+    lines.append(f"**Does the paper's effect (higher natural accuracy at equal robustness) show at this scale? "
+                 f"{report['headline']}**")
+    lines.append("")
+    for label, c in report["comparisons"].items():
+        lines.append(f"- {comparison_sentence(label, c)}")
+    lines += ["", "Differences are PART minus AT in accuracy points, ± the standard error of the difference of "
+              "the means; the seed std is the pooled sample std of the two methods. Three seeds cannot establish "
+              "significance; a verdict of \"shows\" means the gap exceeds the seed-to-seed spread, no more.", ""]
+    commands = report["commands"]
+    lines.append("Command: " + (", then ".join(f"`{c}`" for c in commands) if commands else "–"))
+    wall = report["wall_time"]
+    lines.append(f"Wall time: {fmt_duration(wall['sessions_seconds'])} over {wall['sessions']} session(s) "
+                 f"(training + evaluation of the {wall['runs']} run(s): {fmt_duration(wall['runs_seconds'])}), "
+                 f"torch threads {report['machine']['torch_threads']} on {report['machine']['cpus']} CPU(s); 1-min load "
+                 f"average at the start of each working session: {report['machine']['load_average_1min']} "
+                 f"(the machine may have been shared: wall times are upper bounds).")
+    return "\n".join(lines)
+
+
+def headline(comparisons: dict) -> str:
+    jet = comparisons["PART (jet)"]["verdict"]
+    cam = comparisons["PART (cam)"]["verdict"]
+    if jet == cam:
+        return {"shows": "It shows, with both masks.", "does not show": "It does not show, with either mask.",
+                "inconclusive at this scale": "Inconclusive at this scale, with both masks."}[jet]
+    phrase = {"shows": "it shows", "does not show": "it does not show", "inconclusive at this scale": "inconclusive"}
+    return f"With the released jet mask {phrase[jet]}; with the cam mask {phrase[cam]} (at this scale)."
+
+
+def trade_off_png(report: dict) -> bytes:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.4, 4.8))
+    canvas = FigureCanvasAgg(fig)
+    ax = fig.add_subplot(1, 1, 1)
+    styles = {"AT": ("tab:gray", "o"), "PART (jet)": ("tab:red", "s"), "PART (cam)": ("tab:blue", "^")}
+    any_points = False
+    for label, _, _ in METHODS:
+        color, marker = styles[label]
+        runs = [r for r in report["runs"] if r["label"] == label and "accuracy" in r]
+        if not runs:
+            continue
+        any_points = True
+        xs = [r["accuracy"]["pgd20"] for r in runs]
+        ys = [r["accuracy"]["natural"] for r in runs]
+        ax.scatter(xs, ys, color=color, marker=marker, alpha=0.35, s=30)
+        a = report["methods"][label]
+        ax.errorbar(a["pgd20"]["mean"], a["natural"]["mean"], xerr=a["pgd20"]["std"], yerr=a["natural"]["std"],
+                    color=color, marker=marker, markersize=9, capsize=4, linestyle="none",
+                    label=f"{label} (mean ± std, n={len(runs)})")
+    if any_points:
+        ax.legend(loc="best", fontsize=8)
+    else:
+        ax.text(0.5, 0.5, "no evaluated runs yet", ha="center", va="center", transform=ax.transAxes)
+    spec = report["spec"]
+    ax.set_xlabel("PGD-20 accuracy (%)")
+    ax.set_ylabel("natural accuracy (%)")
+    ax.set_title(f"CIFAR-10 subset, {spec['arch']}, {plural(spec['epochs'], 'epoch')}: small points = runs", fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    canvas.print_png(buffer)
+    return buffer.getvalue()
+
+
+def build_report(work: Path, study: dict) -> dict:
+    spec = study["spec"]
+    runs = collect_runs(work, spec)
+    agg = aggregate(runs)
+    comparisons = {label: compare(agg, label) for label in ("PART (jet)", "PART (cam)")}
+    sessions = study["sessions"]
+    commands = []
+    for s in sessions:
+        if (s["trained"] or s["evaluated"]) and s["command"] not in commands:
+            commands.append(s["command"])
+    runs_seconds = sum(r["train_seconds"] + r.get("eval_seconds", 0.0) for r in runs)
+    working = [s for s in sessions if s["trained"] or s["evaluated"]] or sessions[-1:]
+    return {
+        "spec": spec, "seeds": study["seeds"], "runs": runs, "methods": agg, "comparisons": comparisons,
+        "headline": headline(comparisons), "commands": commands,
+        "wall_time": {"sessions_seconds": sum(s["seconds"] for s in sessions), "sessions": len(sessions),
+                      "runs_seconds": runs_seconds, "runs": len(runs)},
+        "sessions": sessions,
+        "machine": {"cpus": os.cpu_count(),
+                    "torch_threads": ", ".join(str(t) for t in sorted({s["torch_threads"] for s in working})) or "–",
+                    "load_average_1min": ", ".join(f"{s['load_average_start'][0]:.2f}" for s in working) or "–",
+                    "torch": torch.__version__},
+    }
+
+
+def write_outputs(report: dict, out: Path, readme: str | None) -> str:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    png, md_path, json_path = out.with_suffix(".png"), out.with_suffix(".md"), out.with_suffix(".json")
+    atomic_write_bytes(png, lambda f: f.write(trade_off_png(report)))
+    write_json(json_path, report)
+    body = render_markdown(report, os.path.relpath(png, md_path.parent))
+    atomic_write_text(md_path, "# Real-data study: AT vs PART on a CIFAR-10 subset\n\n" + body + "\n")
+    if readme:
+        write_readme_block(readme, render_markdown(report, os.path.relpath(png, Path(readme).resolve().parent)))
+    return body
+
+
+def check_readme(path: str) -> str:
+    text = Path(path).read_text()
+    if README_START not in text or README_END not in text or text.index(README_START) > text.index(README_END):
+        raise SystemExit(f"{path} has no {README_START} ... {README_END} block to fill: add the two markers "
+                         "where the study's table should go")
+    return text
+
+
+def write_readme_block(path: str, block: str) -> None:
+    text = check_readme(path)
+    head, rest = text.split(README_START, 1)
+    _, tail = rest.split(README_END, 1)
+    atomic_write_text(Path(path), f"{head}{README_START}\n{block}\n{README_END}{tail}")
+
+
+# ------------------------------------------------------------------------------------------------- main
+def parse_args(argv):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help=f"the tar (default {DEFAULT_DATA})")
+    parser.add_argument("--work", type=Path, default=DEFAULT_WORK,
+                        help="study folder: data/, runs/, study.json (default bench/results/study)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output prefix for .json/.md/.png (default bench/results/study_cifar_subset with the "
+                             "default --work, else <work>/study_cifar_subset)")
+    parser.add_argument("--readme", help=f"also replace this file's {README_START} ... {README_END} block")
+    parser.add_argument("--report-only", action="store_true", help="train and evaluate nothing: re-render the report")
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--warmup", type=int, default=5, help="AT warm-up epochs of PART (and LR-milestone origin)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
+    parser.add_argument("--train-subset", type=int, default=None, help="class-balanced training subset size")
+    parser.add_argument("--test-subset", type=int, default=None, help="class-balanced test subset size")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
+    args = parser.parse_args(argv)
+    try:
+        args.seeds = sorted({int(s) for s in args.seeds.split(",") if s.strip()})
+    except ValueError:
+        parser.error(f"--seeds must be comma-separated integers, got {args.seeds!r}")
+    if not args.seeds or min(args.seeds) < 0:
+        parser.error("--seeds needs at least one seed >= 0")
+    if args.epochs < 1 or not 0 <= args.warmup <= args.epochs:
+        parser.error("need --epochs >= 1 and 0 <= --warmup <= --epochs")
+    if args.train_subset is not None and args.train_subset < BATCH:
+        parser.error(f"--train-subset must be at least one batch ({BATCH})")
+    if args.out is None:
+        same = args.work.resolve() == DEFAULT_WORK.resolve()
+        args.out = DEFAULT_OUT if same else args.work / "study_cifar_subset"
+    return args
+
+
+def the_command(argv) -> str:
+    prog = "python -m bench.study_cifar_subset" if __spec__ is not None else f"python {sys.argv[0]}"
+    return f"{prog} {shlex.join(argv)}".strip()
+
+
+def main(argv=None) -> None:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.readme:
+        check_readme(args.readme)  # fail now, not after hours of training
+    work = args.work
+    log = tqdm.write
+
+    if args.report_only:
+        study = read_json(work / "study.json")
+        if study is None:
+            raise SystemExit(f"--report-only: no study in {work} (no study.json)")
+        body = write_outputs(build_report(work, study), args.out, args.readme)
+        print(body)
+        print(f"\nwrote {args.out}.{{json,md,png}}" + (f" and {args.readme}" if args.readme else ""))
+        return
+
+    stored = read_json(work / "study.json")
+    if args.data.is_file():
+        data_sha = sha256_of(args.data)
+    elif stored is not None and (work / "data" / TAR_TOP / "train").is_dir():
+        data_sha = stored["spec"]["data_sha256"]  # the tar is gone but this study extracted it already
+    else:
+        raise SystemExit(f"no data at {args.data} (pass --data PATH/TO/cifar10-subset.tar)")
+    spec = make_spec(args, data_sha)
+    work.mkdir(parents=True, exist_ok=True)
+    study = open_study(work, spec, args.seeds, the_command(argv))
+    session = study["sessions"][-1]
+    started = time.perf_counter()
+
+    def save_session(finished=False):
+        session["seconds"] = time.perf_counter() - started
+        session["finished"] = finished
+        write_json(work / "study.json", study)
+
+    def log_and_save(line):  # the trainer logs once per epoch: a killed session loses at most one epoch of time
+        log(line)
+        save_session()
+
+    full = extract_once(args.data, work / "data", log)
+    data_dir = balanced_tree(full, work / "data", args.train_subset, args.test_subset)
+    _, test_set, _ = build_datasets("imagefolder", data_dir)
+    test_loader = DataLoader(test_set, batch_size=EVAL_BATCH, shuffle=False)
+
+    plan = [(run_name(method, mask, seed), method, mask, seed) for seed in args.seeds for _, method, mask in METHODS]
+    try:
+        for name, method, mask, seed in tqdm(plan, desc="study runs", unit="run"):
+            _, evaluated = run_one(name, method, mask, seed, spec, work, data_dir, test_loader, args.device,
+                                   log_and_save, on_train=lambda n=name: session["trained"].append(n))
+            if evaluated:
+                session["evaluated"].append(name)
+            save_session()
+    except KeyboardInterrupt:
+        save_session()
+        raise SystemExit("interrupted: rerun the same command to continue where it stopped")
+    save_session(finished=True)
+    body = write_outputs(build_report(work, study), args.out, args.readme)
+    print(body)
+    print(f"\nwrote {args.out}.{{json,md,png}}" + (f" and {args.readme}" if args.readme else "")
+          + f"; checkpoints and data are under {work} (do not commit them)")
+
+
+if __name__ == "__main__":
+    main()

@@ -94,7 +94,8 @@ def section_gpu(quick: bool, log) -> dict:
 # ------------------------------------------------------------------------------------------ rendering
 def targets_table(result: dict) -> str:
     lines = ["| section | target | measured | goal | met |", "|---|---|---:|---|---|"]
-    for t in result["sections"]["ops"]["targets"]:
+    # Recomputed from the rows, so a saved JSON re-renders with the current target definitions.
+    for t in ops_report.check_targets(result["sections"]["ops"]["rows"]):
         lines.append(f"| ops | {t['target']} ({t['backend']}) | {t['value']:.2f} | ≥ {t['goal']} | "
                      f"{'yes' if t['met'] else 'NO'} |")
     for t in result["sections"]["stage"].get("targets", []):
@@ -120,7 +121,7 @@ def header(result: dict) -> str:
 
 def markdown(result: dict) -> str:
     s = result["sections"]
-    ops_table = ops_report.markdown(s["ops"]["rows"], s["ops"]["targets"], result["machine"])
+    ops_table = ops_report.markdown(s["ops"]["rows"], ops_report.check_targets(s["ops"]["rows"]), result["machine"])
     return "\n\n".join([
         "# part_fast benchmark", header(result),
         "## Targets", targets_table(result),
@@ -133,7 +134,7 @@ def markdown(result: dict) -> str:
 
 def readme_blocks(result: dict) -> dict:
     s = result["sections"]
-    ops_table = ops_report.markdown(s["ops"]["rows"], s["ops"]["targets"], result["machine"])
+    ops_table = ops_report.markdown(s["ops"]["rows"], ops_report.check_targets(s["ops"]["rows"]), result["machine"])
     summary = "\n\n".join([header(result), targets_table(result), s["train_step"]["markdown"]])
     return {"ops": ops_table, "summary": summary}
 

@@ -331,6 +331,16 @@ def markdown(rows: list[dict], targets: list[dict], machine: dict) -> str:
 README_START, README_END = "<!-- bench:ops:start -->", "<!-- bench:ops:end -->"
 
 
+def write_json(path: str, obj) -> None:
+    """obj as indented JSON at path, atomically (temp file + rename): a reader never sees half a report."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=1, default=str)
+        f.write("\n")
+    os.replace(tmp, path)
+
+
 def write_readme_table(path: str, table: str) -> None:
     """Replace the README's block between the bench:ops markers with `table` (atomically: temp + rename)."""
     with open(path) as f:
@@ -376,12 +386,7 @@ def main(argv=None) -> None:
     table = markdown(rows, targets, machine)
     print(table)
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        tmp = f"{args.out}.tmp"
-        with open(tmp, "w") as f:
-            json.dump({"machine": machine, "rows": rows, "targets": targets}, f, indent=1)
-            f.write("\n")
-        os.replace(tmp, args.out)
+        write_json(args.out, {"machine": machine, "rows": rows, "targets": targets})
     if args.readme:
         write_readme_table(args.readme, table)
 

@@ -19,7 +19,6 @@ Writes <out>/<date>-<machine>.{json,md,png}. Figures are reported, never asserte
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import os
 import re

@@ -38,7 +38,7 @@ from torch import nn
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.ops_report import kernels_per_call, machine_info, time_blocks
+from bench.ops_report import kernels_per_call, machine_info, time_blocks, write_json
 from part_fast import ops, reference
 from part_fast.attacks import PGD
 from part_fast.budget import PixelBudget
@@ -828,10 +828,7 @@ def main(argv=None) -> None:
     res = run(args)
     print(markdown(res))
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-            f.write("\n")
+        write_json(args.out, res)
 
 
 if __name__ == "__main__":

@@ -426,10 +426,9 @@ def main(argv=None) -> None:
     res = run(args.quick, log, reps=args.reps, data=args.data, keep_freed=not args.system_malloc)
     print(res["markdown"])
     if args.out:
-        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
-        with open(args.out, "w") as f:
-            json.dump(res, f, indent=1)
-            f.write("\n")
+        from bench.ops_report import write_json
+
+        write_json(args.out, res)
 
 
 if __name__ == "__main__":

@@ -135,6 +135,15 @@ def _no_autocast(device: torch.device):
         return contextlib.nullcontext()
 
 
+def _checked_pair_inputs(logits_nat, logits_adv, y, beta):
+    """The checks TRADES and MART share; returns (nat, adv) in the compute dtype, y as int64, beta as float."""
+    _check_pair(logits_nat, logits_adv)
+    _check_labels(y, logits_nat)
+    beta = _check_beta(beta)
+    dtype = _compute_dtype(logits_nat, logits_adv)
+    return logits_nat.to(dtype), logits_adv.to(dtype), y.long(), beta
+
+
 def at_loss(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """AT / PART outer loss: CE(f(x_adv), y), batch mean (the release: ``F.cross_entropy(model(x_adv), y)``
     after the inner attack, model in train mode).
@@ -160,13 +169,8 @@ def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Ten
     Inner attack in the release: ascend the summed KL(softmax(f(x_nat)) ‖ softmax(f(x))) from
     x_nat + 0.001·N(0, 1) (unclipped), 10 steps of α = 2/255 (SVHN 1/255), model in eval mode
     (``PGD(loss="kl", start="normal")``)."""
-    _check_pair(logits_nat, logits_adv)
-    _check_labels(y, logits_nat)
-    y = y.long()
-    beta = _check_beta(beta)
-    dtype = _compute_dtype(logits_nat, logits_adv)
-    with _no_autocast(logits_nat.device):
-        nat, adv = logits_nat.to(dtype), logits_adv.to(dtype)
+    nat, adv, y, beta = _checked_pair_inputs(logits_nat, logits_adv, y, beta)
+    with _no_autocast(nat.device):
         natural = F.cross_entropy(nat, y)
         # log-space KL: finite value and gradient even where a softmax probability underflows to 0
         robust = F.kl_div(F.log_softmax(adv, dim=1), F.log_softmax(nat, dim=1), reduction="sum", log_target=True)
@@ -188,13 +192,8 @@ def mart_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tenso
     Inner attack in the release: CE ascent from x_nat + 0.001·N(0, 1) (unclipped; the same start as
     TRADES, not a uniform one), 10 steps of α = 2/255 (SVHN 1/255), model in eval mode
     (``PGD(loss="ce", start="normal")``)."""
-    _check_pair(logits_nat, logits_adv)
-    _check_labels(y, logits_nat)
-    y = y.long()
-    beta = _check_beta(beta)
-    dtype = _compute_dtype(logits_nat, logits_adv)
-    with _no_autocast(logits_nat.device):
-        nat, adv = logits_nat.to(dtype), logits_adv.to(dtype)
+    nat, adv, y, beta = _checked_pair_inputs(logits_nat, logits_adv, y, beta)
+    with _no_autocast(nat.device):
         rows = y[:, None]
         p_adv = F.softmax(adv, dim=1)
         # y': the most likely wrong class under p_adv (an index, no gradient)

@@ -7,7 +7,9 @@ import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import tarfile  # noqa: E402
 import zlib  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
@@ -130,3 +132,18 @@ __all__ = [
     "skip_unsupported",
     "to_layout",
 ]
+
+
+# Real CIFAR-10 images in ImageFolder layout, next to the project on development and CI machines only.
+CIFAR_SUBSET_TAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-subset.tar"
+
+
+@pytest.fixture(scope="session")
+def cifar_subset_dir(tmp_path_factory) -> Path:
+    """cifar10-subset.tar extracted once per session: <dir>/{train,test}/<class>/NNNN.jpg."""
+    if not CIFAR_SUBSET_TAR.is_file():
+        pytest.skip(f"{CIFAR_SUBSET_TAR} is absent (test data outside the project; present in CI)")
+    root = tmp_path_factory.mktemp("cifar10-subset")
+    with tarfile.open(CIFAR_SUBSET_TAR) as archive:
+        archive.extractall(root, filter="data")
+    return root / "cifar10-subset"

@@ -5,7 +5,6 @@ import argparse
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,7 +12,7 @@ from PIL import Image
 
 from part_fast import cli
 from part_fast.demo import DemoSettings, budget_on_object, run_demo, summary_table
-from part_fast.train import TrainConfig, train
+
 
 TRAIN = ["train", "--dataset", "shapes", "--arch", "cnn-small", "--epochs", "2", "--warmup", "1", "--batch-size", "32",
          "--steps", "1", "--train-subset", "64", "--test-subset", "32", "--eval-examples", "0"]

@@ -1,6 +1,5 @@
 """part_fast.data: the generated shapes set, the batch augmentation, the file-backed datasets and their errors."""
 import re
-import tarfile
 from pathlib import Path
 
 import numpy as np
@@ -15,7 +14,6 @@ from torch.utils.data import Subset
 from part_fast.data import (DATASETS, SHAPE_CLASSES, DataInfo, InMemoryImageDataset, ShapesDataset, augment_batch,
                             build_datasets, object_mask_of)
 
-CIFAR_SUBSET_TAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-subset.tar"
 CIFAR_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
 
 
@@ -399,16 +397,6 @@ def test_tinyimagenet_missing_parts(tmp_path):
 
 # ---------------------------------------------------------------------------------------------------------
 # the real CIFAR-10 subset, as an image folder
-
-@pytest.fixture(scope="module")
-def cifar_subset_dir(tmp_path_factory):
-    if not CIFAR_SUBSET_TAR.is_file():
-        pytest.skip(f"{CIFAR_SUBSET_TAR} is absent (test data outside the project; present in CI)")
-    root = tmp_path_factory.mktemp("cifar10-subset")
-    with tarfile.open(CIFAR_SUBSET_TAR) as archive:
-        archive.extractall(root, filter="data")
-    return root / "cifar10-subset"
-
 
 def test_cifar10_subset_imagefolder(cifar_subset_dir):
     train, test, info = build_datasets("imagefolder", cifar_subset_dir)

@@ -1,13 +1,11 @@
 """The trainer: schedule, run directory, exact resume after SIGKILL, seeding, divergence, AMP, data."""
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
-import tarfile
 import time
 from pathlib import Path
 
@@ -18,7 +16,6 @@ from part_fast import train as train_mod
 from part_fast.train import TrainConfig, TrainingDiverged, load_checkpoint, lr_factor, train
 
 ROOT = Path(__file__).resolve().parents[1]
-CIFAR_SUBSET = ROOT.parent / "shared" / "data" / "cifar10-subset.tar"
 
 
 def tiny(out, **kw) -> TrainConfig:
@@ -260,16 +257,6 @@ def test_train_step_budget_belongs_to_the_attacked_batch(tmp_path, monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------ real data
-@pytest.fixture(scope="module")
-def cifar_subset_dir(tmp_path_factory):
-    if not CIFAR_SUBSET.exists():
-        pytest.skip(f"{CIFAR_SUBSET} is absent (it ships with the development machine, not with the package)")
-    root = tmp_path_factory.mktemp("cifar")
-    with tarfile.open(CIFAR_SUBSET) as tar:
-        tar.extractall(root, filter="data")
-    return root / "cifar10-subset"
-
-
 def test_trains_briefly_on_real_cifar10_images(tmp_path, cifar_subset_dir):
     history = train(tiny(tmp_path / "run", dataset="imagefolder", data_dir=str(cifar_subset_dir), epochs=2,
                          train_subset=128, test_subset=64, batch_size=64, eval_examples=64), log=quiet)

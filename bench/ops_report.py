@@ -333,12 +333,12 @@ README_START, README_END = "<!-- bench:ops:start -->", "<!-- bench:ops:end -->"
 
 def write_json(path: str, obj) -> None:
     """obj as indented JSON at path, atomically (temp file + rename): a reader never sees half a report."""
+    from pathlib import Path
+
+    from part_fast.train import atomic_write_text
+
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=1, default=str)
-        f.write("\n")
-    os.replace(tmp, path)
+    atomic_write_text(Path(path), json.dumps(obj, indent=1, default=str) + "\n")
 
 
 def write_readme_table(path: str, table: str) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from bench import ops_report
+from part_fast.train import atomic_write_bytes, atomic_write_text
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 
@@ -147,7 +148,7 @@ def write_readme(path: str | os.PathLike, result: dict) -> None:
         head, rest = text.split(start, 1)
         _, tail = rest.split(end, 1)
         text = f"{head}{start}\n{body}\n{end}{tail}"
-    _atomic_write(Path(path), text)
+    atomic_write_text(Path(path), text)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -190,18 +191,7 @@ def plot(result: dict, path: Path) -> None:
     def write(f):
         fig.savefig(f, format="png", dpi=110)
 
-    _atomic_write_bytes(path, write)
-
-
-def _atomic_write_bytes(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        write(f)
-    os.replace(tmp, path)
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    _atomic_write_bytes(path, lambda f: f.write(text.encode()))
+    atomic_write_bytes(path, write)
 
 
 # ------------------------------------------------------------------------------------------------ main
@@ -227,8 +217,8 @@ def write_outputs(result: dict, out: Path) -> dict:
     date = result["machine"]["date"][:10]
     stem = f"{date}-{machine_slug(result['machine'])}" + ("-quick" if result["quick"] else "")
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
-    _atomic_write(paths["json"], json.dumps(result, indent=1, default=str) + "\n")
-    _atomic_write(paths["md"], markdown(result))
+    atomic_write_text(paths["json"], json.dumps(result, indent=1, default=str) + "\n")
+    atomic_write_text(paths["md"], markdown(result))
     plot(result, paths["png"])
     return paths
 

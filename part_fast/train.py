@@ -213,14 +213,6 @@ def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, lambda f: f.write(text.encode()))
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    for attr in ("module", "_orig_mod"):
-        inner = getattr(model, attr, None)
-        if isinstance(inner, nn.Module):
-            return unwrap(inner)
-    return model
-
-
 class _OuterForward(nn.Module):
     """The train-mode forwards of one step as one module call, so DDP sees exactly one forward per backward
     (TRADES and MART need f(x_nat) and f(x_adv), each with its own BatchNorm batch statistics, as the

@@ -228,8 +228,10 @@ def short_kernel_name(mangled: str, demangled: str | None, kinds: dict[str, str]
             shortened.append(f"{kinds.get(kind.group(1), 'kind ' + kind.group(1))} eps")
         else:
             shortened.append(_TYPE_SHORT.get(arg, arg.replace("part_fast::", "").replace("c10::", "")))
-    if base == "pgd_kernel" and len(shortened) == 6:
-        vec, step, kind, x_t, eps_t, index_t = shortened
+    if base == "pgd_kernel" and len(shortened) == 7:
+        vec, step, kind, eps_rows, x_t, eps_t, index_t = shortened
+        if eps_rows == "true":  # a strided eps read a row (one offset) per VEC chunk
+            kind += " by rows"
         eps_part = "" if kind.startswith("scalar") else f", eps {eps_t}"
         op = "step" if step == "true" else "project"
         return f"pgd_kernel<VEC {vec}, {op}, {kind}, x {x_t}{eps_part}, {index_t} index>"
@@ -546,8 +548,13 @@ def markdown(result: dict) -> str:
             "the CAM and output at launch). Load / store bits are the widths of the global accesses in the "
             "SASS (128 = `LDG.E.128`, the widest a thread can issue; 16 = a bf16/f16 element). A VEC 4 / VEC 8 "
             "instance streams x, grad, x_nat and a dense eps at 128 bits; its 32- or 16-bit accesses are the "
-            "tail loop (the last numel % VEC elements) and, for a strided eps, the per-element eps gather. "
-            "VEC 1 instances are the fallback for pointers that are not 16-byte aligned.",
+            "tail loop (the last numel % VEC elements) and, for a strided eps, the per-element eps gather; "
+            "a \"strided eps by rows\" instance (the (B, 1, H, W) budget on a contiguous x) reads eps at 128 bits "
+            "too, one row offset per chunk. "
+            "VEC 1 instances are the fallback for pointers that are not 16-byte aligned. cam_eps_map_kernel's "
+            "32-bit stores are by design: consecutive threads write consecutive pixels, so each warp-wide store "
+            "covers 128 contiguous bytes (fully coalesced), and the kernel is bound by its float64 resize, not "
+            "by store width.",
             "",
             f"Summary: {len(by_kernel)} kernels, {len(rows)} kernel×arch entries; "
             f"{'no kernel spills (0 stack, 0 local, 0 STL/LDL)' if not spilling else 'SPILLS in: ' + ', '.join(spilling)}; "

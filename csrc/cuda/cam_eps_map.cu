@@ -251,6 +251,7 @@ __global__ void __launch_bounds__(kThreads)
 }
 
 // -------------------------------------------------------------------------------------------- host
+// (tests/test_cuda_emulation.py compiles everything above this line as C++ and runs it on the CPU.)
 template <typename cam_t, bool JET>
 void launch(const at::Tensor& cam, at::Tensor& out, const Geometry& g, double eps, double eps_low) {
   const auto kernel = cam_eps_map_kernel<cam_t, JET>;

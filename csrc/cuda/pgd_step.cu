@@ -97,12 +97,14 @@ template <typename scalar_t, typename eps_t, typename index_t>
 struct PgdArgs {
   using scalar_type = scalar_t;
   using eps_type = eps_t;
+  using index_type = index_t;
   using opmath_t = at::opmath_type<scalar_t>;
   scalar_t* x_adv;
   const scalar_t* grad;  // null for project_
   const scalar_t* x_nat;
   const eps_t* eps_map;  // null for EpsPlan::kScalar
   StridedOffset<index_t> eps_offset;
+  index_t eps_row_stride;  // EpsPlan::kStrided: the innermost coalesced dim's eps stride
   index_t numel;
   opmath_t eps, step, lo, hi;
 };
@@ -128,8 +130,9 @@ __device__ __forceinline__ T update(T x, T grad, T x_nat, T eps, T step, T lo, T
   }
 }
 
-// Elements i .. i + VEC - 1; VEC > 1 only when every pointer involved is 16-byte aligned.
-template <int VEC, bool HAS_STEP, EpsPlan::Kind KIND, typename Args, typename index_t>
+// Elements i .. i + VEC - 1; VEC > 1 only when every pointer involved is 16-byte aligned. EPS_ROWS (see
+// eps_rows_ok): the chunk lies in one innermost eps row, so one offset computation serves all VEC elements.
+template <int VEC, bool HAS_STEP, EpsPlan::Kind KIND, bool EPS_ROWS, typename Args, typename index_t>
 __device__ __forceinline__ void process(const Args& a, index_t i) {
   using scalar_t = typename Args::scalar_type;
   using eps_t = typename Args::eps_type;
@@ -152,6 +155,18 @@ __device__ __forceinline__ void process(const Args& a, index_t i) {
     load_n<VEC>(a.eps_map + i, e);
 #pragma unroll
     for (int j = 0; j < VEC; ++j) eps[j] = static_cast<opmath_t>(e[j]);
+  } else if constexpr (KIND == EpsPlan::kStrided && EPS_ROWS) {
+    const eps_t* row = a.eps_map + a.eps_offset(i);
+    if (a.eps_row_stride == 0) {  // one value for the whole chunk (uniform branch: same for every thread)
+      const opmath_t e = static_cast<opmath_t>(*row);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) eps[j] = e;
+    } else {  // VEC consecutive values at a 16-byte aligned address: a vector load
+      eps_t e[VEC];
+      load_n<VEC>(row, e);
+#pragma unroll
+      for (int j = 0; j < VEC; ++j) eps[j] = static_cast<opmath_t>(e[j]);
+    }
   } else {
 #pragma unroll
     for (int j = 0; j < VEC; ++j) eps[j] = eps_at<KIND>(a, i + j);
@@ -164,19 +179,40 @@ __device__ __forceinline__ void process(const Args& a, index_t i) {
   store_n<VEC>(a.x_adv + i, x);
 }
 
-template <int VEC, bool HAS_STEP, EpsPlan::Kind KIND, typename scalar_t, typename eps_t, typename index_t>
+template <int VEC, bool HAS_STEP, EpsPlan::Kind KIND, bool EPS_ROWS, typename scalar_t, typename eps_t,
+          typename index_t>
 __global__ void __launch_bounds__(kThreads) pgd_kernel(const PgdArgs<scalar_t, eps_t, index_t> a) {
   const index_t stride = static_cast<index_t>(gridDim.x) * blockDim.x;
   const index_t tid = static_cast<index_t>(blockIdx.x) * blockDim.x + threadIdx.x;
   const index_t nvec = a.numel / VEC;
-  for (index_t v = tid; v < nvec; v += stride) process<VEC, HAS_STEP, KIND>(a, v * VEC);
-  if constexpr (VEC > 1) {  // the last numel % VEC elements
-    for (index_t i = nvec * VEC + tid; i < a.numel; i += stride) process<1, HAS_STEP, KIND>(a, i);
+  for (index_t v = tid; v < nvec; v += stride) process<VEC, HAS_STEP, KIND, EPS_ROWS>(a, v * VEC);
+  if constexpr (VEC > 1) {  // the last numel % VEC elements (none when EPS_ROWS: rows are whole chunks)
+    for (index_t i = nvec * VEC + tid; i < a.numel; i += stride) process<1, HAS_STEP, KIND, false>(a, i);
   }
 }
 
 bool aligned(const void* p) {
   return reinterpret_cast<std::uintptr_t>(p) % kVecBytes == 0;
+}
+
+// Whether a vectorised (VEC-element chunk) launch may read a strided eps a row at a time. Chunks start at
+// multiples of VEC, so when the innermost coalesced dim's length is a multiple of VEC, every chunk lies in
+// one row and the eps offsets of its elements are off, off + s, ..., off + (VEC - 1) s for the row stride s:
+//  s == 0 (e.g. a (B, C, 1, 1) eps): one load per chunk;
+//  s == 1 (e.g. the (B, 1, H, W) PART budget on a contiguous x): one vector load per chunk, which needs
+//         every row start 16-byte aligned: the base pointer and every outer stride, in bytes.
+// Otherwise each element decomposes its own index (a gather).
+template <int VEC, typename eps_t>
+bool eps_rows_ok(const EpsPlan& plan, const eps_t* eps_map) {
+  if (plan.kind != EpsPlan::kStrided) return false;
+  const int inner = plan.ndim - 1;
+  if (plan.sizes[inner] % VEC != 0) return false;
+  if (plan.strides[inner] == 0) return true;
+  if (plan.strides[inner] != 1 || !aligned(eps_map) || VEC * sizeof(eps_t) % kVecBytes != 0) return false;
+  for (int d = 0; d < inner; ++d) {
+    if (plan.strides[d] * static_cast<int64_t>(sizeof(eps_t)) % kVecBytes != 0) return false;
+  }
+  return true;
 }
 
 // Largest eps element offset + 1 the plan can reach: decides, with numel, whether 32-bit indices suffice.
@@ -211,7 +247,7 @@ struct Inputs {
 };
 
 template <bool HAS_STEP, EpsPlan::Kind KIND, typename scalar_t, typename eps_t, typename index_t>
-void launch(const Inputs& in) {
+PgdArgs<scalar_t, eps_t, index_t> make_args(const Inputs& in) {
   PgdArgs<scalar_t, eps_t, index_t> a;
   using opmath_t = typename decltype(a)::opmath_t;
   a.x_adv = in.x_adv.mutable_data_ptr<scalar_t>();
@@ -222,26 +258,62 @@ void launch(const Inputs& in) {
   // const_data_ptr already points at the storage offset, where the plan's strides start.
   if constexpr (KIND != EpsPlan::kScalar) a.eps_map = in.eps_map->const_data_ptr<eps_t>();
   a.eps_offset = strided_offset<index_t>(in.plan);
+  a.eps_row_stride = static_cast<index_t>(KIND == EpsPlan::kStrided ? in.plan.strides[in.plan.ndim - 1] : 0);
   a.numel = static_cast<index_t>(in.x_adv.numel());
   // Scalars are rounded to the compute type once, as PyTorch does for a Python scalar operand.
   a.eps = static_cast<opmath_t>(in.eps);
   a.step = static_cast<opmath_t>(in.step);
   a.lo = static_cast<opmath_t>(in.lo);
   a.hi = static_cast<opmath_t>(in.hi);
+  return a;
+}
 
-  constexpr int kVec = kVecBytes / sizeof(scalar_t);
+// Which pgd_kernel instance a launch runs: VEC-element chunks when every streamed pointer is 16-byte
+// aligned, and for a strided eps, row reads when eps_rows_ok allows them.
+struct Walk {
+  int vec;
+  bool eps_rows;
+};
+
+template <bool HAS_STEP, EpsPlan::Kind KIND, typename Args>
+Walk choose_walk(const Args& a, const EpsPlan& plan) {
+  constexpr int kVec = kVecBytes / sizeof(typename Args::scalar_type);
   const bool vectorize = aligned(a.x_adv) && aligned(a.x_nat) && (!HAS_STEP || aligned(a.grad)) &&
                          (KIND != EpsPlan::kDense || aligned(a.eps_map));
-  const int vec = vectorize ? kVec : 1;
-  const int64_t work = (in.x_adv.numel() + vec - 1) / vec;
+  if (!vectorize) return {1, false};
+  return {kVec, KIND == EpsPlan::kStrided && eps_rows_ok<kVec>(plan, a.eps_map)};
+}
+
+// Runs the kernel instance `walk` names with launch configuration (blocks, threads, stream); the test
+// harness that emulates the device on the CPU calls it with its own `run`.
+template <bool HAS_STEP, EpsPlan::Kind KIND, typename Args, typename Run>
+void run_walk(const Args& a, const Walk& walk, Run&& run) {
+  using scalar_t = typename Args::scalar_type;
+  constexpr int kVec = kVecBytes / sizeof(scalar_t);
+  if (walk.vec == 1) {
+    run(pgd_kernel<1, HAS_STEP, KIND, false, scalar_t, typename Args::eps_type, typename Args::index_type>);
+    return;
+  }
+  if constexpr (KIND == EpsPlan::kStrided) {  // row instances exist for a strided eps only
+    if (walk.eps_rows) {
+      run(pgd_kernel<kVec, HAS_STEP, KIND, true, scalar_t, typename Args::eps_type, typename Args::index_type>);
+      return;
+    }
+  }
+  run(pgd_kernel<kVec, HAS_STEP, KIND, false, scalar_t, typename Args::eps_type, typename Args::index_type>);
+}
+
+// ------------------------------------------------------------------------------------- host launch
+// (tests/test_cuda_emulation.py compiles everything above this line as C++ and runs it on the CPU.)
+template <bool HAS_STEP, EpsPlan::Kind KIND, typename scalar_t, typename eps_t, typename index_t>
+void launch(const Inputs& in) {
+  const auto a = make_args<HAS_STEP, KIND, scalar_t, eps_t, index_t>(in);
+  const Walk walk = choose_walk<HAS_STEP, KIND>(a, in.plan);
+  const int64_t work = (in.x_adv.numel() + walk.vec - 1) / walk.vec;
   const int64_t max_blocks = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * kBlocksPerSm;
   const int blocks = static_cast<int>(std::min((work + kThreads - 1) / kThreads, max_blocks));
   auto stream = at::cuda::getCurrentCUDAStream();
-  if (vectorize) {
-    pgd_kernel<kVec, HAS_STEP, KIND><<<blocks, kThreads, 0, stream>>>(a);
-  } else {
-    pgd_kernel<1, HAS_STEP, KIND><<<blocks, kThreads, 0, stream>>>(a);
-  }
+  run_walk<HAS_STEP, KIND>(a, walk, [&](auto kernel) { kernel<<<blocks, kThreads, 0, stream>>>(a); });
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 

@@ -1,0 +1,112 @@
+// Python entry points that run the device code of csrc/cuda/*.cu on the CPU (see emu.h). The host
+// decisions (kernel arguments, which instance runs) are the .cu files' own make_args / choose_walk /
+// run_walk; only the launch itself is emulated.
+namespace part_fast_emulation {
+using namespace part_fast;
+
+template <typename cam_t, bool JET>
+void cam_blocks(const at::Tensor& cam, at::Tensor& out, const cam_device::Geometry& g, float eps, float eps_low) {
+  TORCH_CHECK(cam_device::smem_bytes(g) <= sizeof(g_dynamic_smem), "emulated shared memory too small");
+  gridDim.x = static_cast<unsigned>(cam.size(0));
+  for (int64_t b = 0; b < cam.size(0); ++b) {
+    blockIdx.x = static_cast<unsigned>(b);
+    run_block(cam_device::kThreads, [&] {
+      cam_device::cam_eps_map_kernel<cam_t, JET>(cam.const_data_ptr<cam_t>(), out.mutable_data_ptr<float>(), g, eps,
+                                                 eps_low);
+    });
+  }
+}
+
+at::Tensor cam_eps_map(const at::Tensor& cam_in, int64_t H, int64_t W, double eps, double eps_low, bool jet) {
+  const std::vector<c10::SymInt> size{c10::SymInt(H), c10::SymInt(W)};
+  check_cam_args(cam_in, size, eps, eps_low, jet ? "jet" : "cam", /*allow_double=*/false);
+  const at::Tensor cam = cam_in.contiguous();
+  const int h = static_cast<int>(cam.size(1)), w = static_cast<int>(cam.size(2));
+  const cam_device::Geometry g{h, w, static_cast<int>(H), static_cast<int>(W), pil_max_taps(w, static_cast<int>(W)),
+                               pil_max_taps(h, static_cast<int>(H))};
+  // Poisoned: an element the kernel does not write stays NaN and fails the comparison.
+  at::Tensor out = at::full({cam.size(0), jet ? 3 : 1, H, W}, NAN, cam.options().dtype(at::kFloat));
+  const float e = static_cast<float>(eps), el = static_cast<float>(eps_low);
+  const auto run = [&](auto tag) {
+    using cam_t = decltype(tag);
+    jet ? cam_blocks<cam_t, true>(cam, out, g, e, el) : cam_blocks<cam_t, false>(cam, out, g, e, el);
+  };
+  if (cam.scalar_type() == at::kFloat) {
+    run(float{});
+  } else if (cam.scalar_type() == at::kHalf) {
+    run(at::Half{});
+  } else {
+    run(at::BFloat16{});
+  }
+  return out;
+}
+
+// What ran: (VEC, eps read by rows, EpsPlan kind).
+using Ran = std::tuple<int64_t, bool, int64_t>;
+
+template <bool HAS_STEP, EpsPlan::Kind KIND, typename scalar_t, typename eps_t, typename index_t>
+Ran pgd_grid(const pgd_device::Inputs& in, int64_t blocks) {
+  using namespace pgd_device;
+  const auto a = make_args<HAS_STEP, KIND, scalar_t, eps_t, index_t>(in);
+  const Walk walk = choose_walk<HAS_STEP, KIND>(a, in.plan);
+  // pgd_kernel has no barriers, so the threads of the grid may run one after another.
+  run_walk<HAS_STEP, KIND>(a, walk, [&](auto kernel) {
+    gridDim.x = static_cast<unsigned>(blocks);
+    blockDim.x = kThreads;
+    for (unsigned b = 0; b < gridDim.x; ++b) {
+      blockIdx.x = b;
+      for (unsigned t = 0; t < blockDim.x; ++t) {
+        threadIdx.x = t;
+        kernel(a);
+      }
+    }
+  });
+  return {walk.vec, walk.eps_rows, static_cast<int64_t>(KIND)};
+}
+
+template <bool HAS_STEP, typename scalar_t, typename eps_t, typename index_t>
+Ran pgd_kind(const pgd_device::Inputs& in, int64_t blocks) {
+  switch (in.plan.kind) {
+    case EpsPlan::kScalar:
+      return pgd_grid<HAS_STEP, EpsPlan::kScalar, scalar_t, eps_t, index_t>(in, blocks);
+    case EpsPlan::kDense:
+      return pgd_grid<HAS_STEP, EpsPlan::kDense, scalar_t, eps_t, index_t>(in, blocks);
+    default:
+      return pgd_grid<HAS_STEP, EpsPlan::kStrided, scalar_t, eps_t, index_t>(in, blocks);
+  }
+}
+
+template <bool HAS_STEP, typename scalar_t>
+Ran pgd_types(const pgd_device::Inputs& in, int64_t blocks, bool index64) {
+  const bool eps_f32 = in.eps_map.has_value() && in.eps_map->scalar_type() == at::kFloat;
+  if (index64) {
+    return eps_f32 ? pgd_kind<HAS_STEP, scalar_t, float, uint64_t>(in, blocks)
+                   : pgd_kind<HAS_STEP, scalar_t, scalar_t, uint64_t>(in, blocks);
+  }
+  return eps_f32 ? pgd_kind<HAS_STEP, scalar_t, float, uint32_t>(in, blocks)
+                 : pgd_kind<HAS_STEP, scalar_t, scalar_t, uint32_t>(in, blocks);
+}
+
+// pgd_step_ (grad given) or project_ (grad None) on x_adv in place, as the CUDA op would run it on a grid
+// of `blocks` blocks; index64 forces the 64-bit index instances.
+Ran pgd(at::Tensor x_adv, std::optional<at::Tensor> grad, at::Tensor x_nat, std::optional<at::Tensor> eps_map,
+        double eps, double step, double lo, double hi, int64_t blocks, bool index64) {
+  const at::Tensor* g = grad.has_value() ? &*grad : nullptr;
+  const at::MemoryFormat fmt = check_attack_tensors(x_adv, g, x_nat, /*allow_double=*/false);
+  check_scalars(eps_map.has_value() ? 0.0 : eps, step, lo, hi);
+  const pgd_device::Inputs in{x_adv, g, x_nat, eps_map, make_eps_plan(eps_map, x_adv, fmt), eps, step, lo, hi};
+  TORCH_CHECK(x_adv.numel() > 0, "the harness runs non-empty tensors");
+  const auto run = [&](auto tag) {
+    using scalar_t = decltype(tag);
+    return g ? pgd_types<true, scalar_t>(in, blocks, index64) : pgd_types<false, scalar_t>(in, blocks, index64);
+  };
+  if (x_adv.scalar_type() == at::kFloat) return run(float{});
+  if (x_adv.scalar_type() == at::kHalf) return run(at::Half{});
+  return run(at::BFloat16{});
+}
+}  // namespace part_fast_emulation
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.def("cam_eps_map", &part_fast_emulation::cam_eps_map);
+  m.def("pgd", &part_fast_emulation::pgd);
+}

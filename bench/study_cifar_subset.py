@@ -333,14 +333,20 @@ def aggregate(runs: list[dict]) -> dict:
     return out
 
 
+# How many standard errors of the difference of the means a gap must exceed to count. A gap in means is
+# judged against the SE of that gap (not against one run's spread); with 3 seeds per method, 2 SE is a
+# loose two-sided 95 % bar (Welch's t with ~4 degrees of freedom would ask for ~2.8).
+SE_BAR = 2.0
+
+
 def compare(agg: dict, part_label: str) -> dict:
     """PART minus AT on each metric, with the pooled seed std and the standard error of the difference, and
     the verdict on the paper's claim (higher natural accuracy at equal robustness):
-      shows            natural higher by more than the pooled seed std, and neither PGD-20 nor MMA lower
-                       by more than ~1 pooled seed std;
-      does not show    natural not higher, or robustness lower by more than ~1 std (a move along the
-                       trade-off, not past it);
-      inconclusive     a natural gain within the seed noise, or fewer than 2 seeds per method."""
+      shows            natural higher by more than SE_BAR standard errors, and neither PGD-20 nor MMA lower
+                       by more than SE_BAR standard errors;
+      does not show    natural not higher at all, or robustness lower by more than SE_BAR standard errors (a
+                       move along the trade-off, not past it);
+      inconclusive     otherwise: a natural gain the seeds cannot tell from noise, or fewer than 2 seeds."""
     at, part = agg["AT"], agg[part_label]
     diffs = {}
     for key, _ in METRICS:
@@ -355,21 +361,22 @@ def compare(agg: dict, part_label: str) -> dict:
         else:
             pooled = se = None
         diffs[key] = {"diff": d, "seed_std": pooled, "se": se}
-    if any(diffs[k] is None or diffs[k]["seed_std"] is None for k, _ in METRICS):
+    if any(diffs[k] is None or diffs[k]["se"] is None for k, _ in METRICS):
         n_min = min(at["natural"]["n"], part["natural"]["n"])
         return {"diffs": diffs, "natural_higher": None, "robust_kept": None, "verdict": "inconclusive at this scale",
-                "reason": f"only {n_min} evaluated seed(s) for one of the methods: no seed std to compare with"}
+                "reason": f"only {n_min} evaluated seed(s) for one of the methods: no standard error to compare with"}
     nat = diffs["natural"]
-    natural_higher = nat["diff"] > nat["seed_std"]
-    robust_kept = all(diffs[k]["diff"] >= -diffs[k]["seed_std"] for k in ("pgd20", "mma"))
+    natural_higher = nat["diff"] > SE_BAR * nat["se"]
+    robust_kept = all(diffs[k]["diff"] >= -SE_BAR * diffs[k]["se"] for k in ("pgd20", "mma"))
     if natural_higher and robust_kept:
-        verdict, reason = "shows", "natural accuracy higher by more than the seed std, robustness kept"
+        verdict, reason = "shows", f"natural accuracy higher by more than {SE_BAR:g} SE, robustness kept"
     elif nat["diff"] <= 0:
         verdict, reason = "does not show", "natural accuracy is not higher"
     elif not robust_kept:
-        verdict, reason = "does not show", "robust accuracy drops by more than ~1 seed std (a trade-off move)"
+        verdict, reason = "does not show", f"robust accuracy drops by more than {SE_BAR:g} SE (a trade-off move)"
     else:
-        verdict, reason = "inconclusive at this scale", "the natural gain is within the seed-to-seed spread"
+        verdict, reason = ("inconclusive at this scale",
+                           f"the natural gain is under {SE_BAR:g} SE: the seeds cannot tell it from noise")
     return {"diffs": diffs, "natural_higher": natural_higher, "robust_kept": robust_kept, "verdict": verdict,
             "reason": reason}
 
@@ -411,9 +418,9 @@ def comparison_sentence(label: str, c: dict) -> str:
         return f"{label} − AT: {', '.join(parts)}; {c['reason']} → **{c['verdict']}**."
     parts = [f"{name} {signed(d[k]['diff'])} ± {d[k]['se']:.2f} pts (seed std {d[k]['seed_std']:.2f})"
              for k, name in METRICS]
-    checks = (f"natural higher by more than the seed std: {'yes' if c['natural_higher'] else 'no'}; "
-              f"PGD-20 and MMA within ~1 seed std or higher: {'yes' if c['robust_kept'] else 'no'}")
-    return f"{label} − AT: {', '.join(parts)}. {checks} → **{c['verdict']}**."
+    checks = (f"natural higher by more than {SE_BAR:g} SE: {'yes' if c['natural_higher'] else 'no'}; "
+              f"PGD-20 and MMA no more than {SE_BAR:g} SE lower: {'yes' if c['robust_kept'] else 'no'}")
+    return f"{label} − AT: {', '.join(parts)}. {checks} → **{c['verdict']}** ({c['reason']})."
 
 
 def render_markdown(report: dict, png_link: str) -> str:
@@ -452,9 +459,10 @@ def render_markdown(report: dict, png_link: str) -> str:
     lines.append("")
     for label, c in report["comparisons"].items():
         lines.append(f"- {comparison_sentence(label, c)}")
-    lines += ["", "Differences are PART minus AT in accuracy points, ± the standard error of the difference of "
-              "the means; the seed std is the pooled sample std of the two methods. Three seeds cannot establish "
-              "significance; a verdict of \"shows\" means the gap exceeds the seed-to-seed spread, no more.", ""]
+    lines += ["", "Differences are PART minus AT in accuracy points, ± the standard error (SE) of the difference "
+              "of the means; the seed std is the pooled sample std of the two methods. A gap counts when it "
+              f"exceeds {SE_BAR:g} SE; with three seeds that is a loose bar, so \"shows\" would mean the gap "
+              "stands out from the seed-to-seed noise, no more.", ""]
     commands = report["commands"]
     lines.append("Command: " + (", then ".join(f"`{c}`" for c in commands) if commands else "–"))
     wall = report["wall_time"]
@@ -470,10 +478,18 @@ def headline(comparisons: dict) -> str:
     jet = comparisons["PART (jet)"]["verdict"]
     cam = comparisons["PART (cam)"]["verdict"]
     if jet == cam:
-        return {"shows": "It shows, with both masks.", "does not show": "It does not show, with either mask.",
+        text = {"shows": "It shows, with both masks.", "does not show": "It does not show, with either mask.",
                 "inconclusive at this scale": "Inconclusive at this scale, with both masks."}[jet]
-    phrase = {"shows": "it shows", "does not show": "it does not show", "inconclusive at this scale": "inconclusive"}
-    return f"With the released jet mask {phrase[jet]}; with the cam mask {phrase[cam]} (at this scale)."
+    else:
+        phrase = {"shows": "it shows", "does not show": "it does not show", "inconclusive at this scale": "inconclusive"}
+        text = f"With the released jet mask {phrase[jet]}; with the cam mask {phrase[cam]} (at this scale)."
+    gaps = []
+    for key, name in METRICS:
+        per_mask = [(label.split("(")[1].rstrip(")"), c["diffs"].get(key)) for label, c in comparisons.items()]
+        if any(d is None or d["se"] is None for _, d in per_mask):
+            return text
+        gaps.append(f"{name} " + ", ".join(f"{signed(d['diff'])} ± {d['se']:.2f} ({mask})" for mask, d in per_mask))
+    return f"{text} PART − AT in points: {'; '.join(gaps)}."
 
 
 def trade_off_png(report: dict) -> bytes:

@@ -21,6 +21,12 @@
 #include "cuda/dispatch.cuh"
 #include "part_fast_math.h"
 
+// A hook for tests/test_cuda_emulation.py, which defines it to fail on a misaligned vector access (the CPU
+// would tolerate one the GPU faults on); nothing on the device.
+#ifndef PF_CHECK_VECTOR_ALIGNMENT
+#define PF_CHECK_VECTOR_ALIGNMENT(p)
+#endif
+
 namespace part_fast {
 namespace {
 
@@ -42,6 +48,7 @@ template <int N, typename T>
 __device__ __forceinline__ void load_n(const T* p, T (&out)[N]) {
   if constexpr (N * sizeof(T) % kVecBytes == 0) {
     constexpr int kPer = kVecBytes / sizeof(T);
+    PF_CHECK_VECTOR_ALIGNMENT(p);
 #pragma unroll
     for (int c = 0; c < N / kPer; ++c) {
       const Chunk<T> chunk = reinterpret_cast<const Chunk<T>*>(p)[c];
@@ -58,6 +65,7 @@ template <int N, typename T>
 __device__ __forceinline__ void store_n(T* p, const T (&in)[N]) {
   if constexpr (N * sizeof(T) % kVecBytes == 0) {
     constexpr int kPer = kVecBytes / sizeof(T);
+    PF_CHECK_VECTOR_ALIGNMENT(p);
 #pragma unroll
     for (int c = 0; c < N / kPer; ++c) {
       Chunk<T> chunk;
@@ -258,7 +266,8 @@ PgdArgs<scalar_t, eps_t, index_t> make_args(const Inputs& in) {
   // const_data_ptr already points at the storage offset, where the plan's strides start.
   if constexpr (KIND != EpsPlan::kScalar) a.eps_map = in.eps_map->const_data_ptr<eps_t>();
   a.eps_offset = strided_offset<index_t>(in.plan);
-  a.eps_row_stride = static_cast<index_t>(KIND == EpsPlan::kStrided ? in.plan.strides[in.plan.ndim - 1] : 0);
+  a.eps_row_stride = 0;
+  if constexpr (KIND == EpsPlan::kStrided) a.eps_row_stride = static_cast<index_t>(in.plan.strides[in.plan.ndim - 1]);
   a.numel = static_cast<index_t>(in.x_adv.numel());
   // Scalars are rounded to the compute type once, as PyTorch does for a Python scalar operand.
   a.eps = static_cast<opmath_t>(in.eps);

@@ -8,8 +8,10 @@
 #pragma once
 #include <atomic>
 #include <barrier>
+#include <chrono>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -21,6 +23,10 @@
 #define __constant__
 #define __forceinline__ inline
 #define __launch_bounds__(...)
+
+// pgd_step.cu's 16-byte vector accesses: x86 tolerates a misaligned one, the GPU faults, so fail here.
+#define PF_CHECK_VECTOR_ALIGNMENT(p) \
+  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(p) % 16 == 0, "misaligned 16-byte vector access at ", (const void*)(p))
 
 struct emu_dim3 {
   unsigned x = 0, y = 0, z = 0;
@@ -35,7 +41,15 @@ inline double g_shuffle_slots[1024];
 // The block's dynamic shared memory (1 MB, more than any GPU gives a block).
 alignas(16) inline double g_dynamic_smem[1 << 17];
 
-inline void __syncthreads() { g_block_barrier->arrive_and_wait(); }
+// After each barrier a quarter of the warps (a different, deterministic set each time) sleep 5 ms: on the device,
+// warps leave a barrier at different times, and with 2 cores the OS scheduler rarely reproduces that on its
+// own, so a missing barrier (a fast warp overwriting shared memory a slow one still reads) would go unseen.
+inline thread_local unsigned g_barrier_count = 0;
+inline void __syncthreads() {
+  g_block_barrier->arrive_and_wait();
+  const unsigned h = ((threadIdx.x / 32 + 1) * 2654435761u) ^ (++g_barrier_count * 40503u);
+  if ((h >> 9) % 4 == 0) std::this_thread::sleep_for(std::chrono::milliseconds(5));
+}
 
 inline int __syncthreads_or(int predicate) {
   __syncthreads();
@@ -64,9 +78,11 @@ inline float __fdiv_rn(float a, float b) { return a / b; }
 inline float __double2float_rn(double v) { return static_cast<float>(v); }
 using std::isnan;
 
-// Runs f() as one block of `threads` threads (the caller sets blockIdx and gridDim).
+// Runs f() as one block of `threads` threads (the caller sets blockIdx and gridDim). Dynamic shared memory
+// starts as garbage, as on the device: all bits set (NaN doubles and floats, -1 ints).
 template <class F>
 void run_block(int threads, F f) {
+  std::memset(g_dynamic_smem, 0xFF, sizeof(g_dynamic_smem));
   blockDim.x = threads;
   g_block_barrier = std::make_unique<std::barrier<>>(threads);
   g_warp_barriers.clear();

@@ -112,7 +112,9 @@ struct PgdArgs {
   const scalar_t* x_nat;
   const eps_t* eps_map;  // null for EpsPlan::kScalar
   StridedOffset<index_t> eps_offset;
-  index_t eps_row_stride;  // EpsPlan::kStrided: the innermost coalesced dim's eps stride
+  // EpsPlan::kStrided: the innermost coalesced dim's eps stride, a field of its own: reading
+  // eps_offset.strides[ndim - 1] with a run-time ndim would move that array to local memory.
+  index_t eps_row_stride;
   index_t numel;
   opmath_t eps, step, lo, hi;
 };
@@ -254,6 +256,15 @@ struct Inputs {
   double eps, step, lo, hi;
 };
 
+// The op's arguments, checked (errors name the argument), with the eps plan. grad is null for project_.
+Inputs checked_inputs(const at::Tensor& x_adv, const at::Tensor* grad, const at::Tensor& x_nat,
+                      const std::optional<at::Tensor>& eps_map, double eps, double step_size, double lo, double hi) {
+  const at::MemoryFormat fmt = check_attack_tensors(x_adv, grad, x_nat, /*allow_double=*/false);
+  // The scalar eps is only the budget when no eps_map is given.
+  check_scalars(eps_map.has_value() ? 0.0 : eps, step_size, lo, hi);
+  return Inputs{x_adv, grad, x_nat, eps_map, make_eps_plan(eps_map, x_adv, fmt), eps, step_size, lo, hi};
+}
+
 template <bool HAS_STEP, EpsPlan::Kind KIND, typename scalar_t, typename eps_t, typename index_t>
 PgdArgs<scalar_t, eps_t, index_t> make_args(const Inputs& in) {
   PgdArgs<scalar_t, eps_t, index_t> a;
@@ -348,10 +359,7 @@ void launch_eps_tensor(const Inputs& in) {
 template <bool HAS_STEP>
 void pgd_cuda(const at::Tensor& x_adv, const at::Tensor* grad, const at::Tensor& x_nat,
               const std::optional<at::Tensor>& eps_map, double eps, double step_size, double lo, double hi) {
-  const at::MemoryFormat fmt = check_attack_tensors(x_adv, grad, x_nat, /*allow_double=*/false);
-  // The scalar eps is only the budget when no eps_map is given.
-  check_scalars(eps_map.has_value() ? 0.0 : eps, step_size, lo, hi);
-  const Inputs in{x_adv, grad, x_nat, eps_map, make_eps_plan(eps_map, x_adv, fmt), eps, step_size, lo, hi};
+  const Inputs in = checked_inputs(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi);
   if (x_adv.numel() == 0) return;
 
   const c10::cuda::CUDAGuard guard(x_adv.device());

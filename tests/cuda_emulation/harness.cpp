@@ -92,9 +92,7 @@ Ran pgd_types(const pgd_device::Inputs& in, int64_t blocks, bool index64) {
 Ran pgd(at::Tensor x_adv, std::optional<at::Tensor> grad, at::Tensor x_nat, std::optional<at::Tensor> eps_map,
         double eps, double step, double lo, double hi, int64_t blocks, bool index64) {
   const at::Tensor* g = grad.has_value() ? &*grad : nullptr;
-  const at::MemoryFormat fmt = check_attack_tensors(x_adv, g, x_nat, /*allow_double=*/false);
-  check_scalars(eps_map.has_value() ? 0.0 : eps, step, lo, hi);
-  const pgd_device::Inputs in{x_adv, g, x_nat, eps_map, make_eps_plan(eps_map, x_adv, fmt), eps, step, lo, hi};
+  const pgd_device::Inputs in = pgd_device::checked_inputs(x_adv, g, x_nat, eps_map, eps, step, lo, hi);
   TORCH_CHECK(x_adv.numel() > 0, "the harness runs non-empty tensors");
   const auto run = [&](auto tag) {
     using scalar_t = decltype(tag);

@@ -19,6 +19,7 @@ import platform
 import statistics
 import time
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 from typing import Callable
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "3")  # keep the CUDA profiler's log lines out of the report
@@ -333,26 +334,38 @@ README_START, README_END = "<!-- bench:ops:start -->", "<!-- bench:ops:end -->"
 
 def write_json(path: str, obj) -> None:
     """obj as indented JSON at path, atomically (temp file + rename): a reader never sees half a report."""
-    from pathlib import Path
-
     from part_fast.train import atomic_write_text
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write_text(Path(path), json.dumps(obj, indent=1, default=str) + "\n")
 
 
+def readme_text(path, markers: list[tuple[str, str]]) -> str:
+    """The file's text, after checking that it holds every (start, end) marker pair, start first; a
+    SystemExit naming the missing pair otherwise (callers check before hours of work, not after)."""
+    text = Path(path).read_text()
+    for start, end in markers:
+        if start not in text or end not in text or text.index(start) > text.index(end):
+            raise SystemExit(f"{path} has no {start} ... {end} block to fill: add the two markers where the "
+                             "generated text should go")
+    return text
+
+
+def write_readme_blocks(path, blocks: dict[tuple[str, str], str]) -> None:
+    """Replace the text between each (start, end) marker pair with its body, in one atomic write."""
+    from part_fast.train import atomic_write_text
+
+    text = readme_text(path, list(blocks))
+    for (start, end), body in blocks.items():
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{start}\n{body}\n{end}{tail}"
+    atomic_write_text(Path(path), text)
+
+
 def write_readme_table(path: str, table: str) -> None:
-    """Replace the README's block between the bench:ops markers with `table` (atomically: temp + rename)."""
-    with open(path) as f:
-        text = f.read()
-    if README_START not in text or README_END not in text:
-        raise SystemExit(f"{path} has no {README_START} ... {README_END} block to fill")
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    tmp = f"{path}.tmp"
-    with open(tmp, "w") as f:
-        f.write(f"{head}{README_START}\n{table}\n{README_END}{tail}")
-    os.replace(tmp, path)
+    """Replace the README's bench:ops block with `table`."""
+    write_readme_blocks(path, {(README_START, README_END): table})
 
 
 def main(argv=None) -> None:

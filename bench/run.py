@@ -140,15 +140,7 @@ def readme_blocks(result: dict) -> dict:
 
 
 def write_readme(path: str | os.PathLike, result: dict) -> None:
-    text = Path(path).read_text()
-    for name, body in readme_blocks(result).items():
-        start, end = README_BLOCKS[name]
-        if start not in text or end not in text:
-            raise SystemExit(f"{path} has no {start} ... {end} block to fill")
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        text = f"{head}{start}\n{body}\n{end}{tail}"
-    atomic_write_text(Path(path), text)
+    ops_report.write_readme_blocks(path, {README_BLOCKS[name]: body for name, body in readme_blocks(result).items()})
 
 
 def plot(result: dict, path: Path) -> None:

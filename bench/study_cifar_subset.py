@@ -77,6 +77,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from bench.ops_report import readme_text, write_readme_blocks
 from part_fast.data import build_datasets
 from part_fast.evaluate import evaluate
 from part_fast.train import TrainConfig, atomic_write_bytes, atomic_write_text, load_checkpoint, load_model, train
@@ -567,18 +568,11 @@ def write_outputs(report: dict, out: Path, readme: str | None) -> str:
 
 
 def check_readme(path: str) -> str:
-    text = Path(path).read_text()
-    if README_START not in text or README_END not in text or text.index(README_START) > text.index(README_END):
-        raise SystemExit(f"{path} has no {README_START} ... {README_END} block to fill: add the two markers "
-                         "where the study's table should go")
-    return text
+    return readme_text(path, [(README_START, README_END)])
 
 
 def write_readme_block(path: str, block: str) -> None:
-    text = check_readme(path)
-    head, rest = text.split(README_START, 1)
-    _, tail = rest.split(README_END, 1)
-    atomic_write_text(Path(path), f"{head}{README_START}\n{block}\n{README_END}{tail}")
+    write_readme_blocks(path, {(README_START, README_END): block})
 
 
 # ------------------------------------------------------------------------------------------------- main

@@ -47,6 +47,12 @@ struct Smem {
   float *src, *tmp;
 };
 
+// The caller has checked that every size fits in an int (cam_eps_map_cuda does).
+Geometry make_geometry(int64_t h, int64_t w, int64_t H, int64_t W) {
+  const int hi = static_cast<int>(h), wi = static_cast<int>(w), Hi = static_cast<int>(H), Wi = static_cast<int>(W);
+  return Geometry{hi, wi, Hi, Wi, pil_max_taps(wi, Wi), pil_max_taps(hi, Hi)};
+}
+
 size_t smem_bytes(const Geometry& g) {
   const auto n = [](int64_t a, int64_t b) { return static_cast<size_t>(a * b); };
   return sizeof(double) * (n(g.W, g.kx) + n(g.H, g.ky)) + sizeof(int) * 2 * (n(g.W, 1) + n(g.H, 1)) +
@@ -290,12 +296,7 @@ at::Tensor cam_eps_map_cuda(const at::Tensor& cam, c10::SymIntArrayRef size, dou
 
   const c10::cuda::CUDAGuard guard(cam.device());
   const at::Tensor cam_c = cam.contiguous();  // a copy only if the caller passed a strided view
-  const Geometry g{static_cast<int>(h),
-                   static_cast<int>(w),
-                   static_cast<int>(H),
-                   static_cast<int>(W),
-                   pil_max_taps(static_cast<int>(w), static_cast<int>(W)),
-                   pil_max_taps(static_cast<int>(h), static_cast<int>(H))};
+  const Geometry g = make_geometry(h, w, H, W);
   PF_DISPATCH_CUDA_FLOAT_TYPES(cam.scalar_type(), "cam_eps_map", [&] {
     if (jet) {
       launch<scalar_t, true>(cam_c, out, g, eps, eps_low);

@@ -21,9 +21,7 @@ at::Tensor cam_eps_map(const at::Tensor& cam_in, int64_t H, int64_t W, double ep
   const std::vector<c10::SymInt> size{c10::SymInt(H), c10::SymInt(W)};
   check_cam_args(cam_in, size, eps, eps_low, jet ? "jet" : "cam", /*allow_double=*/false);
   const at::Tensor cam = cam_in.contiguous();
-  const int h = static_cast<int>(cam.size(1)), w = static_cast<int>(cam.size(2));
-  const cam_device::Geometry g{h, w, static_cast<int>(H), static_cast<int>(W), pil_max_taps(w, static_cast<int>(W)),
-                               pil_max_taps(h, static_cast<int>(H))};
+  const cam_device::Geometry g = cam_device::make_geometry(cam.size(1), cam.size(2), H, W);
   // Poisoned: an element the kernel does not write stays NaN and fails the comparison.
   at::Tensor out = at::full({cam.size(0), jet ? 3 : 1, H, W}, NAN, cam.options().dtype(at::kFloat));
   const float e = static_cast<float>(eps), el = static_cast<float>(eps_low);

@@ -13,7 +13,7 @@ MASKS = ("jet", "cam")
 class PixelBudget:
     """`PixelBudget(eps, eps_low, method, mask, layer)(model, x)` -> per-pixel eps map for the batch `x`.
 
-    mask="jet" is the released mask, a per-colour-channel (B, 3, H, W) map (PART_REFERENCE.md §3), exact given
+    mask="jet" is the released mask, a per-colour-channel (B, 3, H, W) map (docs/method.md §3), exact given
     the same CAM (a batched forward can move a CAM by ~1e-6 from a per-image one, enough to flip a rare
     pixel at a colour-bin edge); mask="cam" is the channel-shared (B, 1, H, W) variant that follows the paper's
     prose. The map is computed from `x` itself, so it always belongs to the images it will attack

@@ -84,7 +84,7 @@ def _select_classes(logits: torch.Tensor, target, y) -> torch.Tensor:
 
 
 def cam_from_gradients(activations: torch.Tensor, gradients: torch.Tensor, method: str) -> torch.Tensor:
-    """A (B, K, h, w), G = dlogit_c/dA (B, K, h, w) -> CAM (B, h, w), ReLU applied (PART_REFERENCE.md §6)."""
+    """A (B, K, h, w), G = dlogit_c/dA (B, K, h, w) -> CAM (B, h, w), ReLU applied (docs/method.md §6)."""
     if method == "gradcam":
         weights = gradients.mean(dim=(2, 3), keepdim=True)
         cam = (weights * activations).sum(1)

@@ -43,7 +43,7 @@ natural logits (CE, the KL target p_nat, MART's weight 1 − p_nat[y]) and the a
 MART's y' (an argsort index) carries no gradient. The functions here do the same.
 
 KL direction: the release calls ``nn.KLDivLoss(log_softmax(f(x_adv)), softmax(f(x_nat)))``, which is
-KL(p_nat ‖ p_adv) = Σ p_nat·log(p_nat / p_adv) (PART_REFERENCE.md §4 writes the arguments the other way
+KL(p_nat ‖ p_adv) = Σ p_nat·log(p_nat / p_adv) (docs/method.md §4 writes the arguments the other way
 round; the formula above is what the code computes).
 
 Forward passes and BatchNorm: in the release each outer forward is a separate train-mode call, so

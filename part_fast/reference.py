@@ -2,7 +2,7 @@
 compiled extension is missing, and the baseline of the benchmarks.
 
 A leaf module: it knows nothing of models. Readability over speed; every rounding point is the one the
-released PART code had (see PART_REFERENCE.md §3-4), so the compiled kernels can match it exactly.
+released PART code had (see docs/method.md §3-4), so the compiled kernels can match it exactly.
 """
 from __future__ import annotations
 
@@ -216,7 +216,7 @@ def jet_colors(up: torch.Tensor) -> torch.Tensor:
 
 def cam_eps_map(cam, size, eps, eps_low, mode="jet"):
     """Raw CAM (B, h, w) at feature resolution -> per-pixel budget, float32:
-    (B, 3, H, W) for mode "jet" (the released mask, PART_REFERENCE.md §3) or (B, 1, H, W) for mode
+    (B, 3, H, W) for mode "jet" (the released mask, docs/method.md §3) or (B, 1, H, W) for mode
     "cam" (channel-shared). eps where the standardised value is > 1, eps_low elsewhere; a degenerate
     CAM (all equal, or non-finite) gives eps_low everywhere."""
     size = _checks.check_cam_args(cam, size, eps, eps_low, mode)

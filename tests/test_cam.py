@@ -1,6 +1,6 @@
 """compute_cam / find_layer: batched head-only GradCAM, XGradCAM and LayerCAM at feature resolution.
 
-Oracles: an independent autograd computation of PART_REFERENCE.md §6's formulas (forward hook +
+Oracles: an independent autograd computation of docs/method.md §6's formulas (forward hook +
 retain_grad + a full backward through the whole model, in float64), and pytorch-grad-cam (PyPI
 `grad-cam`, test-only) compared at feature resolution: its own hooks collect A and dlogit/dA during its
 full backward, and its `get_cam_image` (the method-specific weighting, before its ReLU, min-max scaling and

@@ -306,7 +306,7 @@ def test_jet_mode_upsampled_channels_differ(backend, gen):
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("mode", MODES)
 def test_batch_independent(backend, mode, gen):
-    """Results do not change with the batch an image is in (PART_REFERENCE.md §7)."""
+    """Results do not change with the batch an image is in (docs/method.md §7)."""
     cam = random_cam((6, 4, 4), gen, torch.float32, "randn")
     full = run(backend, cam, (32, 32), mode=mode)
     for i in range(6):

@@ -1,5 +1,5 @@
 """The reference itself against independent oracles: matplotlib's jet, PIL's bicubic resize, and a
-straightforward per-image re-implementation of the released mask pipeline (PART_REFERENCE.md §3)."""
+straightforward per-image re-implementation of the released mask pipeline (docs/method.md §3)."""
 import os
 import subprocess
 import sys

@@ -334,7 +334,7 @@ README_START, README_END = "<!-- bench:ops:start -->", "<!-- bench:ops:end -->"
 
 def write_json(path: str, obj) -> None:
     """obj as indented JSON at path, atomically (temp file + rename): a reader never sees half a report."""
-    from part_fast.train import atomic_write_text
+    from part_fast.files import atomic_write_text
 
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     atomic_write_text(Path(path), json.dumps(obj, indent=1, default=str) + "\n")
@@ -353,7 +353,7 @@ def readme_text(path, markers: list[tuple[str, str]]) -> str:
 
 def write_readme_blocks(path, blocks: dict[tuple[str, str], str]) -> None:
     """Replace the text between each (start, end) marker pair with its body, in one atomic write."""
-    from part_fast.train import atomic_write_text
+    from part_fast.files import atomic_write_text
 
     text = readme_text(path, list(blocks))
     for (start, end), body in blocks.items():

@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from bench import ops_report
-from part_fast.train import atomic_write_bytes, atomic_write_text
+from part_fast.files import atomic_write_bytes, atomic_write_text
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
 

@@ -80,7 +80,8 @@ from tqdm.auto import tqdm
 from bench.ops_report import readme_text, write_readme_blocks
 from part_fast.data import build_datasets
 from part_fast.evaluate import evaluate
-from part_fast.train import TrainConfig, atomic_write_bytes, atomic_write_text, load_checkpoint, load_model, train
+from part_fast.files import atomic_write_bytes, atomic_write_text
+from part_fast.train import TrainConfig, load_checkpoint, load_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = ROOT / "bench" / "results" / "study"

@@ -2,14 +2,17 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
+import math
+import os
 import sys
 import time
-import math
 from pathlib import Path
 
+from .errors import EXIT_DIVERGED, EXIT_USER_ERROR, Interrupted, TrainingDiverged, UserError
 from .evaluate import MissingExtraError
-from .train import METHODS, TrainConfig, TrainingDiverged
+from .train import RESUMABLE_CHANGES, TrainConfig
 
 
 def fraction(text: str) -> float:
@@ -34,57 +37,87 @@ def int_list(text: str) -> tuple[int, ...]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 60,90, got {text!r}") from None
 
 
+def _shown_default(f: dataclasses.Field) -> str:
+    shown = f.metadata.get("shown")
+    if shown is not None:
+        return shown
+    value = f.default
+    if f.metadata["kind"] == "fraction":
+        k = value * 255
+        return f"{round(k):g}/255" if abs(k - round(k)) < 1e-9 else f"{value:g}"
+    if f.metadata["kind"] == "negated":
+        return "on"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+_PARSERS = {"int": int, "float": float, "fraction": fraction, "str": str, "int_list": int_list}
+
+
+def _add_config_flag(p: argparse.ArgumentParser, f: dataclasses.Field) -> None:
+    """One flag per TrainConfig field, its help and default taken from the field. The default is not set
+    on the namespace (SUPPRESS): what the user typed is told apart from what was left unset, which is what
+    lets --resume take the rest from the run's config.json."""
+    meta = f.metadata
+    flag = meta.get("flag") or "--" + f.name.replace("_", "-")
+    kwargs = {"dest": f.name, "default": argparse.SUPPRESS,
+              "help": f"{meta['help']} (default: {_shown_default(f)})"}
+    kind = meta["kind"]
+    if kind == "switch":
+        kwargs["action"] = "store_true"
+    elif kind == "negated":
+        kwargs["action"] = "store_false"
+    elif kind == "tristate":
+        kwargs["action"] = argparse.BooleanOptionalAction
+    else:
+        kwargs["type"] = _PARSERS[kind]
+        if meta.get("choices"):
+            kwargs["choices"] = meta["choices"]
+    p.add_argument(flag, **kwargs)
+
+
 def _train_parser(sub) -> None:
-    p = sub.add_parser("train", help="adversarial training: AT, TRADES, MART and PART, PART-T, PART-M",
-                       description="Train with the released PART recipe; unset flags take the dataset's released value.")
-    p.add_argument("--dataset", default="cifar10", help="cifar10 | svhn | tinyimagenet | imagefolder | shapes")
-    p.add_argument("--data-dir", default=None, help="dataset folder (not needed for shapes)")
-    p.add_argument("--download", action="store_true", help="download CIFAR-10 / SVHN into --data-dir if missing")
-    p.add_argument("--arch", default="resnet18", help="resnet18 | preact-resnet18 | wrn34-10 | cnn-small | a torchvision model name")
-    p.add_argument("--method", default="part", choices=METHODS)
-    p.add_argument("--out", required=True, help="run directory (must not exist unless --resume)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
-    p.add_argument("--epochs", type=int, default=80)
-    p.add_argument("--warmup", type=int, default=20, help="epochs of the base method before PART (PART methods)")
-    p.add_argument("--lr", type=float, default=None, help="default: the dataset's released value (0.01)")
-    p.add_argument("--milestones", type=int_list, default=(60, 90),
-                   help="epochs after the warm-up where the LR drops 10x (default 60,90)")
-    p.add_argument("--momentum", type=float, default=0.9)
-    p.add_argument("--weight-decay", type=float, default=None, help="default: 2e-4 (SVHN 0.0035)")
-    p.add_argument("--batch-size", type=int, default=128, help="global batch (split across processes)")
-    p.add_argument("--eps", type=fraction, default=8 / 255)
-    p.add_argument("--eps-low", type=fraction, default=7 / 255)
-    p.add_argument("--steps", type=int, default=10, help="attack steps")
-    p.add_argument("--step-size", type=fraction, default=None, help="default: 2/255 (SVHN 1/255)")
-    p.add_argument("--beta", type=float, default=6.0, help="TRADES / MART beta")
-    p.add_argument("--cam", default="gradcam", help="gradcam | xgradcam | layercam")
-    p.add_argument("--mask", default="jet", choices=("jet", "cam"))
-    p.add_argument("--start", default="uniform", choices=("uniform", "release"),
-                   help="AT attack start: inside the per-pixel box (uniform) or the release's global-eps start")
-    p.add_argument("--no-augment", dest="augment", action="store_false", help="no random crop / flip")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--train-subset", type=int, default=None, help="train on the first N examples")
-    p.add_argument("--test-subset", type=int, default=None, help="test on the first N examples")
-    p.add_argument("--eval-examples", type=int, default=1000, help="test examples for per-epoch accuracy (0: none)")
-    p.add_argument("--device", default="cpu", help="cpu | cuda (under torchrun: one GPU per process)")
-    p.add_argument("--workers", type=int, default=0, help="data-loader worker processes")
-    p.add_argument("--amp", default=None, choices=("bf16", "fp16"), help="autocast the model (budget and x_adv stay float32)")
-    p.add_argument("--channels-last", action="store_true")
-    p.add_argument("--compile", action="store_true", help="torch.compile the model")
-    p.add_argument("--sync-bn", action="store_true", help="SyncBatchNorm across processes (CUDA)")
-    p.add_argument("--log-steps", action="store_true", help="also write RUN_DIR/steps.jsonl, one line per step")
+    changeable = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE_CHANGES if k != "out")
+    p = sub.add_parser(
+        "train", help="adversarial training: AT, TRADES, MART and PART, PART-T, PART-M",
+        description="Train with the released PART recipe; unset flags take the dataset's released value. "
+                    "Exit codes: 0 done, 2 user error (one line), 3 diverged, 130 / 143 stopped by SIGINT / "
+                    "SIGTERM after writing a checkpoint.")
+    p.add_argument("--out", required=True, metavar="RUN_DIR",
+                   help="run directory: created by a new run; with --resume / --auto-resume, the run to continue")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true",
+                      help="continue the run in RUN_DIR from its newest intact checkpoint, with the settings of its "
+                           f"config.json; flags given may change only {changeable}")
+    mode.add_argument("--auto-resume", action="store_true",
+                      help="resume when RUN_DIR holds a run, else start one: the same command line can be re-run by "
+                           "`torchrun --max-restarts` or a job scheduler")
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "out":
+            _add_config_flag(p, f)
 
 
-def _config_from_args(args) -> TrainConfig:
-    return TrainConfig(
-        out=args.out, dataset=args.dataset, data_dir=args.data_dir, download=args.download, arch=args.arch,
-        method=args.method, epochs=args.epochs, warmup=args.warmup, lr=args.lr, momentum=args.momentum,
-        weight_decay=args.weight_decay, milestones=args.milestones, batch_size=args.batch_size, eps=args.eps,
-        eps_low=args.eps_low, steps=args.steps, step_size=args.step_size, beta=args.beta, cam=args.cam, mask=args.mask,
-        start=args.start, augment=args.augment, seed=args.seed, train_subset=args.train_subset,
-        test_subset=args.test_subset, device=args.device, workers=args.workers, amp=args.amp,
-        channels_last=args.channels_last, compile=args.compile, sync_bn=args.sync_bn, eval_examples=args.eval_examples,
-        log_steps=args.log_steps)
+def given_settings(args) -> dict:
+    """The TrainConfig settings typed on the command line (unset flags are absent)."""
+    return {f.name: getattr(args, f.name) for f in dataclasses.fields(TrainConfig)
+            if f.name != "out" and hasattr(args, f.name)}
+
+
+def config_from_args(args) -> TrainConfig:
+    """A new run: the flags given, defaults for the rest. With --resume / --auto-resume and a run in
+    RUN_DIR: its saved settings, with the flags given on top (train() refuses the unsafe changes)."""
+    from .train.rundir import CONFIG, RunDirError, RunDirMissing, saved_config
+
+    given = given_settings(args)
+    saved = saved_config(args.out) if (args.resume or args.auto_resume) else None
+    if args.resume and saved is None:
+        if not Path(args.out).is_dir():
+            raise RunDirMissing(f"--resume: run directory {args.out} does not exist")
+        raise RunDirError(f"--resume: {args.out} holds no part_fast run (no {CONFIG})")
+    if saved is not None:
+        return TrainConfig.from_json({**saved, **given, "out": args.out})
+    return TrainConfig(out=args.out, **given)
 
 
 def _eval_parser(sub) -> None:
@@ -138,7 +171,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_train(args) -> int:
     from .train import train
 
-    train(_config_from_args(args), resume=args.resume)
+    train(config_from_args(args), resume="auto" if args.auto_resume else args.resume)
     return 0
 
 
@@ -154,7 +187,8 @@ def _test_loader(config: TrainConfig, data_dir, test_subset, batch_size):
 
 def cmd_eval(args) -> int:
     from .evaluate import ATTACKS, evaluate
-    from .train import load_model, atomic_write_text
+    from .files import atomic_write_text
+    from .train import load_model
 
     attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
     unknown = [a for a in attacks if a not in ATTACKS]
@@ -237,17 +271,27 @@ def main(argv=None) -> int:
             return 2
     parser = build_parser()
     args = parser.parse_args(argv)
+    name = f"part-fast {args.command}"
     try:
         return COMMANDS[args.command](args)
-    except (ValueError, FileNotFoundError, FileExistsError, MissingExtraError) as err:
+    except Interrupted as err:
+        if _is_rank0():
+            print(f"{name}: {err}; resume with: part-fast train --out {args.out} --resume", file=sys.stderr)
+        return err.exit_code
+    except (UserError, ValueError, FileNotFoundError, FileExistsError, MissingExtraError) as err:
         # A user error: one clear line, no traceback.
-        print(f"part-fast {args.command}: error: {err}", file=sys.stderr)
-        return 2
+        print(f"{name}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
     except TrainingDiverged as err:
-        print(f"part-fast {args.command}: stopped: {err}; the last good checkpoint is kept", file=sys.stderr)
-        return 3
+        print(f"{name}: stopped: {err}; the last good checkpoint is kept", file=sys.stderr)
+        return EXIT_DIVERGED
     except KeyboardInterrupt:
+        print(f"{name}: interrupted", file=sys.stderr)
         return 130
+
+
+def _is_rank0() -> bool:
+    return os.environ.get("RANK", "0") == "0"
 
 
 if __name__ == "__main__":

@@ -17,7 +17,8 @@ from . import data as data_mod
 from .budget import PixelBudget
 from .evaluate import evaluate
 from .models import CAM_LAYERS
-from .train import TrainConfig, atomic_write_text, load_model, train
+from .files import atomic_write_text
+from .train import TrainConfig, load_model, train
 
 
 @dataclass(frozen=True)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import torch
 
-from .train import atomic_write_bytes
+from .files import atomic_write_bytes
 
 
 def _figure(rows: int, cols: int, figsize):

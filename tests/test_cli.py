@@ -34,12 +34,12 @@ def test_train_flags_reach_the_config():
     args = cli.build_parser().parse_args(TRAIN + ["--out", "r", "--eps", "6/255", "--eps-low", "5/255", "--step-size", "1/255",
                                                   "--milestones", "3,5", "--mask", "cam", "--cam", "layercam",
                                                   "--no-augment", "--amp", "bf16", "--method", "part-trades"])
-    cfg = cli._config_from_args(args)
+    cfg = cli.config_from_args(args)
     assert (cfg.eps, cfg.eps_low, cfg.step_size) == (6 / 255, 5 / 255, 1 / 255)
     assert cfg.milestones == (3, 5) and cfg.mask == "cam" and cfg.cam == "layercam"
     assert cfg.augment is False and cfg.amp == "bf16" and cfg.method == "part-trades"
     # Unset flags stay None and take the dataset's released values.
-    default = cli._config_from_args(cli.build_parser().parse_args(["train", "--out", "r", "--dataset", "svhn"]))
+    default = cli.config_from_args(cli.build_parser().parse_args(["train", "--out", "r", "--dataset", "svhn"]))
     assert default.lr is None and default.resolved().weight_decay == 0.0035
 
 
@@ -122,3 +122,20 @@ def test_demo_runs_small(tmp_path):
     assert "| PART |" in lines[-2] and summary_table(results) == lines[-2]
     with pytest.raises(FileExistsError):
         run_demo(tmp_path / "demo", settings, log=lines.append)
+
+
+def test_train_help_shows_every_setting_with_its_default(capsys):
+    import dataclasses
+
+    from part_fast.train import TrainConfig
+
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--help"])
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines
+    for f in dataclasses.fields(TrainConfig):
+        if f.name != "out":
+            assert (f.metadata.get("flag") or "--" + f.name.replace("_", "-")) in text, f.name
+    for shown in ("--eps EPS L-inf budget of the important pixels (and of AT) (default: 8/255)",
+                  "(default: 7/255)", "--epochs EPOCHS epochs in all, warm-up included (default: 80)",
+                  "(default: 60,90)", "--save-every-minutes", "(default: 10.0)", "--auto-resume"):
+        assert shown in text, shown

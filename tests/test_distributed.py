@@ -4,6 +4,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -15,6 +16,8 @@ from torch.utils.data.distributed import DistributedSampler
 from part_fast import data as data_mod
 from part_fast import train as train_mod
 from part_fast.train import Distributed, TrainConfig, load_checkpoint
+from trainer_helpers import (assert_same_weights, metric_lines, step_lines, wait_for_steps, weights, without_timings,
+                             worker_pids)
 
 ARGS = ["--dataset", "shapes", "--arch", "cnn-small", "--method", "part", "--epochs", "2", "--warmup", "0",
         "--lr", "0.05", "--batch-size", "32", "--steps", "2", "--train-subset", "96", "--test-subset", "40",
@@ -38,10 +41,10 @@ def _first_step_loss_per_rank(config: TrainConfig, world: int) -> list[float]:
         sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
         sampler.set_epoch(0)
         x, y = next(iter(DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler)))
-        aug = torch.Generator().manual_seed(train_mod.derived_seed(cfg.seed, train_mod._PURPOSE_AUGMENT, 0, rank))
-        atk = torch.Generator().manual_seed(train_mod.derived_seed(cfg.seed, train_mod._PURPOSE_ATTACK, 0, rank))
-        r = train_mod.train_step(state, x, y, part_phase=True, attack=train_mod.make_attack(state, part_phase=True), attack_gen=atk,
-                                 augment_gen=aug)
+        rng = train_mod.StepRandomness(cfg.seed, rank, torch.device("cpu"), augment=True)
+        with rng.at(0, 0):
+            r = train_mod.train_step(state, x, y, part_phase=True, attack=train_mod.make_attack(state, part_phase=True),
+                                     attack_gen=rng.attack, augment_gen=rng.augment)
         losses.append(r.loss)
     return losses
 
@@ -55,7 +58,8 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
     # Only rank 0 wrote files, once.
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "last.pt", "metrics.jsonl", "steps.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "last.pt", "metrics.jsonl", "previous.pt",
+                                                     "steps.jsonl"]
     assert done.stdout.count("epoch 2/2") == 1
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [m["epoch"] for m in metrics] == [1, 2]
@@ -74,7 +78,7 @@ def test_torchrun_two_processes_gloo(tmp_path):
     assert abs(per_rank[0] - per_rank[1]) > 1e-4
 
     ckpt = load_checkpoint(out / "last.pt")
-    assert ckpt["epoch"] == 2 and ckpt["rng"]["data_order"]["world"] == 2
+    assert ckpt["epoch"] == 2 and ckpt["world"] == 2 and ckpt["global_step"] == 6
     assert not any(k.startswith("module.") for k in ckpt["model"]), "the checkpoint holds the plain model's weights"
 
 
@@ -100,3 +104,128 @@ def test_torchrun_resume_equals_uninterrupted(tmp_path):
     a, b = load_checkpoint(tmp_path / "full" / "last.pt")["model"], load_checkpoint(tmp_path / "cut" / "last.pt")["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+# ------------------------------------------------------------------------------------ fault tolerance
+TEARDOWN_PROBE = """
+import os, sys, torch
+from torch import nn
+from part_fast.errors import Interrupted, UserError
+from part_fast.train import distributed
+
+def threads():
+    return len(os.listdir("/proc/self/task"))
+
+def run(info):  # as the trainer does: what holds the group lives in the run, not beside the session
+    ddp = nn.parallel.DistributedDataParallel(nn.Linear(4, 4))
+    for _ in range(3):
+        ddp(torch.randn(2, 4)).sum().backward()
+    info.all_sum([1.0])
+    counts.append(threads())
+    if sys.argv[1] == "interrupted":
+        raise Interrupted(15, "x", 3, "here")  # a stop agreed by every rank tears down the same way
+    if sys.argv[1] == "user-error-on-rank-1" and info.rank == 1:
+        raise UserError("rank 1 alone fails")  # rank 0 goes on to its barrier: neither may hang
+
+counts = [threads()]
+try:
+    with distributed.session("cpu") as info:
+        run(info)
+except (Interrupted, UserError):
+    pass
+print(f"rank {info.rank} threads {counts[0]} {counts[1]} {threads()}", flush=True)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("ending", ["done", "interrupted", "user-error-on-rank-1"])
+def test_session_teardown_joins_the_process_group_threads(tmp_path, ending):
+    """The cause of the SIGABRT at exit: gloo worker threads alive while the interpreter finalizes. After
+    the session every rank is back to the threads it had before it (so nothing can race the exit); a rank
+    that fails alone tears down without waiting for the others, and nobody hangs."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(TEARDOWN_PROBE)
+    done = subprocess.run(_torchrun() + ["--standalone", "--nproc_per_node=2", str(probe), ending], env=_env(),
+                          capture_output=True, text=True, timeout=300)
+    counts = sorted(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("rank "))
+    if ending == "user-error-on-rank-1":
+        # Rank 0's barrier learns that rank 1 left (an error, not a hang); rank 1 exited cleanly.
+        assert done.returncode != 0 and [c[0] for c in counts] == ["1"], done.stdout + done.stderr[-2000:]
+    else:
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+        assert [c[0] for c in counts] == ["0", "1"]
+    for rank, _, before, during, after in counts:
+        assert int(during) > int(before), "the group's worker threads were running"
+        assert after == before, f"rank {rank}: {int(after) - int(before)} threads outlived the session"
+
+
+# 8 steps per epoch (batches of 16 split over 2 ranks), PGD-5 so that a step takes a while.
+ELASTIC = ["--dataset", "shapes", "--arch", "cnn-small", "--method", "part", "--epochs", "2", "--warmup", "1",
+           "--lr", "0.05", "--batch-size", "16", "--steps", "5", "--train-subset", "128", "--test-subset", "32",
+           "--eval-examples", "32", "--seed", "6", "--log-steps"]
+
+
+def _env():
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted_pair(tmp_path_factory):
+    """A 2-process run with no interruption (and no step checkpoints): what every faulted run must equal."""
+    out = tmp_path_factory.mktemp("ddp-ref") / "run"
+    done = subprocess.run(_torchrun() + ["--standalone", "--nproc_per_node=2", "-m", "part_fast", "train", *ELASTIC,
+                                         "--out", str(out)], env=_env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return out
+
+
+def _assert_equals_uninterrupted(out, ref):
+    assert_same_weights(weights(ref), weights(out))
+    assert [m["epoch"] for m in metric_lines(out)] == [1, 2], "one metrics line per epoch, none lost or doubled"
+    assert without_timings(metric_lines(out)) == without_timings(metric_lines(ref))
+    assert [s["global_step"] for s in step_lines(out)] == list(range(1, 17))
+    assert [s["loss"] for s in step_lines(out)] == [s["loss"] for s in step_lines(ref)]
+
+
+@pytest.mark.slow
+def test_elastic_restart_after_a_worker_is_killed(tmp_path, uninterrupted_pair):
+    """SIGKILL one worker mid-epoch under `torchrun --max-restarts=2 ... --auto-resume`: torchrun restarts
+    the job, which resumes from its last step checkpoint and finishes by itself, exit 0, with the weights,
+    metrics and step losses of the uninterrupted run."""
+    out = tmp_path / "elastic"
+    cmd = _torchrun() + ["--standalone", "--nproc_per_node=2", "--max-restarts=2", "-m", "part_fast", "train", *ELASTIC,
+                         "--out", str(out), "--auto-resume", "--save-every-steps", "2"]
+    with open(tmp_path / "log.txt", "w") as log_file:
+        proc = subprocess.Popen(cmd, env=_env(), stdout=log_file, stderr=subprocess.STDOUT)
+        wait_for_steps(out, 5, proc)
+        (victim,) = worker_pids(proc.pid, rank=1)
+        os.kill(victim, signal.SIGKILL)
+        killed_at = len(step_lines(out))
+        assert proc.wait(timeout=600) == 0, (tmp_path / "log.txt").read_text()[-4000:]
+    log = (tmp_path / "log.txt").read_text()
+    assert killed_at < 16, "the kill landed before the end"
+    assert log.count(f"resumed {out} at step ") == 1, "the restarted job resumed once, from a checkpoint"
+    _assert_equals_uninterrupted(out, uninterrupted_pair)
+
+
+@pytest.mark.slow
+def test_torchrun_sigterm_checkpoints_the_exact_state(tmp_path, uninterrupted_pair):
+    """SIGTERM to torchrun (what a scheduler sends): it forwards the signal, both workers finish the same
+    step, write one checkpoint and exit 143; resuming with only --out ends equal to the uninterrupted run."""
+    out = tmp_path / "term"
+    run = [*_torchrun(), "--standalone", "--nproc_per_node=2", "-m", "part_fast", "train"]
+    proc = subprocess.Popen([*run, *ELASTIC, "--out", str(out)], env=_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    wait_for_steps(out, 3, proc)
+    proc.send_signal(signal.SIGTERM)
+    _, stderr = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    ckpt = load_checkpoint(out / "last.pt")
+    assert 3 <= ckpt["global_step"] < 16 and ckpt["global_step"] == len(step_lines(out))
+    assert stderr.count("part-fast train: stopped by SIGTERM after step ") == 1, stderr[-3000:]  # rank 0 says it
+    # The only traceback is torchrun's own, for the signal it got; the workers stopped cleanly.
+    assert stderr.count("Traceback") == stderr.count("SignalException: Process "), stderr[-3000:]
+    resumed = subprocess.run([*run, "--out", str(out), "--resume"], env=_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    _assert_equals_uninterrupted(out, uninterrupted_pair)

@@ -10,7 +10,6 @@ from conftest import (
     ALL_BACKENDS,
     BACKENDS,
     DTYPES,
-    HALF_DTYPES,
     assert_same_attack_result,
     attack_inputs,
     rand,

@@ -2,42 +2,19 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
-import time
-from pathlib import Path
 
 import pytest
 import torch
 
 from part_fast import train as train_mod
+from part_fast.attacks import PGD
+from part_fast.losses import OUTER_LOSSES
 from part_fast.train import TrainConfig, TrainingDiverged, load_checkpoint, lr_factor, train
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny(out, **kw) -> TrainConfig:
-    """A run that takes a few seconds: 96 shapes images, batches of 32, PGD-1, cnn-small."""
-    base = dict(out=str(out), dataset="shapes", arch="cnn-small", method="part", epochs=3, warmup=1, lr=0.05,
-                batch_size=32, steps=1, train_subset=96, test_subset=32, eval_examples=0, seed=3, progress=False)
-    base.update(kw)
-    return TrainConfig(**base)
-
-
-def quiet(*_args):
-    pass
-
-
-def weights(run_dir) -> dict:
-    return load_checkpoint(Path(run_dir) / "last.pt")["model"]
-
-
-def assert_same_weights(a: dict, b: dict):
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
+from trainer_helpers import (assert_same_weights, cli_train, env, quiet, step_lines, tiny, wait_for_steps, weights,
+                             without_timings)
 
 
 # ------------------------------------------------------------------------------------------- schedule
@@ -102,7 +79,8 @@ def test_unknown_arch_fails_before_the_run_dir_exists(tmp_path):
 def test_run_dir_contents_and_checkpoint_keys(tmp_path):
     out = tmp_path / "run"
     history = train(tiny(out, epochs=2, eval_examples=32, log_steps=True), log=quiet)
-    assert sorted(p.name for p in out.iterdir()) == ["config.json", "last.pt", "metrics.jsonl", "steps.jsonl"]
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", "last.pt", "metrics.jsonl", "previous.pt",
+                                                     "steps.jsonl"]
     config = json.loads((out / "config.json").read_text())
     assert config["method"] == "part" and config["lr"] == 0.05 and config["step_size"] == 2 / 255
     lines = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
@@ -118,11 +96,15 @@ def test_run_dir_contents_and_checkpoint_keys(tmp_path):
     assert lines[0]["eps_high_fraction"] == 1.0 and lines[0]["budget_seconds"] < 0.01
     assert 0 < lines[1]["eps_high_fraction"] < 0.6
     steps = [json.loads(line) for line in (out / "steps.jsonl").read_text().splitlines()]
-    assert [(s["epoch"], s["step"]) for s in steps] == [(1, 1), (1, 2), (1, 3), (2, 1), (2, 2), (2, 3)]
+    assert [(s["epoch"], s["step"], s["global_step"]) for s in steps] == [
+        (1, 1, 1), (1, 2, 2), (1, 3, 3), (2, 1, 4), (2, 2, 5), (2, 3, 6)]
     ckpt = load_checkpoint(out / "last.pt")
-    assert {"model", "optimizer", "scheduler", "epoch", "rng", "config"} <= set(ckpt)
-    assert {"python", "numpy", "torch", "cuda", "data_order"} <= set(ckpt["rng"])
-    assert ckpt["epoch"] == 2 and ckpt["config"] == config
+    assert {"model", "optimizer", "scheduler", "scaler", "epoch", "step_in_epoch", "global_step", "config"} <= set(ckpt)
+    assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"], ckpt["steps_per_epoch"]) == (2, 0, 6, 3)
+    assert ckpt["epoch_progress"] is None and ckpt["rank_buffers"] is None  # an epoch boundary
+    assert ckpt["config"] == config and ckpt["metrics"] == lines
+    # previous.pt is the checkpoint of the epoch before.
+    assert load_checkpoint(out / "previous.pt")["global_step"] == 3
 
 
 def test_existing_run_dir_is_not_overwritten(tmp_path):
@@ -137,7 +119,7 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
 def test_resume_with_another_config_is_refused(tmp_path):
     out = tmp_path / "run"
     train(tiny(out, epochs=1), log=quiet)
-    with pytest.raises(ValueError, match="eps_low"):
+    with pytest.raises(ValueError, match="--eps-low"):
         train(tiny(out, epochs=2, eps_low=6 / 255), resume=True, log=quiet)
 
 
@@ -155,56 +137,50 @@ def test_resume_in_process_equals_uninterrupted(tmp_path):
     train(tiny(tmp_path / "cut", method="part-trades", epochs=1), log=quiet)
     resumed = train(tiny(tmp_path / "cut", method="part-trades"), resume=True, log=quiet)
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
-    strip = lambda h: [{k: v for k, v in r.items() if "seconds" not in k} for r in h]  # noqa: E731
-    assert strip(resumed) == strip(full)
+    assert without_timings(resumed) == without_timings(full)
     assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 3
 
 
-def _cli_train(out, *extra):
-    return [sys.executable, "-m", "part_fast", "train", "--dataset", "shapes", "--arch", "cnn-small", "--method", "part",
-            "--epochs", "3", "--warmup", "1", "--lr", "0.05", "--batch-size", "32", "--steps", "1",
-            "--train-subset", "96", "--test-subset", "32", "--eval-examples", "0", "--seed", "3", "--log-steps",
-            "--out", str(out), *extra]
-
-
-def _env():
-    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+# 8 steps per epoch, a checkpoint every 2 steps: SIGKILL lands in the middle of epochs.
+KILLABLE = ["--dataset", "shapes", "--arch", "cnn-small", "--method", "part", "--epochs", "3", "--warmup", "1",
+            "--lr", "0.05", "--batch-size", "16", "--steps", "2", "--train-subset", "128", "--test-subset", "32",
+            "--eval-examples", "0", "--seed", "3", "--log-steps", "--save-every-steps", "2"]
 
 
 @pytest.mark.slow
-def test_sigkill_at_any_point_then_resume_equals_uninterrupted(tmp_path):
-    """Kill the training process with SIGKILL at several moments (before the first checkpoint, between
-    checkpoints, right after one), resume each time: the final weights equal an uninterrupted run's."""
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path):
+    """SIGKILL the training process at three points (before the first checkpoint, in the middle of an epoch,
+    in a later epoch), resume each time with only --out: the final weights, every step's loss and the
+    metrics equal an uninterrupted run's, and at most 2 steps (--save-every-steps 2) are redone."""
     ref = tmp_path / "ref"
-    subprocess.run(_cli_train(ref), check=True, env=_env(), capture_output=True)
+    subprocess.run(cli_train(ref, *KILLABLE), check=True, env=env(), capture_output=True)
     out = tmp_path / "killed"
-    kills = 0
-    for delay in (2.5, 6.0, 9.0):  # seconds after start: startup / first epoch / later epochs
-        args = _cli_train(out, *(["--resume"] if out.exists() else []))
-        proc = subprocess.Popen(args, env=_env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        time.sleep(delay)
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGKILL)
-            kills += 1
+    positions = []
+    for kill_after in (1, 11, 19):  # global steps; 8 per epoch
+        args = cli_train(out, "--resume") if out.exists() else cli_train(out, *KILLABLE)
+        proc = subprocess.Popen(args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for_steps(out, kill_after, proc)
+        proc.send_signal(signal.SIGKILL)
         proc.wait()
         # Whatever was on disk is whole: the checkpoint (if any) loads, the metrics parse.
         if (out / "last.pt").exists():
             ckpt = load_checkpoint(out / "last.pt")
+            positions.append((ckpt["epoch"], ckpt["step_in_epoch"]))
             lines = (out / "metrics.jsonl").read_text().splitlines()
             assert len(lines) in (ckpt["epoch"] - 1, ckpt["epoch"])  # killed between the two writes at worst
-    assert kills >= 1, "the run finished before any kill: make the delays shorter"
-    done = subprocess.run(_cli_train(out, "--resume"), env=_env(), capture_output=True, text=True)
+            assert len(step_lines(out)) - ckpt["global_step"] <= 3  # one torn or unsaved step beyond the cadence
+    assert any(0 < step < 8 for _, step in positions), f"no kill landed mid-epoch: {positions}"
+    done = subprocess.run(cli_train(out, "--resume"), env=env(), capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert_same_weights(weights(ref), weights(out))
     assert (out / "metrics.jsonl").read_text().count("\n") == 3
-    ref_steps = [json.loads(s)["loss"] for s in (ref / "steps.jsonl").read_text().splitlines()]
-    cut_steps = [json.loads(s)["loss"] for s in (out / "steps.jsonl").read_text().splitlines()]
-    assert cut_steps == ref_steps
+    assert [s["loss"] for s in step_lines(out)] == [s["loss"] for s in step_lines(ref)]
+    assert [s["global_step"] for s in step_lines(out)] == list(range(1, 25))
     assert not list(out.glob(".*tmp*")), "a temporary file was left behind"
 
 
 def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, monkeypatch):
-    real = train_mod.OUTER_LOSSES["at"]
+    real = OUTER_LOSSES["at"]
     calls = {"n": 0}
 
     def poisoned(logits, y):
@@ -212,7 +188,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
         loss = real(logits, y)
         return loss * float("nan") if calls["n"] > 4 else loss  # epoch 1 has 3 steps: NaN in epoch 2
 
-    monkeypatch.setitem(train_mod.OUTER_LOSSES, "at", poisoned)
+    monkeypatch.setitem(OUTER_LOSSES, "at", poisoned)
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="nan"):
         train(tiny(out), log=quiet)
@@ -241,7 +217,7 @@ def test_train_step_budget_belongs_to_the_attacked_batch(tmp_path, monkeypatch):
     from part_fast.budget import PixelBudget
 
     checks = []
-    real_call = train_mod.PGD.__call__
+    real_call = PGD.__call__
 
     def spy(self, x, y=None, eps_map=None, **kw):
         if eps_map is not None and len(checks) < 3:
@@ -251,7 +227,7 @@ def test_train_step_budget_belongs_to_the_attacked_batch(tmp_path, monkeypatch):
             checks.append((same, other))
         return real_call(self, x, y, eps_map=eps_map, **kw)
 
-    monkeypatch.setattr(train_mod.PGD, "__call__", spy)
+    monkeypatch.setattr(PGD, "__call__", spy)
     train(tiny(tmp_path / "run", epochs=2), log=quiet)
     assert checks == [(True, False)] * 3
 

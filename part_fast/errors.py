@@ -1,0 +1,47 @@
+"""The errors part_fast reports to a person, and the exit codes the command line gives them.
+
+| exit | meaning |
+|---|---|
+| 0 | done |
+| 1 | an internal error (a bug: the traceback is printed) |
+| 2 | a user error: bad input, a missing or damaged file, a full disk (one line, no traceback) |
+| 3 | training diverged (NaN/inf loss or weights); the last good checkpoint is kept |
+| 128 + signal | stopped by a signal after writing a checkpoint of the exact state: 130 (SIGINT), 143 (SIGTERM) |
+"""
+from __future__ import annotations
+
+import signal
+
+EXIT_USER_ERROR = 2
+EXIT_DIVERGED = 3
+
+
+class UserError(Exception):
+    """Something the user can fix: printed as one line, exit code 2."""
+
+
+class CheckpointError(UserError):
+    """A checkpoint is missing, damaged (truncated, failed CRC), or not a part_fast checkpoint."""
+
+
+class CheckpointWriteError(UserError, OSError):
+    """A checkpoint could not be written (e.g. the disk is full); the previous one is intact."""
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss or the weights became NaN or infinite; the last good checkpoint is kept."""
+
+
+class Interrupted(Exception):
+    """Training stopped on SIGTERM / SIGINT after writing a checkpoint of the exact state it reached."""
+
+    def __init__(self, signum: int, checkpoint: str, global_step: int, where: str):
+        self.signum = int(signum)
+        self.checkpoint = checkpoint
+        self.global_step = global_step
+        super().__init__(f"stopped by {signal.Signals(self.signum).name} after step {global_step} ({where}); "
+                         f"checkpoint {checkpoint}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum

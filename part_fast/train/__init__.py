@@ -1,0 +1,24 @@
+"""The PART trainer as a library: AT, TRADES, MART and their PART versions (PART, PART-T, PART-M).
+
+    config.py        TrainConfig: every setting, its default and help (the CLI is built from it)
+    step.py          one optimiser step: augment -> budget -> attack -> outer loss -> update
+    loop.py          train(): epochs, evaluation, metrics, checkpoints, resume, preemption
+    checkpoint.py    checked, atomic checkpoints (last.pt + previous.pt)
+    rundir.py        the run directory: new, resumed, auto-resumed
+    distributed.py   torchrun / DDP: collectives and a clean process-group teardown
+    preemption.py    SIGTERM / SIGINT: stop after the step, checkpoint, exit
+    sampler.py       the data order, resumable mid-epoch
+"""
+from ..errors import CheckpointError, Interrupted, TrainingDiverged
+from .config import AMP_DTYPES, BASE_METHOD, DATASET_DEFAULTS, METHODS, RESUMABLE_CHANGES, STARTS, TrainConfig
+from .distributed import Distributed
+from .loop import load_checkpoint, load_model, train
+from .step import (PURPOSE_ATTACK, PURPOSE_AUGMENT, PURPOSE_MODEL, RunState, StepRandomness, StepResult, build_model,
+                   build_state, derived_seed, lr_factor, make_attack, train_step)
+
+__all__ = [
+    "AMP_DTYPES", "BASE_METHOD", "DATASET_DEFAULTS", "METHODS", "RESUMABLE_CHANGES", "STARTS",
+    "CheckpointError", "Distributed", "Interrupted", "PURPOSE_ATTACK", "PURPOSE_AUGMENT", "PURPOSE_MODEL", "RunState",
+    "StepRandomness", "StepResult", "TrainConfig", "TrainingDiverged", "build_model", "build_state", "derived_seed",
+    "load_checkpoint", "load_model", "lr_factor", "make_attack", "train", "train_step",
+]

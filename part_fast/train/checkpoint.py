@@ -1,0 +1,135 @@
+"""Checkpoints that are whole, checked, and never the only copy.
+
+A run directory holds the newest checkpoint `last.pt` and the one before it, `previous.pt`. A save writes a
+temporary file, fsyncs it, hard-links the old `last.pt` to `previous.pt`, renames the new file over
+`last.pt` and fsyncs the folder, so at every instant both names hold whole files; a failed write (a full
+disk) leaves both as they were.
+
+A load checks before it trusts: the file must be a whole zip archive whose records all match the CRC-32
+that torch.save wrote for them (torch.load itself reads a flipped byte back silently), and must hold a
+part_fast checkpoint. Resuming takes the newest intact checkpoint: a damaged `last.pt` is set aside (renamed
+`last.pt.damaged`, never deleted) with a one-line warning, and the run continues from `previous.pt`.
+
+The checkpoint holds only tensors and plain Python values, so it loads with `weights_only=True`.
+"""
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import zipfile
+import zlib
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from ..errors import CheckpointError, CheckpointWriteError
+from ..files import atomic_write_bytes
+
+LAST = "last.pt"
+PREVIOUS = "previous.pt"
+FORMAT = 2
+REQUIRED_KEYS = frozenset({"format", "model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step",
+                           "config"})
+
+
+@contextlib.contextmanager
+def _crc32_recorded():
+    """torch.save records a CRC-32 per archive member unless a caller switched it off process-wide; the
+    integrity check needs them."""
+    get = getattr(torch.serialization, "get_crc32_options", None)
+    if get is None or get():
+        yield
+        return
+    torch.serialization.set_crc32_options(True)
+    try:
+        yield
+    finally:
+        torch.serialization.set_crc32_options(False)
+
+
+def save(path: str | os.PathLike, checkpoint: dict, *, keep_previous: bool = True) -> None:
+    """Write `checkpoint` to `path` atomically; the file `path` held before becomes PREVIOUS beside it."""
+    path = Path(path)
+
+    def write(f):
+        with _crc32_recorded():
+            torch.save(checkpoint, f)
+
+    try:
+        atomic_write_bytes(path, write, keep_previous=path.with_name(PREVIOUS) if keep_previous else None)
+    except OSError as err:
+        kept = f"{path} is the previous checkpoint, intact" if path.exists() else "no checkpoint was written before"
+        raise CheckpointWriteError(f"could not write the checkpoint {path}: {err.strerror or err}; {kept}") from err
+
+
+def verify(path: Path, data: bytes) -> None:
+    """Raise CheckpointError unless `data` is a whole archive whose members all pass their CRC-32."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as archive:
+            bad = archive.testzip()
+    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as err:
+        raise CheckpointError(f"{path} is damaged: not a whole checkpoint archive, truncated? ({err})") from None
+    if bad is not None:
+        raise CheckpointError(f"{path} is damaged: its record {bad} fails its CRC-32 check")
+
+
+def read(path: str | os.PathLike) -> dict:
+    """The checkpoint at `path`, checked (see the module doc), tensors on the CPU."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"no checkpoint at {path}")
+    try:
+        data = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"cannot read {path}: {err.strerror or err}") from None
+    verify(path, data)
+    try:
+        ckpt = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - whatever the unpickler says, the file is not ours or not whole
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path} is not a readable part_fast checkpoint ({first})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        found = ckpt.get("format", "none") if isinstance(ckpt, dict) else type(ckpt).__name__
+        raise CheckpointError(f"{path} is not a part_fast checkpoint of format {FORMAT} (found {found})")
+    missing = REQUIRED_KEYS - set(ckpt)
+    if missing:
+        raise CheckpointError(f"{path} is not a part_fast checkpoint (missing {sorted(missing)})")
+    return ckpt
+
+
+def describe(ckpt: dict) -> str:
+    """Where a checkpoint stands, in words."""
+    spe = ckpt.get("steps_per_epoch")
+    if ckpt["step_in_epoch"] and ckpt["step_in_epoch"] != spe:
+        return f"step {ckpt['global_step']}, epoch {ckpt['epoch'] + 1} step {ckpt['step_in_epoch']}/{spe}"
+    done = ckpt["epoch"] + (1 if ckpt["step_in_epoch"] else 0)
+    return f"step {ckpt['global_step']}, after epoch {done}"
+
+
+def newest_intact(run_dir: str | os.PathLike, warn: Callable[[str], None]) -> tuple[dict, Path] | None:
+    """The newest checkpoint of `run_dir` that passes its checks, and its path; None when it has none.
+
+    A damaged LAST is renamed LAST.damaged (so the next save does not keep it as PREVIOUS) and `warn` is
+    told in one line; when no checkpoint is intact, CheckpointError names every file tried."""
+    run_dir = Path(run_dir)
+    candidates = [run_dir / LAST, run_dir / PREVIOUS]
+    present = [p for p in candidates if p.exists()]
+    if not present:
+        return None
+    problems = []
+    for path in present:
+        try:
+            ckpt = read(path)
+        except CheckpointError as err:
+            problems.append((path, err))
+            continue
+        for bad, err in problems:
+            aside = bad.with_name(bad.name + ".damaged")
+            os.replace(bad, aside)
+            warn(f"warning: {err}; moved it to {aside.name} and resuming from {path} ({describe(ckpt)})")
+        if path.name == PREVIOUS and not problems:
+            warn(f"warning: {run_dir / LAST} is missing; resuming from {path} ({describe(ckpt)})")
+        return ckpt, path
+    raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(str(err) for _, err in problems))

@@ -1,0 +1,165 @@
+"""What a run is: `TrainConfig`, one field per setting, each with its default and its help text (the
+command line is built from these fields), and the released recipe per dataset."""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+import torch
+
+from .. import data as data_mod
+from ..budget import MASKS
+from ..cam import METHODS as CAM_METHODS
+
+METHODS = ("at", "trades", "mart", "part", "part-trades", "part-mart")
+BASE_METHOD = {"at": "at", "part": "at", "trades": "trades", "part-trades": "trades", "mart": "mart", "part-mart": "mart"}
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+STARTS = ("uniform", "release")
+
+# The released recipe per dataset (docs/method.md §2): values a flag left unset takes.
+DATASET_DEFAULTS = {
+    "cifar10": {"lr": 0.01, "weight_decay": 2e-4, "step_size": 2 / 255},
+    "svhn": {"lr": 0.01, "weight_decay": 0.0035, "step_size": 1 / 255},
+}
+_OTHER_DEFAULTS = DATASET_DEFAULTS["cifar10"]  # TinyImageNet, ImageFolder, shapes: the CIFAR-10 recipe
+
+# Settings a resumed run may change without changing what it computes (where the run lives, how long it
+# goes on, where and how fast it runs, what it logs and how often it saves).
+RESUMABLE_CHANGES = ("out", "epochs", "device", "workers", "progress", "eval_examples", "download", "data_dir",
+                     "log_steps", "save_every_steps", "save_every_minutes")
+
+
+def setting(default, help: str, *, kind: str, choices=None, flag: str | None = None, shown: str | None = None):
+    """A TrainConfig field with what the command line needs to offer it: `kind` says how a flag's text
+    becomes the value (int, float, fraction, str, int_list; switch = store_true; negated = a --no-... flag;
+    tristate = --x / --no-x), `shown` how --help writes the default when repr would not do."""
+    return field(default=default, metadata={"help": help, "kind": kind, "choices": choices, "flag": flag,
+                                            "shown": shown})
+
+
+@dataclass
+class TrainConfig:
+    out: str = field(metadata={"help": "run directory", "kind": "str"})  # required
+    dataset: str = setting("cifar10", "training data", kind="str", choices=data_mod.DATASETS)
+    data_dir: str | None = setting(None, "dataset folder (not needed for shapes)", kind="str", shown="none")
+    download: bool = setting(False, "download CIFAR-10 / SVHN into --data-dir if missing", kind="switch")
+    arch: str = setting("resnet18", "resnet18 | preact-resnet18 | wrn34-10 | cnn-small | resnet-small | a "
+                        "torchvision model name", kind="str")
+    method: str = setting("part", "training method", kind="str", choices=METHODS)
+    epochs: int = setting(80, "epochs in all, warm-up included", kind="int")
+    warmup: int = setting(20, "epochs of the base method before PART (PART methods; for the others the origin "
+                          "of --milestones)", kind="int")
+    lr: float | None = setting(None, "learning rate", kind="float", shown="the dataset's released value: 0.01")
+    momentum: float = setting(0.9, "SGD momentum", kind="float")
+    weight_decay: float | None = setting(None, "weight decay", kind="float", shown="2e-4; SVHN 0.0035")
+    # The LR is multiplied by 0.1 at each milestone, counted in epochs after the warm-up (1-based), as the
+    # release counts PART epochs; the same schedule applies to the base methods, so AT and PART differ
+    # only in the budget.
+    milestones: tuple[int, ...] = setting((60, 90), "epochs after the warm-up where the LR drops 10x",
+                                          kind="int_list", shown="60,90")
+    batch_size: int = setting(128, "global batch, split evenly across processes", kind="int")
+    eps: float = setting(8 / 255, "L-inf budget of the important pixels (and of AT)", kind="fraction")
+    eps_low: float = setting(7 / 255, "L-inf budget of the other pixels", kind="fraction")
+    steps: int = setting(10, "attack steps", kind="int")
+    step_size: float | None = setting(None, "attack step size", kind="fraction", shown="2/255; SVHN 1/255")
+    beta: float = setting(6.0, "TRADES / MART beta", kind="float")
+    cam: str = setting("gradcam", "CAM method", kind="str", choices=CAM_METHODS)
+    mask: str = setting("jet", "budget mask: jet (as released) or cam (channel-shared)", kind="str", choices=MASKS)
+    # The AT/MART-CE attack's start: "uniform" draws inside the per-pixel box (and [0, 1]); "release" is the
+    # released PART-PGD start (global eps, unclipped). TRADES and MART always start at x + 0.001 N(0, 1).
+    start: str = setting("uniform", "AT attack start: inside the per-pixel box (uniform) or the release's "
+                         "global-eps start", kind="str", choices=STARTS)
+    augment: bool = setting(True, "switch off the random crop / flip", kind="negated", flag="--no-augment",
+                            shown="augmentation on")
+    seed: int = setting(0, "seed of everything random: init, data order, augmentation, attack noise", kind="int")
+    train_subset: int | None = setting(None, "train on the first N examples", kind="int", shown="all")
+    test_subset: int | None = setting(None, "test on the first N examples", kind="int", shown="all")
+    device: str = setting("cpu", "cpu | cuda (under torchrun: one GPU per process)", kind="str")
+    workers: int = setting(0, "data-loader worker processes", kind="int")
+    amp: str | None = setting(None, "autocast the model (the budget and x_adv stay float32)", kind="str",
+                              choices=tuple(AMP_DTYPES), shown="off")
+    channels_last: bool = setting(False, "channels-last memory format", kind="switch")
+    compile: bool = setting(False, "torch.compile the model", kind="switch")
+    sync_bn: bool = setting(False, "SyncBatchNorm across processes (CUDA)", kind="switch")
+    eval_examples: int = setting(1000, "test examples for the per-epoch natural / PGD-20 accuracy (0: none)",
+                                 kind="int")
+    log_steps: bool = setting(False, "also write RUN_DIR/steps.jsonl, one line per optimiser step", kind="switch")
+    progress: bool | None = setting(None, "progress bars", kind="tristate", shown="on a terminal only")
+    save_every_steps: int = setting(0, "also checkpoint every N optimiser steps (0: off)", kind="int")
+    save_every_minutes: float = setting(10.0, "also checkpoint when this many minutes passed since the last "
+                                        "checkpoint (0: off); bounds what a SIGKILL loses", kind="float")
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with the dataset's released defaults filled in, validated."""
+        defaults = DATASET_DEFAULTS.get(self.dataset, _OTHER_DEFAULTS)
+        cfg = dataclasses.replace(
+            self,
+            lr=defaults["lr"] if self.lr is None else float(self.lr),
+            weight_decay=defaults["weight_decay"] if self.weight_decay is None else float(self.weight_decay),
+            step_size=defaults["step_size"] if self.step_size is None else float(self.step_size),
+            milestones=tuple(int(m) for m in self.milestones),
+            save_every_minutes=float(self.save_every_minutes),
+        )
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        def need(ok, msg):
+            if not ok:
+                raise ValueError(msg)
+
+        need(isinstance(self.out, str) and self.out != "", f"out must name the run directory, got {self.out!r}")
+        need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        need(self.dataset in data_mod.DATASETS, f"dataset must be one of {data_mod.DATASETS}, got {self.dataset!r}")
+        need(self.cam in CAM_METHODS, f"cam must be one of {CAM_METHODS}, got {self.cam!r}")
+        need(self.mask in MASKS, f"mask must be one of {MASKS}, got {self.mask!r}")
+        need(self.start in STARTS, f"start must be one of {STARTS}, got {self.start!r}")
+        need(self.amp in (None, *AMP_DTYPES), f"amp must be one of {tuple(AMP_DTYPES)} or None, got {self.amp!r}")
+        need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an int >= 1, got {self.epochs!r}")
+        need(isinstance(self.warmup, int) and self.warmup >= 0, f"warmup must be an int >= 0, got {self.warmup!r}")
+        # Base methods keep `warmup` only as the origin of the LR milestones (so AT and PART share a schedule).
+        need(not self.is_part or self.warmup <= self.epochs,
+             f"warmup ({self.warmup}) must not exceed epochs ({self.epochs}) for {self.method}")
+        need(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an int >= 0, got {self.seed!r}")
+        need(self.momentum >= 0, f"momentum must be >= 0, got {self.momentum}")
+        need(self.weight_decay is None or self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
+        need(isinstance(self.batch_size, int) and self.batch_size >= 2, f"batch_size must be an int >= 2, got {self.batch_size!r}")
+        need(isinstance(self.steps, int) and self.steps >= 0, f"steps must be an int >= 0, got {self.steps!r}")
+        need(0 <= self.eps_low <= self.eps <= 1, f"need 0 <= eps_low <= eps <= 1, got eps_low={self.eps_low}, eps={self.eps}")
+        need(self.step_size is None or self.step_size >= 0, f"step_size must be >= 0, got {self.step_size}")
+        need(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
+        need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
+        need(all(m >= 1 for m in self.milestones), f"milestones must be epochs >= 1 after warm-up, got {self.milestones}")
+        need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        need(self.eval_examples >= 0, f"eval_examples must be >= 0, got {self.eval_examples}")
+        need(isinstance(self.save_every_steps, int) and self.save_every_steps >= 0,
+             f"save_every_steps must be an int >= 0, got {self.save_every_steps!r}")
+        need(self.save_every_minutes >= 0, f"save_every_minutes must be >= 0, got {self.save_every_minutes}")
+        need(not (self.amp == "fp16" and self.device == "cpu"), "amp fp16 needs a GPU; use --amp bf16 on the CPU")
+        # TRADES' KL ascent starts 0.001 from x: its input gradients (~1e-10) flush to zero in fp16, so the
+        # attack would never move. bf16 has float32's range.
+        need(not (self.amp == "fp16" and self.base == "trades"),
+             f"amp fp16 would stall the {self.method} attack (its KL gradients underflow in fp16); use --amp bf16")
+        need(not (self.sync_bn and not self.device.startswith("cuda")),
+             "sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); use plain BatchNorm on the CPU")
+
+    def to_json(self) -> dict:
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_json(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}")
+        return cls(**{**d, "milestones": tuple(d.get("milestones", (60, 90)))})
+
+    @property
+    def is_part(self) -> bool:
+        return self.method.startswith("part")
+
+    @property
+    def base(self) -> str:
+        return BASE_METHOD[self.method]

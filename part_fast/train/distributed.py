@@ -1,0 +1,177 @@
+"""One process per device under torchrun: who we are, the few collectives the trainer needs, and a
+session that starts the process group and tears it down so that every rank exits cleanly.
+
+Why the teardown is careful. A gloo process group runs worker threads that finish each collective and then
+drop their references to its tensors; dropping a reference to a tensor Python can see takes the GIL. If
+the interpreter is already finalizing when a worker asks for the GIL, CPython ends that thread from inside
+a C++ destructor and the process dies with `terminate called without an active exception` (SIGABRT),
+after a run that succeeded. The workers only stop when the group's backend is destroyed, which
+`destroy_process_group()` does only once nothing else references the group. Two things kept it alive:
+DistributedDataParallel (freed only by the garbage collector) and `torch._dynamo`, which DDP imports: when
+that first import happens after `init_process_group`, it keeps references to the default group for the
+life of the process. So the session imports `torch._dynamo` before creating the group, and at the end
+frees what still refers to it (collects garbage, clears the frames of a propagating exception), waits for
+every rank (barrier), and destroys the group while the interpreter is fully alive: its destructor joins the
+worker threads, and nothing is left to race the exit.
+"""
+from __future__ import annotations
+
+import contextlib
+import gc
+import os
+import traceback
+from dataclasses import dataclass, field
+from typing import Iterator
+
+import torch
+import torch.distributed as dist
+
+from ..errors import Interrupted, TrainingDiverged, UserError
+
+# Stops every rank reaches at the same point, having agreed on them in a collective: the peers are alive and
+# idle, so the ranks can wait for each other and tear the group down in order.
+AGREED_STOPS = (Interrupted, TrainingDiverged)
+
+
+@dataclass
+class Distributed:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives' tensors live
+
+    @property
+    def enabled(self) -> bool:
+        return self.world > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def from_env(cls) -> "Distributed":
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        return cls(int(os.environ.get("RANK", "0")), world, int(os.environ.get("LOCAL_RANK", "0")))
+
+    def all_sum(self, values, device=None) -> list[float]:
+        """Element-wise sum over ranks (float64), returned as Python floats."""
+        values = [float(v) for v in values]
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64, device=device or self.device)
+        dist.all_reduce(t)
+        return t.tolist()
+
+    def all_gather(self, values) -> list[list[float]]:
+        """Every rank's vector (float64, same length on every rank), in rank order."""
+        values = [float(v) for v in values]
+        if not self.enabled:
+            return [values]
+        t = torch.tensor(values, dtype=torch.float64, device=self.device)
+        out = [torch.empty_like(t) for _ in range(self.world)]
+        dist.all_gather(out, t)
+        return [o.tolist() for o in out]
+
+    def all_gather_tensors(self, tensors: list[torch.Tensor]) -> list[list[torch.Tensor]]:
+        """Every rank's copy of `tensors` (same shapes and dtypes on every rank), on the CPU, in rank order:
+        one collective per dtype."""
+        if not self.enabled:
+            return [[t.detach().cpu().clone() for t in tensors]]
+        per_rank: list[list[torch.Tensor | None]] = [[None] * len(tensors) for _ in range(self.world)]
+        for dtype in dict.fromkeys(t.dtype for t in tensors):
+            idx = [i for i, t in enumerate(tensors) if t.dtype == dtype]
+            flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx]).to(self.device)
+            gathered = [torch.empty_like(flat) for _ in range(self.world)]
+            dist.all_gather(gathered, flat)
+            for rank, g in enumerate(gathered):
+                pieces = g.cpu().split([tensors[i].numel() for i in idx])
+                for i, piece in zip(idx, pieces):
+                    per_rank[rank][i] = piece.reshape(tensors[i].shape).clone()
+        return per_rank  # type: ignore[return-value]
+
+    def broadcast_object(self, obj):
+        """Rank 0's `obj` (picklable) on every rank."""
+        if not self.enabled:
+            return obj
+        box = [obj]
+        dist.broadcast_object_list(box, src=0, device=self.device)
+        return box[0]
+
+    def broadcast_(self, tensors) -> None:
+        """Overwrite every rank's tensors with rank 0's, in place."""
+        if self.enabled:
+            for t in tensors:
+                dist.broadcast(t, 0)
+
+
+def _device_for(name: str, info: Distributed) -> torch.device:
+    device = torch.device(name)
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"device {name!r} requested but CUDA is not available")
+        if info.enabled:
+            device = torch.device("cuda", info.local_rank)  # one GPU per process
+        if device.index is not None:
+            torch.cuda.set_device(device)  # Triton launches, pinned copies and NCCL follow the current device
+    return device
+
+
+@contextlib.contextmanager
+def session(device_name: str) -> Iterator[Distributed]:
+    """The process group for the life of a run (none when WORLD_SIZE is 1); yields this rank's
+    Distributed, whose .device is the device to train on."""
+    info = Distributed.from_env()
+    device = _device_for(device_name, info)
+    info.device = device
+    if not info.enabled or dist.is_initialized():
+        yield info  # alone, or inside a group the caller owns (and tears down)
+        return
+    import torch._dynamo  # noqa: F401 - before init_process_group, or it pins the group (see the module doc)
+
+    _init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        yield info
+    except AGREED_STOPS as err:
+        _teardown(err, wait_for_peers=True)
+        raise
+    except UserError as err:
+        # Raised between collectives, maybe on this rank alone: a peer may never reach a barrier, but this
+        # rank's own collectives are complete, so destroying a gloo group (which joins its threads) cannot
+        # block. NCCL's teardown may wait for peers: left to the exit.
+        if dist.get_backend() == "gloo":
+            _teardown(err, wait_for_peers=False)
+        raise
+    else:
+        _teardown(None, wait_for_peers=True)
+    # Any other exception: a peer may be gone or mid-collective, and waiting for it could hang the exit.
+
+
+def _init_process_group(backend: str) -> None:
+    """init_process_group, with its keys kept apart from those of earlier attempts of the job.
+
+    After `torchrun --max-restarts` restarts the workers, they meet in the same store as the attempt before
+    (the agent shares its rendezvous store and keeps its address across rounds), where the group's
+    connection keys of the previous attempt are still set: the new ranks read the dead ranks' addresses
+    and fail with "connectFullMesh ... Connection refused", or hang (3 restarts in 6 here). Prefixing the
+    keys with the restart count gives each attempt its own. One agent's restart count is the job's; with
+    several nodes each agent counts its own restarts, so there the prefix could split the ranks, and the
+    keys are left as torchrun makes them (launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for a
+    fresh store per round)."""
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
+    if attempt is None or os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
+        dist.init_process_group(backend)
+        return
+    store, rank, world = next(dist.rendezvous("env://"))
+    dist.init_process_group(backend, store=dist.PrefixStore(f"part_fast/attempt_{attempt}", store), rank=rank,
+                            world_size=world)
+
+
+def _teardown(err: BaseException | None, wait_for_peers: bool) -> None:
+    if err is not None:
+        # The frames the exception passes through hold the run's locals: the DDP model among them.
+        traceback.clear_frames(err.__traceback__)
+    gc.collect()  # DDP sits in reference cycles; collect it while the interpreter is whole
+    if wait_for_peers:
+        dist.barrier()  # no rank destroys the group while another still writes or communicates
+    dist.destroy_process_group()
+    gc.collect()

@@ -1,0 +1,153 @@
+"""The run directory: what a run writes, and how a new run, a resumed one and an auto-resumed one find it.
+
+    RUN_DIR/config.json      the resolved TrainConfig, written when the run starts
+    RUN_DIR/last.pt          the newest checkpoint; previous.pt the one before (checkpoint.py)
+    RUN_DIR/metrics.jsonl    one line per completed epoch, rewritten from the checkpoint's history
+    RUN_DIR/steps.jsonl      with log_steps: one line per optimiser step
+
+Only rank 0 writes. Every file is replaced atomically, except steps.jsonl, which is appended to and, on
+resume, cut back to the steps the checkpoint holds (a torn last line included).
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+from ..errors import CheckpointError, UserError
+from ..files import atomic_write_json, atomic_write_text, remove_stale_temp_files
+from . import checkpoint
+from .config import RESUMABLE_CHANGES, TrainConfig
+from .distributed import Distributed
+
+CONFIG = "config.json"
+METRICS = "metrics.jsonl"
+STEPS = "steps.jsonl"
+
+
+class RunDirError(UserError):
+    """RUN_DIR cannot be used as asked (exists for a new run, missing for --resume, another config...)."""
+
+
+class RunDirExists(RunDirError, FileExistsError):
+    """A new run was asked for in a RUN_DIR that holds files."""
+
+
+class RunDirMissing(RunDirError, FileNotFoundError):
+    """A run was to be resumed from a RUN_DIR that does not exist."""
+
+
+class ConfigMismatch(RunDirError, ValueError):
+    """A resumed run would change a setting that changes what it computes."""
+
+
+def holds_run(out: str | Path) -> bool:
+    return (Path(out) / CONFIG).is_file()
+
+
+def saved_config(out: str | Path) -> dict | None:
+    """RUN_DIR/config.json as a dict; None when RUN_DIR holds no run."""
+    path = Path(out) / CONFIG
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise RunDirError(f"{path} is damaged ({err}); it says what the run is, so it cannot be resumed without it")
+    if not isinstance(saved, dict):
+        raise RunDirError(f"{path} is damaged (not a JSON object)")
+    return saved
+
+
+def check_same_config(saved: dict, config: TrainConfig, where: Path) -> None:
+    now = config.to_json()
+    changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
+    if changed:
+        detail = ", ".join(f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ConfigMismatch(f"resuming with another configuration than {where} ({detail}); only "
+                          f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE_CHANGES if k != 'out')} may change")
+
+
+def prepare(config: TrainConfig, resume: bool | str, warn: Callable[[str], None]) -> tuple[dict, Path] | None:
+    """Create RUN_DIR for a new run, or check it for a resumed one; returns the checkpoint to resume from
+    and its path (None: start from step 0). resume="auto": resume when RUN_DIR holds a run."""
+    out = Path(config.out)
+    if resume == "auto":
+        if not holds_run(out) and out.exists() and any(out.iterdir()):
+            raise RunDirError(f"--auto-resume: {out} is not empty but holds no part_fast run (no {CONFIG}); "
+                              "choose another --out")
+        resume = holds_run(out)
+    if not resume:
+        if out.exists() and any(out.iterdir()):
+            raise RunDirExists(f"run directory {out} already exists and is not empty; pass --resume to continue it, "
+                              "or choose another --out")
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / CONFIG, config.to_json())
+        return None
+    if not out.is_dir():
+        raise RunDirMissing(f"--resume: run directory {out} does not exist")
+    saved = saved_config(out)
+    if saved is not None:
+        check_same_config(saved, config, out / CONFIG)
+    if saved != config.to_json():
+        atomic_write_json(out / CONFIG, config.to_json())  # with the safe changes: it says what the run is now
+    remove_stale_temp_files(out)  # left by a process killed while it wrote
+    found = checkpoint.newest_intact(out, warn)
+    if found is None:
+        return None  # stopped before its first checkpoint: start over in the same directory
+    ckpt, path = found
+    check_same_config(ckpt["config"], config, path)
+    return ckpt, path
+
+
+def prepare_on_all_ranks(config: TrainConfig, info: Distributed, resume: bool | str,
+                         warn: Callable[[str], None]) -> dict | None:
+    """Rank 0 prepares RUN_DIR and picks the checkpoint (one process decides, so ranks cannot race on the
+    files); the others follow its verdict, check they were started with the same configuration, and read
+    the checkpoint it picked."""
+    found, error = None, None
+    verdict = {"error": None, "checkpoint": None, "config": config.to_json()}
+    if info.is_main:
+        try:
+            found = prepare(config, resume, warn)
+        except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks, or they wait forever
+            error = err
+            verdict["error"] = str(err)
+        verdict["checkpoint"] = str(found[1]) if found else None
+    verdict = info.broadcast_object(verdict)
+    if error is not None:
+        raise error
+    if not info.is_main:
+        if verdict["error"] is not None:
+            raise RunDirError(f"rank 0 could not prepare {config.out}: {verdict['error']}")
+        if verdict["config"] != config.to_json():
+            theirs, ours = verdict["config"], config.to_json()
+            keys = sorted(k for k in ours if ours[k] != theirs.get(k))
+            raise RunDirError(f"rank {info.rank} was started with another configuration than rank 0 ({', '.join(keys)})")
+        if verdict["checkpoint"] is not None:
+            try:
+                return checkpoint.read(verdict["checkpoint"])
+            except CheckpointError as err:
+                raise RunDirError(f"rank {info.rank} cannot read the checkpoint rank 0 picked: {err}") from None
+        return None
+    return found[0] if found else None
+
+
+def write_metrics(out: Path, history: list) -> None:
+    atomic_write_text(out / METRICS, "".join(json.dumps(m) + "\n" for m in history))
+
+
+def trim_steps_log(out: Path, global_step: int) -> None:
+    """Keep the step lines up to `global_step` (the checkpoint's), none torn: the steps after it are redone."""
+    path = out / STEPS
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text().splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if rec.get("global_step", 0) <= global_step:
+            kept.append(line + "\n")
+    atomic_write_text(path, "".join(kept))

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import EXIT_DIVERGED, EXIT_USER_ERROR, Interrupted, TrainingDiverged, UserError
+from .errors import EXIT_DIVERGED, EXIT_USER_ERROR, USER_ERRORS, Interrupted, TrainingDiverged
 from .evaluate import MissingExtraError
 from .train import RESUMABLE_CHANGES, TrainConfig
 
@@ -278,15 +278,17 @@ def main(argv=None) -> int:
         if _is_rank0():
             print(f"{name}: {err}; resume with: part-fast train --out {args.out} --resume", file=sys.stderr)
         return err.exit_code
-    except (UserError, ValueError, FileNotFoundError, FileExistsError, MissingExtraError) as err:
+    except (*USER_ERRORS, MissingExtraError) as err:
         # A user error: one clear line, no traceback.
         print(f"{name}: error: {err}", file=sys.stderr)
         return EXIT_USER_ERROR
     except TrainingDiverged as err:
-        print(f"{name}: stopped: {err}; the last good checkpoint is kept", file=sys.stderr)
+        print(f"{name}: stopped: {err}", file=sys.stderr)
         return EXIT_DIVERGED
     except KeyboardInterrupt:
-        print(f"{name}: interrupted", file=sys.stderr)
+        if _is_rank0():
+            kept = f"; the checkpoints already in {args.out} are kept" if args.command == "train" else ""
+            print(f"{name}: interrupted at once, nothing more saved{kept}", file=sys.stderr)
         return 130
 
 

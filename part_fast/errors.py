@@ -6,7 +6,7 @@
 | 1 | an internal error (a bug: the traceback is printed) |
 | 2 | a user error: bad input, a missing or damaged file, a full disk (one line, no traceback) |
 | 3 | training diverged (NaN/inf loss or weights); the last good checkpoint is kept |
-| 128 + signal | stopped by a signal after writing a checkpoint of the exact state: 130 (SIGINT), 143 (SIGTERM) |
+| 128 + signal | stopped by a signal: 130 (SIGINT), 143 (SIGTERM); the line printed says which checkpoint holds the state |
 """
 from __future__ import annotations
 
@@ -18,6 +18,20 @@ EXIT_DIVERGED = 3
 
 class UserError(Exception):
     """Something the user can fix: printed as one line, exit code 2."""
+
+
+class ConfigError(UserError, ValueError):
+    """A setting that cannot be (a value out of range, a name that does not exist, a combination refused)."""
+
+
+class OutputWriteError(UserError, OSError):
+    """A log or report in RUN_DIR could not be written (e.g. the disk is full)."""
+
+
+# What the command line reports as a user error (one line, exit 2), and what the trainer's process-group
+# session treats as one: the library's own errors, plus the built-in kinds that argument, data and file
+# checks raise.
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError)
 
 
 class CheckpointError(UserError):

@@ -16,6 +16,10 @@ from typing import Any, BinaryIO, Callable
 _TEMP_MARK = ".tmp-"
 
 
+class NotDurable(OSError):
+    """The new file is in place, but its folder could not be fsync'ed: a power cut may still undo the rename."""
+
+
 def temp_path_for(path: Path) -> Path:
     """The temporary name this process writes `path` under (hidden, beside it, tagged with our pid)."""
     return path.with_name(f".{path.name}{_TEMP_MARK}{os.getpid()}")
@@ -68,7 +72,10 @@ def atomic_write_bytes(path: str | os.PathLike, write: Callable[[BinaryIO], Any]
         if keep_previous is not None and path.exists():
             _keep_as(path, Path(keep_previous))
         os.replace(tmp, path)
-        fsync_dir(path.parent)
+        try:
+            fsync_dir(path.parent)
+        except OSError as err:
+            raise NotDurable(err.errno, err.strerror) from err
     finally:
         if tmp.exists():
             tmp.unlink()

@@ -237,3 +237,66 @@ def test_resume_with_no_intact_checkpoint_is_one_line_exit_2(damaged_run, tmp_pa
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and err.startswith("part-fast train: error: no intact checkpoint to resume from: ")
     assert str(copy / "last.pt") in err and str(copy / "previous.pt") in err
+
+
+@pytest.mark.parametrize("flag_bit", [0x01, 0x20, 0x40])
+def test_a_flipped_flag_bit_is_damage_too(tmp_path, flag_bit):
+    """zipfile raises RuntimeError / NotImplementedError (not BadZipFile) for a record whose flags say
+    "encrypted" or "patched": still one CheckpointError, and the fallback to previous.pt still works."""
+    checkpoint.save(tmp_path / "last.pt", _ckpt(1))
+    checkpoint.save(tmp_path / "last.pt", _ckpt(2))
+    data = bytearray((tmp_path / "last.pt").read_bytes())
+    central = data.rindex(b"PK\x01\x02")  # the last central-directory entry
+    data[central + 8] ^= flag_bit  # its general-purpose flags
+    (tmp_path / "last.pt").write_bytes(bytes(data))
+    with pytest.raises(CheckpointError, match="is damaged"):
+        load_checkpoint(tmp_path / "last.pt")
+    (tmp_path / "last.pt.damaged").write_bytes(b"an earlier damaged file")
+    ckpt, path = checkpoint.newest_intact(tmp_path, quiet)
+    assert ckpt["global_step"] == 1 and path.name == "previous.pt"
+    assert (tmp_path / "last.pt.damaged").read_bytes() == b"an earlier damaged file", "never replaced"
+    assert (tmp_path / "last.pt.damaged.1").exists()
+
+
+def test_a_full_disk_while_writing_the_metrics_is_one_line_exit_2(tmp_path, monkeypatch, capsys, one_thread):
+    from part_fast.train import rundir
+
+    real = rundir.write_metrics
+
+    def full_at_epoch_2(out, history):
+        if len(history) == 2:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return real(out, history)
+
+    monkeypatch.setattr(rundir, "write_metrics", full_at_epoch_2)
+    out = tmp_path / "run"
+    assert cli.main(TRAIN + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == (f"part-fast train: error: could not write {out / 'metrics.jsonl'}: No space left on device; "
+                   f"the checkpoints in {out} are intact")
+    assert load_checkpoint(out / "last.pt")["epoch"] == 2 and load_checkpoint(out / "previous.pt")["epoch"] == 1
+
+
+def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch, one_thread):
+    """A finite loss can still give an overflowing update: the step checkpoint after it is refused, and the
+    last checkpoint keeps the weights before it."""
+    from part_fast.train import TrainingDiverged, loop
+
+    real = loop.train_step
+    calls = {"n": 0}
+
+    def overflowing(state, *args, **kwargs):
+        r = real(state, *args, **kwargs)
+        calls["n"] += 1
+        if calls["n"] == 3:
+            with torch.no_grad():
+                next(state.model.parameters()).view(-1)[0] = float("inf")
+        return r
+
+    monkeypatch.setattr(loop, "train_step", overflowing)
+    out = tmp_path / "run"
+    with pytest.raises(TrainingDiverged, match="non-finite by step 3"):
+        train(tiny(out, save_every_steps=1, batch_size=16, train_subset=64), log=quiet)
+    ckpt = load_checkpoint(out / "last.pt")
+    assert ckpt["global_step"] == 2
+    assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())

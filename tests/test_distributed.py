@@ -229,3 +229,30 @@ def test_torchrun_sigterm_checkpoints_the_exact_state(tmp_path, uninterrupted_pa
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     _assert_equals_uninterrupted(out, uninterrupted_pair)
+
+
+LAUNCH_WITH_OTHER_SETTINGS_ON_RANK_1 = """#!/bin/sh
+if [ "$RANK" = "1" ]; then exec "$PYTHON" -m part_fast "$@" --eps-low 6/255; fi
+exec "$PYTHON" -m part_fast "$@"
+"""
+
+
+@pytest.mark.slow
+def test_ranks_started_with_other_settings_all_stop_with_one_line(tmp_path):
+    """A rank launched with other flags: every rank refuses, at the same point, in one line, before any
+    file is written (no rank is left waiting in a collective)."""
+    launch = tmp_path / "launch.sh"
+    launch.write_text(LAUNCH_WITH_OTHER_SETTINGS_ON_RANK_1)
+    launch.chmod(0o755)
+    out = tmp_path / "run"
+    done = subprocess.run(_torchrun() + ["--standalone", "--nproc_per_node=2", "--no-python", str(launch), "train",
+                                         *ELASTIC, "--out", str(out)], env={**_env(), "PYTHON": sys.executable},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode != 0
+    errors = [line for line in done.stderr.splitlines() if line.startswith("part-fast train: error:")]
+    assert len(errors) == 2, done.stderr[-3000:]
+    assert all("1 process(es) were started with other settings than rank 0" in e for e in errors)
+    assert sum("(this one: eps_low)" in e for e in errors) == 1
+    # The only traceback is torchrun's report that its workers failed.
+    assert done.stderr.count("Traceback") == done.stderr.count("ChildFailedError:"), done.stderr[-3000:]
+    assert not out.exists()

@@ -69,6 +69,13 @@ def test_base_methods_ignore_warmup_beyond_epochs(tmp_path):
     assert lr_factor(9, cfg.warmup, cfg.milestones) == 1.0
 
 
+def test_global_batch_must_split_evenly_across_processes(tmp_path):
+    from part_fast.train import loop
+
+    with pytest.raises(ValueError, match="batch_size 33 must be divisible by the 2 processes"):
+        loop._loaders(tiny(tmp_path / "run", batch_size=33).resolved(), train_mod.Distributed(0, 2, 0))
+
+
 def test_unknown_arch_fails_before_the_run_dir_exists(tmp_path):
     with pytest.raises(ValueError, match="unknown architecture"):
         train(tiny(tmp_path / "run", arch="resnet-nope"), log=quiet)

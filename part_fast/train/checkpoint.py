@@ -18,14 +18,13 @@ import contextlib
 import io
 import os
 import zipfile
-import zlib
 from pathlib import Path
 from typing import Callable
 
 import torch
 
 from ..errors import CheckpointError, CheckpointWriteError
-from ..files import atomic_write_bytes
+from ..files import NotDurable, atomic_write_bytes
 
 LAST = "last.pt"
 PREVIOUS = "previous.pt"
@@ -57,10 +56,19 @@ def save(path: str | os.PathLike, checkpoint: dict, *, keep_previous: bool = Tru
         with _crc32_recorded():
             torch.save(checkpoint, f)
 
+    previous = path.with_name(PREVIOUS)
     try:
-        atomic_write_bytes(path, write, keep_previous=path.with_name(PREVIOUS) if keep_previous else None)
+        atomic_write_bytes(path, write, keep_previous=previous if keep_previous else None)
+    except NotDurable as err:
+        raise CheckpointWriteError(f"wrote the checkpoint {path}, but its folder could not be synced "
+                                   f"({err.strerror or err}): a power cut could still lose it") from err
     except OSError as err:
-        kept = f"{path} is the previous checkpoint, intact" if path.exists() else "no checkpoint was written before"
+        if path.exists():
+            kept = f"{path} is the previous checkpoint, intact"
+        elif keep_previous and previous.exists():
+            kept = f"{previous} is the previous checkpoint, intact"
+        else:
+            kept = "no checkpoint was written before"
         raise CheckpointWriteError(f"could not write the checkpoint {path}: {err.strerror or err}; {kept}") from err
 
 
@@ -69,7 +77,8 @@ def verify(path: Path, data: bytes) -> None:
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as archive:
             bad = archive.testzip()
-    except (zipfile.BadZipFile, zlib.error, EOFError, ValueError, OSError) as err:
+    except Exception as err:  # noqa: BLE001 - BadZipFile, zlib / EOF errors, and RuntimeError or
+        # NotImplementedError when a flipped bit marks a record encrypted or compressed another way
         raise CheckpointError(f"{path} is damaged: not a whole checkpoint archive, truncated? ({err})") from None
     if bad is not None:
         raise CheckpointError(f"{path} is damaged: its record {bad} fails its CRC-32 check")
@@ -108,11 +117,20 @@ def describe(ckpt: dict) -> str:
     return f"step {ckpt['global_step']}, after epoch {done}"
 
 
+def _unused_name(path: Path) -> Path:
+    """`path`, or path.1, path.2, ... : an earlier damaged file is kept, never replaced."""
+    candidate, n = path, 0
+    while candidate.exists():
+        n += 1
+        candidate = path.with_name(f"{path.name}.{n}")
+    return candidate
+
+
 def newest_intact(run_dir: str | os.PathLike, warn: Callable[[str], None]) -> tuple[dict, Path] | None:
     """The newest checkpoint of `run_dir` that passes its checks, and its path; None when it has none.
 
-    A damaged LAST is renamed LAST.damaged (so the next save does not keep it as PREVIOUS) and `warn` is
-    told in one line; when no checkpoint is intact, CheckpointError names every file tried."""
+    A damaged LAST is renamed LAST.damaged (.1, .2, ... if that exists; so the next save does not keep it as
+    PREVIOUS) and `warn` is told in one line; when no checkpoint is intact, CheckpointError names every file tried."""
     run_dir = Path(run_dir)
     candidates = [run_dir / LAST, run_dir / PREVIOUS]
     present = [p for p in candidates if p.exists()]
@@ -126,7 +144,7 @@ def newest_intact(run_dir: str | os.PathLike, warn: Callable[[str], None]) -> tu
             problems.append((path, err))
             continue
         for bad, err in problems:
-            aside = bad.with_name(bad.name + ".damaged")
+            aside = _unused_name(bad.with_name(bad.name + ".damaged"))
             os.replace(bad, aside)
             warn(f"warning: {err}; moved it to {aside.name} and resuming from {path} ({describe(ckpt)})")
         if path.name == PREVIOUS and not problems:

@@ -10,6 +10,7 @@ import torch
 from .. import data as data_mod
 from ..budget import MASKS
 from ..cam import METHODS as CAM_METHODS
+from ..errors import ConfigError
 
 METHODS = ("at", "trades", "mart", "part", "part-trades", "part-mart")
 BASE_METHOD = {"at": "at", "part": "at", "trades": "trades", "part-trades": "trades", "mart": "mart", "part-mart": "mart"}
@@ -23,8 +24,9 @@ DATASET_DEFAULTS = {
 }
 _OTHER_DEFAULTS = DATASET_DEFAULTS["cifar10"]  # TinyImageNet, ImageFolder, shapes: the CIFAR-10 recipe
 
-# Settings a resumed run may change without changing what it computes (where the run lives, how long it
-# goes on, where and how fast it runs, what it logs and how often it saves).
+# Settings a resumed run may change: where the run lives, how long it goes on, where and how fast it runs,
+# what it logs and how often it saves. None changes what is trained; a resume on the same device is
+# bit-exact, one on another device computes with that device's kernels and random streams.
 RESUMABLE_CHANGES = ("out", "epochs", "device", "workers", "progress", "eval_examples", "download", "data_dir",
                      "log_steps", "save_every_steps", "save_every_minutes")
 
@@ -106,7 +108,7 @@ class TrainConfig:
     def validate(self) -> None:
         def need(ok, msg):
             if not ok:
-                raise ValueError(msg)
+                raise ConfigError(msg)
 
         need(isinstance(self.out, str) and self.out != "", f"out must name the run directory, got {self.out!r}")
         need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
@@ -153,7 +155,7 @@ class TrainConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
         if unknown:
-            raise ValueError(f"unknown config keys {unknown}")
+            raise ConfigError(f"unknown config keys {unknown}")
         return cls(**{**d, "milestones": tuple(d.get("milestones", (60, 90)))})
 
     @property

@@ -26,7 +26,7 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from ..errors import Interrupted, TrainingDiverged, UserError
+from ..errors import USER_ERRORS, Interrupted, TrainingDiverged, UserError
 
 # Stops every rank reaches at the same point, having agreed on them in a collective: the peers are alive and
 # idle, so the ranks can wait for each other and tear the group down in order.
@@ -134,7 +134,7 @@ def session(device_name: str) -> Iterator[Distributed]:
     except AGREED_STOPS as err:
         _teardown(err, wait_for_peers=True)
         raise
-    except UserError as err:
+    except USER_ERRORS as err:
         # Raised between collectives, maybe on this rank alone: a peer may never reach a barrier, but this
         # rank's own collectives are complete, so destroying a gloo group (which joins its threads) cannot
         # block. NCCL's teardown may wait for peers: left to the exit.

@@ -28,7 +28,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .. import data as data_mod
-from ..errors import CheckpointWriteError, Interrupted, TrainingDiverged, UserError
+from ..errors import CheckpointWriteError, ConfigError, Interrupted, OutputWriteError, TrainingDiverged, UserError
 from ..evaluate import evaluate
 from . import checkpoint, distributed, preemption, rundir
 from .config import TrainConfig
@@ -47,7 +47,7 @@ def train(config: TrainConfig, *, resume: bool | str = False, log=print) -> list
     scheduler or `torchrun --max-restarts`. Raises Interrupted after a SIGTERM / SIGINT (checkpoint
     written), TrainingDiverged on a NaN / inf loss (the last good checkpoint kept)."""
     if resume not in (False, True, "auto"):
-        raise ValueError(f"resume must be False, True or 'auto', got {resume!r}")
+        raise ConfigError(f"resume must be False, True or 'auto', got {resume!r}")
     config = config.resolved()
     with distributed.session(config.device) as info:
         return _Trainer(config, info, log if info.is_main else _silent).run(resume)
@@ -76,10 +76,13 @@ def _loaders(config: TrainConfig, info: Distributed):
             raise error
         if failed:
             raise UserError("rank 0 could not download the dataset; see its error")
+    if config.batch_size % info.world:
+        raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {info.world} processes "
+                          "(it is the global batch, split evenly)")
     train_set, test_set, data_info = build(config.download and not info.enabled)
     local_batch = config.batch_size // info.world
     if len(train_set) < config.batch_size:
-        raise ValueError(f"the training set has {len(train_set)} examples, fewer than one batch of {config.batch_size}")
+        raise ConfigError(f"the training set has {len(train_set)} examples, fewer than one batch of {config.batch_size}")
     sampler = ResumableDistributedSampler(train_set, num_replicas=info.world, rank=info.rank, seed=config.seed)
     pin = info.device.type == "cuda"
     # The loader gets its own generator (it only seeds worker processes, whose datasets draw nothing) so it
@@ -92,7 +95,7 @@ def _loaders(config: TrainConfig, info: Distributed):
     if config.eval_examples:
         n = min(config.eval_examples, len(test_set))
         if n < info.world:
-            raise ValueError(f"eval_examples ({n} available) must be at least the number of processes ({info.world})")
+            raise ConfigError(f"eval_examples ({n} available) must be at least the number of processes ({info.world})")
         shard = Subset(test_set, range(info.rank, n, info.world))
         eval_loader = DataLoader(shard, batch_size=max(local_batch, 1), num_workers=config.workers, pin_memory=pin,
                                  worker_init_fn=preemption.ignore_stop_signals)
@@ -152,6 +155,9 @@ class _Trainer:
         self.history: list[dict] = []
         self.progress: EpochProgress | None = None  # restored mid-epoch sums, used by the next epoch
         self.last_save = _clock()
+        # Rank 0 alone writes the logs; a failed write is kept here and told to every rank by the next
+        # collective (the step's, or the epoch end's), so all stop together.
+        self.write_failure: tuple[Path, OSError] | None = None
 
     # -------------------------------------------------------------------------------------- set-up
     def run(self, resume) -> list[dict]:
@@ -165,12 +171,15 @@ class _Trainer:
         ckpt = rundir.prepare_on_all_ranks(cfg, info, resume, warn=self._warn)
         if ckpt is not None:
             self._restore(ckpt)
-        elif resume and info.is_main:
-            rundir.trim_steps_log(self.out, 0)  # stopped before the first checkpoint: its steps are redone
+        elif resume:  # stopped before the first checkpoint: its steps are redone
+            self._write(self.out / rundir.STEPS, lambda: rundir.trim_steps_log(self.out, 0))
         if self.state.epoch >= cfg.epochs:
+            self._agree_on_writes()
             self.log(f"{self.out} has already trained {self.state.epoch}/{cfg.epochs} epochs; nothing to do")
             return self.history
-        steps_log = open(self.out / rundir.STEPS, "a") if (cfg.log_steps and info.is_main) else None
+        steps_log = None
+        if cfg.log_steps and info.is_main:
+            steps_log = self._write(self.out / rundir.STEPS, lambda: open(self.out / rundir.STEPS, "a"))
         try:
             with preemption.stop_requests(announce=info.is_main) as stop:
                 self.last_save = _clock()
@@ -185,6 +194,28 @@ class _Trainer:
 
     def _warn(self, line: str) -> None:
         print(f"part-fast: {line}", file=sys.stderr, flush=True)
+
+    def _write(self, path: Path, write):
+        """Run rank 0's write of `path`; a failure is kept for the next agreement (see write_failure)."""
+        if not self.info.is_main or self.write_failure is not None:
+            return None
+        try:
+            return write()
+        except OSError as err:
+            self.write_failure = (path, err)
+            return None
+
+    def _write_error(self) -> OutputWriteError:
+        if self.write_failure is None:
+            return OutputWriteError(f"rank 0 could not write to {self.out}; see its error")
+        path, err = self.write_failure
+        return OutputWriteError(f"could not write {path}: {err.strerror or err}; the checkpoints in {self.out} "
+                                "are intact")
+
+    def _agree_on_writes(self) -> None:
+        (failed,) = self.info.all_sum([1.0 if self.write_failure else 0.0])
+        if failed:
+            raise self._write_error()
 
     def _restore(self, ckpt: dict) -> None:
         state, info = self.state, self.info
@@ -207,9 +238,8 @@ class _Trainer:
             with torch.no_grad():
                 for buffer, saved in zip(state.model.buffers(), ckpt["rank_buffers"][info.rank], strict=True):
                     buffer.copy_(saved)
-        if info.is_main:
-            rundir.write_metrics(self.out, self.history)
-            rundir.trim_steps_log(self.out, state.global_step)
+        self._write(self.out / rundir.METRICS, lambda: rundir.write_metrics(self.out, self.history))
+        self._write(self.out / rundir.STEPS, lambda: rundir.trim_steps_log(self.out, state.global_step))
         self.log(f"resumed {self.out} at {checkpoint.describe(ckpt)}")
 
     # -------------------------------------------------------------------------------------- epochs
@@ -231,24 +261,28 @@ class _Trainer:
                 # the run after this step on every rank.
                 r = train_step(state, x, y, part_phase=part_phase, attack=attack, attack_gen=self.rng.attack,
                                augment_gen=self.rng.augment,
-                               control=lambda: (stop.requested, info.is_main and self._minutes_due()))
-            stop_votes, save_votes = r.control
+                               control=lambda: (stop.requested, info.is_main and self._minutes_due(),
+                                                self.write_failure is not None))
+            stop_votes, save_votes, write_votes = r.control
             if not info.enabled:  # alone, a signal that came later in the step counts too
                 stop_votes, save_votes = stop.requested, self._minutes_due()
+            if write_votes:  # a log line of an earlier step could not be written
+                raise self._write_error()
             progress.add(r)
             progress.elapsed = time.perf_counter() - started
             state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
             if steps_log is not None:
-                steps_log.write(f'{{"epoch": {epoch + 1}, "step": {step + 1}, "global_step": {state.global_step}, '
-                                f'"loss": {r.global_loss!r}, "lr": {lr!r}}}\n')
-                steps_log.flush()
+                line = (f'{{"epoch": {epoch + 1}, "step": {step + 1}, "global_step": {state.global_step}, '
+                        f'"loss": {r.global_loss!r}, "lr": {lr!r}}}\n')
+                self._write(self.out / rundir.STEPS, lambda: (steps_log.write(line), steps_log.flush()))
             if self.show:
                 batches.set_postfix(loss=f"{r.loss:.3f}")
             if stop_votes:
                 self._save(progress)
                 raise self._interrupted(stop)
-            last_step = step + 1 == self.steps_per_epoch  # the epoch's checkpoint follows at once
-            if not last_step and (save_votes or (cfg.save_every_steps and state.global_step % cfg.save_every_steps == 0)):
+            # On the epoch's last step the epoch's checkpoint follows, at once when there is no evaluation.
+            skip = step + 1 == self.steps_per_epoch and self.eval_loader is None
+            if not skip and (save_votes or (cfg.save_every_steps and state.global_step % cfg.save_every_steps == 0)):
                 self._save(progress)
         self._end_epoch(epoch, part_phase, lr, progress, stop)
 
@@ -259,14 +293,21 @@ class _Trainer:
     def _end_epoch(self, epoch: int, part_phase: bool, lr: float, progress: EpochProgress,
                    stop: preemption.StopRequest) -> None:
         cfg, state, info = self.config, self.state, self.info
+        # A signal after the last step's collective: stop now rather than after the evaluation.
+        stop_votes, write_votes = info.all_sum([stop.requested, self.write_failure is not None])
+        if write_votes:
+            raise self._write_error()
+        if stop_votes:
+            self._save(progress)
+            raise self._interrupted(stop)
         state.scheduler.step()
         loss, adv, nat, n, eps_high, steps = info.all_sum(list(progress.sums.values()))
         # Every rank gets rank 0's BatchNorm statistics: they are what the checkpoint holds, and the ranks
         # evaluate their shards of the test set with one model.
         info.broadcast_(list(state.model.buffers()))
         if not _all_finite(state.model):
-            raise TrainingDiverged(f"the weights became non-finite in epoch {epoch + 1}; "
-                                   f"the checkpoint of epoch {state.epoch} is kept")
+            raise TrainingDiverged(f"the weights became non-finite in epoch {epoch + 1}; the last checkpoint "
+                                   f"({self.out / checkpoint.LAST}) holds finite weights")
         record = {
             "epoch": epoch + 1,
             "phase": ("part" if part_phase else "warmup") if cfg.is_part else cfg.method,
@@ -284,11 +325,12 @@ class _Trainer:
         state.epoch, state.step_in_epoch = epoch + 1, 0
         self.history.append(record)
         self._save(None)  # first the checkpoint, then the log that cites it
-        if info.is_main:
-            rundir.write_metrics(self.out, self.history)
-            self.log(_summary_line(record, cfg))
+        self._write(self.out / rundir.METRICS, lambda: rundir.write_metrics(self.out, self.history))
+        self.log(_summary_line(record, cfg))
         # A signal that came during the evaluation: the epoch's checkpoint is already written.
-        (stop_votes,) = info.all_sum([stop.requested])
+        stop_votes, write_votes = info.all_sum([stop.requested, self.write_failure is not None])
+        if write_votes:
+            raise self._write_error()
         if stop_votes:
             raise self._interrupted(stop)
 
@@ -305,6 +347,12 @@ class _Trainer:
         """Every rank calls it (it gathers their state); rank 0 writes; all learn whether that worked."""
         state, info = self.state, self.info
         mid_epoch = progress is not None
+        # Never a checkpoint of non-finite weights (a finite loss can still give an overflowing update); in
+        # the middle of an epoch each rank checks its own BatchNorm statistics.
+        (non_finite,) = info.all_sum([0.0 if _all_finite(state.model) else 1.0])
+        if non_finite:
+            raise TrainingDiverged(f"the weights became non-finite by step {state.global_step}; the last checkpoint "
+                                   f"({self.out / checkpoint.LAST}) holds finite weights")
         per_rank_progress = info.all_gather(progress.vector()) if mid_epoch else None
         # Between epochs every rank holds rank 0's BatchNorm statistics; in the middle of one each rank has
         # its own, and resuming exactly needs them all.

@@ -89,48 +89,56 @@ def prepare(config: TrainConfig, resume: bool | str, warn: Callable[[str], None]
     saved = saved_config(out)
     if saved is not None:
         check_same_config(saved, config, out / CONFIG)
-    if saved != config.to_json():
-        atomic_write_json(out / CONFIG, config.to_json())  # with the safe changes: it says what the run is now
     remove_stale_temp_files(out)  # left by a process killed while it wrote
     found = checkpoint.newest_intact(out, warn)
-    if found is None:
-        return None  # stopped before its first checkpoint: start over in the same directory
-    ckpt, path = found
-    check_same_config(ckpt["config"], config, path)
-    return ckpt, path
+    if found is not None:
+        check_same_config(found[0]["config"], config, found[1])
+    if saved != config.to_json():
+        atomic_write_json(out / CONFIG, config.to_json())  # with the safe changes: it says what the run is now
+    return found  # None: stopped before its first checkpoint, start over in the same directory
 
 
 def prepare_on_all_ranks(config: TrainConfig, info: Distributed, resume: bool | str,
                          warn: Callable[[str], None]) -> dict | None:
     """Rank 0 prepares RUN_DIR and picks the checkpoint (one process decides, so ranks cannot race on the
-    files); the others follow its verdict, check they were started with the same configuration, and read
-    the checkpoint it picked."""
+    files); the others read the checkpoint it picked. Every failure is agreed: all ranks raise, at the same
+    point, so none is left waiting in a collective."""
+    # 1. Same settings everywhere, checked before rank 0 touches a file.
+    theirs = info.broadcast_object(config.to_json())
+    differs = sorted(k for k, v in config.to_json().items() if theirs.get(k) != v)
+    (mismatches,) = info.all_sum([1.0 if differs else 0.0])
+    if mismatches:
+        raise RunDirError(f"{int(mismatches)} process(es) were started with other settings than rank 0"
+                          + (f" (this one: {', '.join(differs)})" if differs else ""))
+    # 2. Rank 0 prepares RUN_DIR.
     found, error = None, None
-    verdict = {"error": None, "checkpoint": None, "config": config.to_json()}
     if info.is_main:
         try:
             found = prepare(config, resume, warn)
-        except Exception as err:  # noqa: BLE001 - any failure must reach the other ranks, or they wait forever
+        except UserError as err:  # (some are OSErrors too: RunDirExists, RunDirMissing)
             error = err
-            verdict["error"] = str(err)
-        verdict["checkpoint"] = str(found[1]) if found else None
-    verdict = info.broadcast_object(verdict)
+        except OSError as err:  # an unwritable or vanished RUN_DIR: the user's to fix
+            error = RunDirError(f"cannot prepare the run directory {config.out}: {err.strerror or err}")
+        except Exception as err:  # noqa: BLE001 - a bug: the other ranks must hear of it, or they wait forever
+            error = err
+    verdict = info.broadcast_object({"error": str(error) if error else None,
+                                     "checkpoint": str(found[1]) if found else None})
     if error is not None:
         raise error
-    if not info.is_main:
-        if verdict["error"] is not None:
-            raise RunDirError(f"rank 0 could not prepare {config.out}: {verdict['error']}")
-        if verdict["config"] != config.to_json():
-            theirs, ours = verdict["config"], config.to_json()
-            keys = sorted(k for k in ours if ours[k] != theirs.get(k))
-            raise RunDirError(f"rank {info.rank} was started with another configuration than rank 0 ({', '.join(keys)})")
-        if verdict["checkpoint"] is not None:
-            try:
-                return checkpoint.read(verdict["checkpoint"])
-            except CheckpointError as err:
-                raise RunDirError(f"rank {info.rank} cannot read the checkpoint rank 0 picked: {err}") from None
-        return None
-    return found[0] if found else None
+    if verdict["error"] is not None:
+        raise RunDirError(f"rank 0 could not prepare {config.out}: {verdict['error']}")
+    # 3. The others read the checkpoint rank 0 picked.
+    ckpt, failure = (found[0] if found else None), None
+    if not info.is_main and verdict["checkpoint"] is not None:
+        try:
+            ckpt = checkpoint.read(verdict["checkpoint"])
+        except CheckpointError as err:
+            failure = err
+    (failed,) = info.all_sum([1.0 if failure else 0.0])
+    if failed:
+        raise RunDirError(f"rank {info.rank} cannot read the checkpoint rank 0 picked: {failure}" if failure else
+                          f"{int(failed)} process(es) could not read {verdict['checkpoint']}; see their errors")
+    return ckpt
 
 
 def write_metrics(out: Path, history: list) -> None:

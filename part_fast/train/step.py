@@ -219,7 +219,8 @@ def train_step(state: RunState, x: torch.Tensor, y: torch.Tensor, *, part_phase:
         device)
     if bad_ranks:
         raise TrainingDiverged(f"the {cfg.method} loss became non-finite ({loss_value} on rank {state.dist.rank}) "
-                               f"at epoch {state.epoch + 1}, step {state.step_in_epoch + 1}")
+                               f"at epoch {state.epoch + 1}, step {state.step_in_epoch + 1}; the last checkpoint is "
+                               "kept, with the weights before it")
     state.scaler.scale(loss).backward()
     state.scaler.step(state.optimizer)
     state.scaler.update()

@@ -133,7 +133,8 @@ try:
         run(info)
 except (Interrupted, UserError):
     pass
-print(f"rank {info.rank} threads {counts[0]} {counts[1]} {threads()}", flush=True)
+with open(os.path.join(sys.argv[2], f"rank{info.rank}.txt"), "w") as f:
+    f.write(f"{info.rank} {counts[0]} {counts[1]} {threads()}")
 """
 
 
@@ -145,16 +146,17 @@ def test_session_teardown_joins_the_process_group_threads(tmp_path, ending):
     that fails alone tears down without waiting for the others, and nobody hangs."""
     probe = tmp_path / "probe.py"
     probe.write_text(TEARDOWN_PROBE)
-    done = subprocess.run(_torchrun() + ["--standalone", "--nproc_per_node=2", str(probe), ending], env=_env(),
-                          capture_output=True, text=True, timeout=300)
-    counts = sorted(line.split()[1:] for line in done.stdout.splitlines() if line.startswith("rank "))
+    done = subprocess.run(_torchrun() + ["--standalone", "--nproc_per_node=2", str(probe), ending, str(tmp_path)],
+                          env=_env(), capture_output=True, text=True, timeout=300)
+    report = done.stdout[-2000:] + done.stderr[-3000:]
+    counts = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1) if (tmp_path / f"rank{r}.txt").exists()]
     if ending == "user-error-on-rank-1":
         # Rank 0's barrier learns that rank 1 left (an error, not a hang); rank 1 exited cleanly.
-        assert done.returncode != 0 and [c[0] for c in counts] == ["1"], done.stdout + done.stderr[-2000:]
+        assert done.returncode != 0 and [c[0] for c in counts] == ["1"], report
     else:
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-        assert [c[0] for c in counts] == ["0", "1"]
-    for rank, _, before, during, after in counts:
+        assert done.returncode == 0, report
+        assert [c[0] for c in counts] == ["0", "1"], report
+    for rank, before, during, after in counts:
         assert int(during) > int(before), "the group's worker threads were running"
         assert after == before, f"rank {rank}: {int(after) - int(before)} threads outlived the session"
 

@@ -13,6 +13,7 @@ from pathlib import Path
 from .errors import EXIT_DIVERGED, EXIT_USER_ERROR, USER_ERRORS, Interrupted, TrainingDiverged
 from .evaluate import MissingExtraError
 from .train import RESUMABLE_CHANGES, TrainConfig
+from .train.config import flag_of
 
 
 def fraction(text: str) -> float:
@@ -60,7 +61,6 @@ def _add_config_flag(p: argparse.ArgumentParser, f: dataclasses.Field) -> None:
     on the namespace (SUPPRESS): what the user typed is told apart from what was left unset, which is what
     lets --resume take the rest from the run's config.json."""
     meta = f.metadata
-    flag = meta.get("flag") or "--" + f.name.replace("_", "-")
     kwargs = {"dest": f.name, "default": argparse.SUPPRESS,
               "help": f"{meta['help']} (default: {_shown_default(f)})"}
     kind = meta["kind"]
@@ -74,11 +74,11 @@ def _add_config_flag(p: argparse.ArgumentParser, f: dataclasses.Field) -> None:
         kwargs["type"] = _PARSERS[kind]
         if meta.get("choices"):
             kwargs["choices"] = meta["choices"]
-    p.add_argument(flag, **kwargs)
+    p.add_argument(flag_of(f.name), **kwargs)
 
 
 def _train_parser(sub) -> None:
-    changeable = ", ".join("--" + k.replace("_", "-") for k in RESUMABLE_CHANGES if k != "out")
+    changeable = ", ".join(flag_of(k) for k in RESUMABLE_CHANGES if k != "out")
     p = sub.add_parser(
         "train", help="adversarial training: AT, TRADES, MART and PART, PART-T, PART-M",
         description="Train with the released PART recipe; unset flags take the dataset's released value. "

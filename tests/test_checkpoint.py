@@ -120,9 +120,15 @@ def test_no_intact_checkpoint_is_an_error_naming_each_file(tmp_path):
     assert checkpoint.newest_intact(tmp_path / "empty-dir-that-is-not-there", quiet) is None
 
 
-def _disk_full_after(monkeypatch, written_bytes: int):
-    """torch.save that writes `written_bytes` and then fails as a full disk does."""
+def _disk_full_after(monkeypatch, written_bytes: int, on_call: int = 1):
+    """torch.save whose `on_call`-th call writes `written_bytes` and then fails as a full disk does."""
+    real = torch.save
+    calls = {"n": 0}
+
     def full(obj, f, *args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] != on_call:
+            return real(obj, f, *args, **kwargs)
         f.write(b"\0" * written_bytes)
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
 
@@ -183,17 +189,7 @@ TRAIN = ["train", "--dataset", "shapes", "--arch", "cnn-small", "--epochs", "2",
 
 def test_a_full_disk_during_training_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys,
                                                                               one_thread):
-    real = torch.save
-    calls = {"n": 0}
-
-    def full_on_second_save(obj, f, *args, **kwargs):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            f.write(b"\0" * 1000)
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-        return real(obj, f, *args, **kwargs)
-
-    monkeypatch.setattr(torch, "save", full_on_second_save)
+    _disk_full_after(monkeypatch, 1000, on_call=2)  # epoch 2's checkpoint
     out = tmp_path / "run"
     assert cli.main(TRAIN + ["--out", str(out)]) == 2
     err = capsys.readouterr().err.strip()

@@ -165,3 +165,9 @@ class TrainConfig:
     @property
     def base(self) -> str:
         return BASE_METHOD[self.method]
+
+
+def flag_of(name: str) -> str:
+    """The command-line flag of TrainConfig field `name` (e.g. eps_low -> --eps-low, augment -> --no-augment)."""
+    f = next((f for f in dataclasses.fields(TrainConfig) if f.name == name), None)
+    return (f is not None and f.metadata.get("flag")) or "--" + name.replace("_", "-")

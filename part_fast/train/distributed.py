@@ -89,6 +89,15 @@ class Distributed:
                     per_rank[rank][i] = piece.reshape(tensors[i].shape).clone()
         return per_rank  # type: ignore[return-value]
 
+    def raise_together(self, error: BaseException | None, elsewhere) -> None:
+        """Every rank learns whether any failed: one that did raises its own `error`, the others
+        `elsewhere(number_failed)`, so no rank is left waiting in a collective the failed one never joins."""
+        (failed,) = self.all_sum([0.0 if error is None else 1.0])
+        if error is not None:
+            raise error
+        if failed:
+            raise elsewhere(int(failed))
+
     def broadcast_object(self, obj):
         """Rank 0's `obj` (picklable) on every rank."""
         if not self.enabled:

@@ -71,11 +71,7 @@ def _loaders(config: TrainConfig, info: Distributed):
                 build(True)
             except Exception as err:  # noqa: BLE001 - the other ranks must hear of it
                 error = err
-        (failed,) = info.all_sum([1.0 if error else 0.0])
-        if error is not None:
-            raise error
-        if failed:
-            raise UserError("rank 0 could not download the dataset; see its error")
+        info.raise_together(error, lambda _: UserError("rank 0 could not download the dataset; see its error"))
     if config.batch_size % info.world:
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {info.world} processes "
                           "(it is the global batch, split evenly)")
@@ -174,7 +170,7 @@ class _Trainer:
         elif resume:  # stopped before the first checkpoint: its steps are redone
             self._write(self.out / rundir.STEPS, lambda: rundir.trim_steps_log(self.out, 0))
         if self.state.epoch >= cfg.epochs:
-            self._agree_on_writes()
+            self._agree(None)
             self.log(f"{self.out} has already trained {self.state.epoch}/{cfg.epochs} epochs; nothing to do")
             return self.history
         steps_log = None
@@ -212,10 +208,22 @@ class _Trainer:
         return OutputWriteError(f"could not write {path}: {err.strerror or err}; the checkpoints in {self.out} "
                                 "are intact")
 
-    def _agree_on_writes(self) -> None:
-        (failed,) = self.info.all_sum([1.0 if self.write_failure else 0.0])
-        if failed:
+    def _agree(self, stop: preemption.StopRequest | None) -> bool:
+        """One collective between steps: every rank raises if rank 0 failed a write, and learns whether
+        any rank was asked to stop."""
+        stop_votes, write_votes = self.info.all_sum([stop is not None and stop.requested,
+                                                     self.write_failure is not None])
+        if write_votes:
             raise self._write_error()
+        return bool(stop_votes)
+
+    def _refuse_non_finite(self, when: str) -> None:
+        """TrainingDiverged on every rank if any holds a non-finite weight or BatchNorm statistic (a finite
+        loss can still give an overflowing update); the last checkpoint is never one of them."""
+        (non_finite,) = self.info.all_sum([0.0 if _all_finite(self.state.model) else 1.0])
+        if non_finite:
+            raise TrainingDiverged(f"the weights became non-finite {when}; the last checkpoint "
+                                   f"({self.out / checkpoint.LAST}) holds finite weights")
 
     def _restore(self, ckpt: dict) -> None:
         state, info = self.state, self.info
@@ -294,10 +302,7 @@ class _Trainer:
                    stop: preemption.StopRequest) -> None:
         cfg, state, info = self.config, self.state, self.info
         # A signal after the last step's collective: stop now rather than after the evaluation.
-        stop_votes, write_votes = info.all_sum([stop.requested, self.write_failure is not None])
-        if write_votes:
-            raise self._write_error()
-        if stop_votes:
+        if self._agree(stop):
             self._save(progress)
             raise self._interrupted(stop)
         state.scheduler.step()
@@ -305,9 +310,7 @@ class _Trainer:
         # Every rank gets rank 0's BatchNorm statistics: they are what the checkpoint holds, and the ranks
         # evaluate their shards of the test set with one model.
         info.broadcast_(list(state.model.buffers()))
-        if not _all_finite(state.model):
-            raise TrainingDiverged(f"the weights became non-finite in epoch {epoch + 1}; the last checkpoint "
-                                   f"({self.out / checkpoint.LAST}) holds finite weights")
+        self._refuse_non_finite(f"in epoch {epoch + 1}")  # before the evaluation, and for the epoch's checkpoint
         record = {
             "epoch": epoch + 1,
             "phase": ("part" if part_phase else "warmup") if cfg.is_part else cfg.method,
@@ -328,10 +331,7 @@ class _Trainer:
         self._write(self.out / rundir.METRICS, lambda: rundir.write_metrics(self.out, self.history))
         self.log(_summary_line(record, cfg))
         # A signal that came during the evaluation: the epoch's checkpoint is already written.
-        stop_votes, write_votes = info.all_sum([stop.requested, self.write_failure is not None])
-        if write_votes:
-            raise self._write_error()
-        if stop_votes:
+        if self._agree(stop):
             raise self._interrupted(stop)
 
     def _evaluate(self) -> dict:
@@ -347,12 +347,8 @@ class _Trainer:
         """Every rank calls it (it gathers their state); rank 0 writes; all learn whether that worked."""
         state, info = self.state, self.info
         mid_epoch = progress is not None
-        # Never a checkpoint of non-finite weights (a finite loss can still give an overflowing update); in
-        # the middle of an epoch each rank checks its own BatchNorm statistics.
-        (non_finite,) = info.all_sum([0.0 if _all_finite(state.model) else 1.0])
-        if non_finite:
-            raise TrainingDiverged(f"the weights became non-finite by step {state.global_step}; the last checkpoint "
-                                   f"({self.out / checkpoint.LAST}) holds finite weights")
+        if mid_epoch:  # (the epoch's own checkpoint follows the epoch end's check)
+            self._refuse_non_finite(f"by step {state.global_step}")
         per_rank_progress = info.all_gather(progress.vector()) if mid_epoch else None
         # Between epochs every rank holds rank 0's BatchNorm statistics; in the middle of one each rank has
         # its own, and resuming exactly needs them all.
@@ -363,11 +359,8 @@ class _Trainer:
                 checkpoint.save(self.out / checkpoint.LAST, self._checkpoint_dict(per_rank_progress, rank_buffers))
             except CheckpointWriteError as err:
                 error = err
-        (failed,) = info.all_sum([1.0 if error else 0.0])
-        if error is not None:
-            raise error
-        if failed:
-            raise CheckpointWriteError(f"rank 0 could not write the checkpoint in {self.out}; see its error")
+        info.raise_together(error, lambda _: CheckpointWriteError(
+            f"rank 0 could not write the checkpoint in {self.out}; see its error"))
         self.last_save = _clock()
 
     def _checkpoint_dict(self, per_rank_progress, rank_buffers) -> dict:

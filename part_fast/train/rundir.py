@@ -17,7 +17,7 @@ from typing import Callable
 from ..errors import CheckpointError, UserError
 from ..files import atomic_write_json, atomic_write_text, remove_stale_temp_files
 from . import checkpoint
-from .config import RESUMABLE_CHANGES, TrainConfig
+from .config import RESUMABLE_CHANGES, TrainConfig, flag_of
 from .distributed import Distributed
 
 CONFIG = "config.json"
@@ -63,9 +63,9 @@ def check_same_config(saved: dict, config: TrainConfig, where: Path) -> None:
     now = config.to_json()
     changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if changed:
-        detail = ", ".join(f"--{k.replace('_', '-')}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        detail = ", ".join(f"{flag_of(k)}: {saved.get(k)!r} -> {now.get(k)!r}" for k in changed)
         raise ConfigMismatch(f"resuming with another configuration than {where} ({detail}); only "
-                          f"{', '.join('--' + k.replace('_', '-') for k in RESUMABLE_CHANGES if k != 'out')} may change")
+                             f"{', '.join(flag_of(k) for k in RESUMABLE_CHANGES if k != 'out')} may change")
 
 
 def prepare(config: TrainConfig, resume: bool | str, warn: Callable[[str], None]) -> tuple[dict, Path] | None:
@@ -133,11 +133,9 @@ def prepare_on_all_ranks(config: TrainConfig, info: Distributed, resume: bool | 
         try:
             ckpt = checkpoint.read(verdict["checkpoint"])
         except CheckpointError as err:
-            failure = err
-    (failed,) = info.all_sum([1.0 if failure else 0.0])
-    if failed:
-        raise RunDirError(f"rank {info.rank} cannot read the checkpoint rank 0 picked: {failure}" if failure else
-                          f"{int(failed)} process(es) could not read {verdict['checkpoint']}; see their errors")
+            failure = RunDirError(f"rank {info.rank} cannot read the checkpoint rank 0 picked: {err}")
+    info.raise_together(failure, lambda failed: RunDirError(
+        f"{failed} process(es) could not read {verdict['checkpoint']}; see their errors"))
     return ckpt
 
 

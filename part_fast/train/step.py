@@ -54,11 +54,13 @@ class StepRandomness:
         self.attack = torch.Generator(device=device)
 
     def at(self, epoch: int, step: int):
-        key = (self.seed, epoch, self.rank, step)
+        def seed(purpose: int) -> int:
+            return derived_seed(self.seed, purpose, epoch, self.rank, step)
+
         if self.augment is not None:
-            self.augment.manual_seed(derived_seed(key[0], PURPOSE_AUGMENT, *key[1:]))
-        self.attack.manual_seed(derived_seed(key[0], PURPOSE_ATTACK, *key[1:]))
-        return self._model_seeded(derived_seed(key[0], PURPOSE_MODEL, *key[1:]))
+            self.augment.manual_seed(seed(PURPOSE_AUGMENT))
+        self.attack.manual_seed(seed(PURPOSE_ATTACK))
+        return self._model_seeded(seed(PURPOSE_MODEL))
 
     @contextlib.contextmanager
     def _model_seeded(self, seed: int):

@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import EXIT_DIVERGED, EXIT_USER_ERROR, USER_ERRORS, Interrupted, TrainingDiverged
+from .errors import EXIT_DIVERGED, EXIT_USER_ERROR, USER_ERRORS, Interrupted, TrainingDiverged, report
 from .evaluate import MissingExtraError
 from .train import RESUMABLE_CHANGES, TrainConfig
 from .train.config import flag_of
@@ -267,7 +267,7 @@ def main(argv=None) -> int:
         try:
             return cmd_bench(argparse.Namespace(bench_args=argv[1:]))
         except FileNotFoundError as err:
-            print(f"part-fast bench: error: {err}", file=sys.stderr)
+            report(f"part-fast bench: error: {err}")
             return 2
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -276,19 +276,19 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args)
     except Interrupted as err:
         if _is_rank0():
-            print(f"{name}: {err}; resume with: part-fast train --out {args.out} --resume", file=sys.stderr)
+            report(f"{name}: {err}; resume with: part-fast train --out {args.out} --resume")
         return err.exit_code
     except (*USER_ERRORS, MissingExtraError) as err:
         # A user error: one clear line, no traceback.
-        print(f"{name}: error: {err}", file=sys.stderr)
+        report(f"{name}: error: {err}")
         return EXIT_USER_ERROR
     except TrainingDiverged as err:
-        print(f"{name}: stopped: {err}", file=sys.stderr)
+        report(f"{name}: stopped: {err}")
         return EXIT_DIVERGED
     except KeyboardInterrupt:
         if _is_rank0():
             kept = f"; the checkpoints already in {args.out} are kept" if args.command == "train" else ""
-            print(f"{name}: interrupted at once, nothing more saved{kept}", file=sys.stderr)
+            report(f"{name}: interrupted at once, nothing more saved{kept}")
         return 130
 
 

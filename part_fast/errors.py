@@ -11,6 +11,14 @@
 from __future__ import annotations
 
 import signal
+import sys
+
+def report(line: str) -> None:
+    """One line to stderr in one write: print() writes the text and the newline separately, and under
+    torchrun the ranks share one pipe, so their lines would interleave."""
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
 
 EXIT_USER_ERROR = 2
 EXIT_DIVERGED = 3

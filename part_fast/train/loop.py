@@ -28,7 +28,8 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .. import data as data_mod
-from ..errors import CheckpointWriteError, ConfigError, Interrupted, OutputWriteError, TrainingDiverged, UserError
+from ..errors import (CheckpointWriteError, ConfigError, Interrupted, OutputWriteError, TrainingDiverged, UserError,
+                      report)
 from ..evaluate import evaluate
 from . import checkpoint, distributed, preemption, rundir
 from .config import TrainConfig
@@ -189,7 +190,7 @@ class _Trainer:
         return self.history
 
     def _warn(self, line: str) -> None:
-        print(f"part-fast: {line}", file=sys.stderr, flush=True)
+        report(f"part-fast: {line}")
 
     def _write(self, path: Path, write):
         """Run rank 0's write of `path`; a failure is kept for the next agreement (see write_failure)."""

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .errors import ConfigError
 from .modes import check_grad_possible, eval_mode
 
 STARTS = ("uniform", "release", "normal", None)
@@ -51,13 +52,13 @@ class PGD:
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
                  start: str | None = "uniform", loss: str = "ce", lo: float = 0.0, hi: float = 1.0):
         if start not in STARTS:
-            raise ValueError(f"start must be one of {STARTS}, got {start!r}")
+            raise ConfigError(f"start must be one of {STARTS}, got {start!r}")
         if loss not in LOSSES:
-            raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+            raise ConfigError(f"loss must be one of {LOSSES}, got {loss!r}")
         if not eps >= 0 or not alpha >= 0:
-            raise ValueError(f"eps and alpha must be >= 0, got eps={eps}, alpha={alpha}")
+            raise ConfigError(f"eps and alpha must be >= 0, got eps={eps}, alpha={alpha}")
         if not isinstance(steps, int) or steps < 0:
-            raise ValueError(f"steps must be an int >= 0, got {steps!r}")
+            raise ConfigError(f"steps must be an int >= 0, got {steps!r}")
         self.model, self.eps, self.alpha, self.steps = model, float(eps), float(alpha), steps
         self.start, self.loss, self.lo, self.hi = start, loss, float(lo), float(hi)
 
@@ -122,7 +123,7 @@ class MMA:
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 20, k: int = 3,
                  confidence: float = 50.0, start: str | None = "uniform", lo: float = 0.0, hi: float = 1.0):
         if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k must be an int >= 1, got {k!r}")
+            raise ConfigError(f"k must be an int >= 1, got {k!r}")
         self.pgd = PGD(model, eps, alpha, steps, start, "ce", lo, hi)
         self.model, self.k, self.confidence = model, k, float(confidence)
 

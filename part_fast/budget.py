@@ -5,6 +5,7 @@ import torch
 from torch import nn
 
 from . import ops
+from .errors import ConfigError
 from .cam import METHODS, compute_cam
 
 MASKS = ("jet", "cam")
@@ -22,11 +23,11 @@ class PixelBudget:
     def __init__(self, eps: float = 8 / 255, eps_low: float = 7 / 255, method: str = "gradcam", mask: str = "jet",
                  layer: str | nn.Module | None = None):
         if not 0 <= eps_low <= eps:
-            raise ValueError(f"need 0 <= eps_low <= eps, got eps_low={eps_low}, eps={eps}")
+            raise ConfigError(f"need 0 <= eps_low <= eps, got eps_low={eps_low}, eps={eps}")
         if method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+            raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
         if mask not in MASKS:
-            raise ValueError(f"mask must be one of {MASKS}, got {mask!r}")
+            raise ConfigError(f"mask must be one of {MASKS}, got {mask!r}")
         self.eps, self.eps_low, self.method, self.mask, self.layer = float(eps), float(eps_low), method, mask, layer
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .errors import ConfigError
+
 from .modes import check_grad_possible, eval_mode
 
 METHODS = ("gradcam", "xgradcam", "layercam")
@@ -50,7 +52,7 @@ def find_layer(model: nn.Module, layer: str | nn.Module | None = None) -> nn.Mod
             hits = [m for n, m in modules.items() if n.endswith("." + name)]
             if len(hits) == 1:
                 return hits[0]
-        raise ValueError(
+        raise ConfigError(
             "could not find the CAM layer: pass layer= (a module or its name); candidates: "
             + ", ".join(n for n, m in modules.items() if n and len(list(m.children())) > 0)
         )
@@ -58,7 +60,7 @@ def find_layer(model: nn.Module, layer: str | nn.Module | None = None) -> nn.Mod
         raise TypeError(f"layer must be None, a module name or an nn.Module, got {type(layer).__name__}")
     if layer not in modules:
         top = [n for n in modules if n and "." not in n]
-        raise ValueError(f"model has no layer named {layer!r}; top-level layers: {', '.join(top)}")
+        raise ConfigError(f"model has no layer named {layer!r}; top-level layers: {', '.join(top)}")
     return modules[layer]
 
 
@@ -96,7 +98,7 @@ def cam_from_gradients(activations: torch.Tensor, gradients: torch.Tensor, metho
     elif method == "layercam":
         cam = (torch.relu(gradients) * activations).sum(1)
     else:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     return torch.relu(cam)
 
 
@@ -113,7 +115,7 @@ def compute_cam(
     argmax, as the release), "label" (with y=) or a tensor of class indices. With return_logits=True also
     returns the (detached) logits of the eval-mode forward."""
     if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
     check_grad_possible("CAMs need gradients of the head")
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D tensor (B, C, H, W), got {getattr(x, 'shape', type(x))}")

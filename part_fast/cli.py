@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import EXIT_DIVERGED, EXIT_USER_ERROR, USER_ERRORS, Interrupted, TrainingDiverged, report
+from .errors import EXIT_DIVERGED, EXIT_USER_ERROR, USER_ERRORS, ConfigError, Interrupted, TrainingDiverged, report
 from .evaluate import MissingExtraError
 from .train import RESUMABLE_CHANGES, TrainConfig
 from .train.config import flag_of
@@ -193,7 +193,7 @@ def cmd_eval(args) -> int:
     attacks = tuple(a.strip() for a in args.attacks.split(",") if a.strip())
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
-        raise ValueError(f"--attacks: unknown {unknown}; choose from {', '.join(ATTACKS)}")
+        raise ConfigError(f"--attacks: unknown {unknown}; choose from {', '.join(ATTACKS)}")
     model, config = load_model(args.checkpoint, args.device)
     loader, _, _ = _test_loader(config, args.data_dir, args.test_subset, args.batch_size)
     step = args.step_size if args.step_size is not None else config.resolved().step_size
@@ -228,7 +228,7 @@ def cmd_show_cam(args) -> int:
     from .train import load_model
 
     if args.n < 1:
-        raise ValueError(f"--n must be >= 1, got {args.n}")
+        raise ConfigError(f"--n must be >= 1, got {args.n}")
     model, config = load_model(args.checkpoint, args.device)
     _, test_set, info = _test_loader(config, args.data_dir, args.n, args.n)
     n = min(args.n, len(test_set))

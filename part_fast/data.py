@@ -32,6 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
+from .errors import ConfigError, DataError
+
 DATASETS = ("cifar10", "svhn", "tinyimagenet", "imagefolder", "shapes")
 
 SHAPE_CLASSES = ("disc", "square", "triangle", "cross", "ring", "star", "diamond", "crescent", "arrow", "bar")
@@ -81,7 +83,7 @@ class ImageFileDataset(Dataset):
         self.samples = [(str(path), int(label)) for path, label in samples]
         self.classes = tuple(classes)
         if not self.samples:
-            raise ValueError("no images")
+            raise DataError("no images")
         self.image_size = None
         self.image_size = tuple(self[0][0].shape[-2:])
 
@@ -95,7 +97,7 @@ class ImageFileDataset(Dataset):
         with Image.open(path) as image:
             pixels = np.array(image.convert("RGB"))  # a writable copy: torch warns on read-only arrays
         if self.image_size is not None and pixels.shape[:2] != self.image_size:
-            raise ValueError(f"{path}: image is {pixels.shape[0]}x{pixels.shape[1]} (HxW), but the first image "
+            raise DataError(f"{path}: image is {pixels.shape[0]}x{pixels.shape[1]} (HxW), but the first image "
                              f"of this split, {self.samples[0][0]}, is {self.image_size[0]}x{self.image_size[1]}")
         return torch.from_numpy(pixels).permute(2, 0, 1).float().div(255).contiguous(), label
 
@@ -225,13 +227,13 @@ class ShapesDataset(InMemoryImageDataset):
     def __init__(self, n: int, seed: int = 0, split: str = "train", image_size: int = 32):
         n, seed, image_size = operator.index(n), operator.index(seed), operator.index(image_size)
         if n < 0:
-            raise ValueError(f"n must be >= 0, got {n}")
+            raise ConfigError(f"n must be >= 0, got {n}")
         if seed < 0:
-            raise ValueError(f"seed must be >= 0 (it seeds numpy's SeedSequence), got {seed}")
+            raise ConfigError(f"seed must be >= 0 (it seeds numpy's SeedSequence), got {seed}")
         if split not in self._SPLIT_IDS:
-            raise ValueError(f"split must be one of {tuple(self._SPLIT_IDS)}, got {split!r}")
+            raise ConfigError(f"split must be one of {tuple(self._SPLIT_IDS)}, got {split!r}")
         if image_size < 8:
-            raise ValueError(f"image_size must be >= 8, got {image_size}")
+            raise ConfigError(f"image_size must be >= 8, got {image_size}")
         self.seed, self.split = seed, split
         images = np.empty((n, 3, image_size, image_size), np.uint8)
         masks = np.empty((n, image_size, image_size), bool)
@@ -314,7 +316,7 @@ def object_mask_of(dataset) -> Tensor | None:
 
 def _require_data_dir(name: str, data_dir) -> Path:
     if data_dir is None:
-        raise ValueError(f"dataset {name!r} needs data_dir (--data-dir)")
+        raise ConfigError(f"dataset {name!r} needs data_dir (--data-dir)")
     root = Path(data_dir)
     if not root.is_dir():
         raise FileNotFoundError(f"data directory for {name!r} not found: {root}")
@@ -327,7 +329,7 @@ def _torchvision_arrays(name: str, data_dir, download: bool):
     import torchvision.datasets as tvd  # looked up at call time, so tests can substitute the classes
 
     if data_dir is None:
-        raise ValueError(f"dataset {name!r} needs data_dir (--data-dir): the directory that holds (or will "
+        raise ConfigError(f"dataset {name!r} needs data_dir (--data-dir): the directory that holds (or will "
                          f"hold, with --download) its files")
     root = Path(data_dir)
     try:
@@ -411,7 +413,7 @@ def _tinyimagenet(data_dir):
             continue
         fields = line.split("\t")
         if len(fields) < 2 or fields[1] not in label_of:
-            raise ValueError(f"{annotations}:{line_no}: expected 'filename<TAB>wnid...' with a wnid of the "
+            raise DataError(f"{annotations}:{line_no}: expected 'filename<TAB>wnid...' with a wnid of the "
                              f"training classes, got {line!r}")
         test.append((root / "val" / "images" / fields[0], label_of[fields[1]]))
     if not train or not test:
@@ -434,12 +436,12 @@ def _imagefolder(data_dir):
     if train.classes != test.classes:
         only_train = sorted(set(train.classes) - set(test.classes))
         only_test = sorted(set(test.classes) - set(train.classes))
-        raise ValueError(f"imagefolder: the classes of {test_dir} differ from those of {train_dir} "
+        raise DataError(f"imagefolder: the classes of {test_dir} differ from those of {train_dir} "
                          f"(only in train: {only_train}, only in {test_dir.name}: {only_test})")
     train_ds = ImageFileDataset(_classes_interleaved(train.samples), train.classes)
     test_ds = ImageFileDataset(_classes_interleaved(test.samples), test.classes)
     if train_ds.image_size != test_ds.image_size:
-        raise ValueError(f"imagefolder: {test_ds.samples[0][0]} is {test_ds.image_size} but "
+        raise DataError(f"imagefolder: {test_ds.samples[0][0]} is {test_ds.image_size} but "
                          f"{train_ds.samples[0][0]} is {train_ds.image_size} (HxW); all images must share one size")
     return train_ds, test_ds
 
@@ -449,7 +451,7 @@ def _subset_size(argument: str, value, available: int, split: str, name: str) ->
         return None
     value = operator.index(value)
     if not 1 <= value <= available:
-        raise ValueError(f"{argument}={value} must be between 1 and the {available} examples of the {name} "
+        raise ConfigError(f"{argument}={value} must be between 1 and the {available} examples of the {name} "
                          f"{split} split")
     return value
 
@@ -461,9 +463,9 @@ def build_datasets(name: str, data_dir: str | os.PathLike | None = None, *, down
     `augment_batch`). `train_subset` / `test_subset` keep the first N items (a Subset over range(N)).
     `seed` only matters for "shapes" (which ignores data_dir and download); `download` only for cifar10/svhn."""
     if name not in DATASETS:
-        raise ValueError(f"unknown dataset {name!r}; choose one of {DATASETS}")
+        raise ConfigError(f"unknown dataset {name!r}; choose one of {DATASETS}")
     if download and name in ("tinyimagenet", "imagefolder"):
-        raise ValueError(f"download is only available for cifar10 and svhn, not {name!r}")
+        raise ConfigError(f"download is only available for cifar10 and svhn, not {name!r}")
     if name == "shapes":
         # Item i depends only on (seed, split, i): generating just the first N equals cutting N from the full set.
         n_train = _subset_size("train_subset", train_subset, SHAPES_DEFAULT_SIZES["train"], "train", name)

@@ -67,7 +67,8 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), *, log=pr
                           warmup=s.warmup, lr=s.lr, milestones=(max(s.epochs - s.warmup - 1, 1),),
                           batch_size=s.batch_size,
                           eps=s.eps, eps_low=s.eps_low, steps=s.steps, step_size=s.step_size, seed=s.seed,
-                          train_subset=s.train_size, test_subset=s.test_size, eval_examples=0, progress=progress)
+                          train_subset=s.train_size, test_subset=s.test_size, eval_examples=0, progress=progress,
+                          time_stages=True)  # its table splits the time by stage
         log(f"demo: training {method.upper()} ({s.epochs} epochs, {s.train_size} shapes images, PGD-{s.steps})")
         start = time.perf_counter()
         history = train(cfg, log=lambda line: log("  " + line))

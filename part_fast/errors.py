@@ -32,14 +32,18 @@ class ConfigError(UserError, ValueError):
     """A setting that cannot be (a value out of range, a name that does not exist, a combination refused)."""
 
 
+class DataError(UserError, ValueError):
+    """Data on disk that cannot be read as the dataset it should be (no images, mixed sizes, a bad line)."""
+
+
 class OutputWriteError(UserError, OSError):
     """A log or report in RUN_DIR could not be written (e.g. the disk is full)."""
 
 
 # What the command line reports as a user error (one line, exit 2), and what the trainer's process-group
-# session treats as one: the library's own errors, plus the built-in kinds that argument, data and file
-# checks raise.
-USER_ERRORS = (UserError, ValueError, FileNotFoundError, FileExistsError)
+# session treats as one: the library's own errors and a missing or existing file. A bare ValueError is not
+# one: from the command line it can only be a bug, and it keeps its traceback.
+USER_ERRORS = (UserError, FileNotFoundError, FileExistsError)
 
 
 class CheckpointError(UserError):

@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .attacks import MMA, PGD
+from .errors import ConfigError
 from .modes import eval_mode
 
 ATTACKS = ("natural", "pgd20", "mma", "aa", "aa-release")
@@ -112,7 +113,7 @@ def make_attack(name: str, model: nn.Module, eps: float, alpha: float, device, s
         return _autoattack_runner(model, eps, str(device), seed)
     if name == "aa-release":
         return _torchattacks_runner(model, eps, seed)
-    raise ValueError(f"unknown attack {name!r}; choose from {ATTACKS}")
+    raise ConfigError(f"unknown attack {name!r}; choose from {ATTACKS}")
 
 
 def evaluate(model: nn.Module, loader, attacks=("natural", "pgd20", "mma", "aa"), eps: float = 8 / 255,
@@ -123,7 +124,7 @@ def evaluate(model: nn.Module, loader, attacks=("natural", "pgd20", "mma", "aa")
     mode restored."""
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
-        raise ValueError(f"unknown attacks {unknown}; choose from {ATTACKS}")
+        raise ConfigError(f"unknown attacks {unknown}; choose from {ATTACKS}")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     runners = {name: make_attack(name, model, eps, alpha, device, seed) for name in attacks}
     correct = dict.fromkeys(attacks, 0)

@@ -36,7 +36,8 @@ Outer losses (B = batch size, p = softmax):
 PGD's "normal" start projects x+0.001·N(0,1) into the box and [0, 1], the release does not: the noise is
 far inside every ε, so only pixels at 0 or 1 start differently.
 
-β = 6.0 (TRADES and MART). ``RELEASE_INNER_ATTACK`` below gives the matching ``PGD(loss=..., start=...)``.
+β = 6.0 (TRADES and MART). The trainer's table of methods (``part_fast.train.methods``) holds the matching
+``PGD(loss=..., start=...)`` per method and phase.
 
 Nothing is detached in the release's outer losses: in TRADES and MART the gradient flows into both the
 natural logits (CE, the KL target p_nat, MART's weight 1 − p_nat[y]) and the adversarial logits. Only
@@ -63,7 +64,7 @@ import numbers
 import torch
 import torch.nn.functional as F
 
-__all__ = ["at_loss", "trades_loss", "mart_loss", "OUTER_LOSSES", "RELEASE_INNER_ATTACK"]
+__all__ = ["at_loss", "trades_loss", "mart_loss", "OUTER_LOSSES"]
 
 # The release's constants in MART (kept so values match it).
 MART_LOG_EPS = 1e-12  # log(p_adv + 1e-12) in the KL and log(1.0001 - p + 1e-12) in the boosted term
@@ -210,12 +211,3 @@ def mart_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tenso
 
 
 OUTER_LOSSES = {"at": at_loss, "trades": trades_loss, "mart": mart_loss}
-
-# The release's inner maximisation per base method, as `part_fast.attacks.PGD` keyword arguments (with
-# eps = 8/255 or the PART eps_map, alpha = 2/255 (SVHN 1/255), steps = 10). "normal" projects the
-# 0.001·N(0, 1) start, which the release leaves unclipped (see the module docstring).
-RELEASE_INNER_ATTACK = {
-    "at": {"loss": "ce", "start": "release"},  # PART epochs; warm-up (torchattacks PGD): start="uniform"
-    "trades": {"loss": "kl", "start": "normal"},
-    "mart": {"loss": "ce", "start": "normal"},
-}

@@ -53,6 +53,28 @@ def test_user_errors_are_one_line_and_exit_2(tmp_path, capsys):
     assert not (tmp_path / "r").exists()
 
 
+@pytest.mark.parametrize("flags, message", [
+    (["--arch", "resnet-nope"], "error: unknown architecture 'resnet-nope'"),
+    (["--dataset", "imagefolder", "--data-dir", "MISSING"], "error: "),
+])
+def test_library_user_errors_are_one_line(tmp_path, capsys, flags, message):
+    flags = [str(tmp_path / "missing") if f == "MISSING" else f for f in flags]
+    assert cli.main(TRAIN + ["--out", str(tmp_path / "r"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_an_internal_value_error_keeps_its_traceback(tmp_path, monkeypatch):
+    """A bare ValueError from the command line's own code can only be a bug: it is not dressed as a user
+    error (exit 2, one line) but propagates with its traceback."""
+    def broken(_args):
+        raise ValueError("a bug, not the user's fault")
+
+    monkeypatch.setitem(cli.COMMANDS, "train", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        cli.main(TRAIN + ["--out", str(tmp_path / "r")])
+
+
 def test_bad_flag_value_is_an_argparse_error(capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(TRAIN + ["--out", "x", "--eps", "eight"])

@@ -12,8 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from part_fast import attacks
-from part_fast.losses import OUTER_LOSSES, RELEASE_INNER_ATTACK, at_loss, mart_loss, trades_loss
+from part_fast.losses import OUTER_LOSSES, at_loss, mart_loss, trades_loss
 
 C = 10
 
@@ -370,12 +369,5 @@ def test_beta_must_be_a_number(name, gen):
 
 
 # -------------------------------------------------------------------------------------------- registry
-def test_registry_and_release_inner_attacks():
+def test_registry():
     assert OUTER_LOSSES == {"at": at_loss, "trades": trades_loss, "mart": mart_loss}
-    assert set(RELEASE_INNER_ATTACK) == set(OUTER_LOSSES)
-    assert RELEASE_INNER_ATTACK["at"] == {"loss": "ce", "start": "release"}
-    assert RELEASE_INNER_ATTACK["trades"] == {"loss": "kl", "start": "normal"}
-    assert RELEASE_INNER_ATTACK["mart"] == {"loss": "ce", "start": "normal"}
-    model = torch.nn.Linear(3, 2)
-    for kwargs in RELEASE_INNER_ATTACK.values():
-        attacks.PGD(model, 8 / 255, 2 / 255, 10, **kwargs)  # valid PGD configurations

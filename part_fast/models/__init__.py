@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from ..errors import ConfigError
 from .cnn_small import cnn_small
 from .resnet import preact_resnet18, resnet18, resnet_small
 from .wide_resnet import wrn34_10
@@ -42,7 +43,7 @@ def get_model(name: str, num_classes: int = 10) -> nn.Module:
 
     if name in torchvision.models.list_models(module=torchvision.models):
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    raise ValueError(
+    raise ConfigError(
         f"unknown architecture {name!r}; bundled: {sorted(BUNDLED)}, or a torchvision classification model "
         "name such as 'resnet50'"
     )

@@ -1,6 +1,7 @@
 """The PART trainer as a library: AT, TRADES, MART and their PART versions (PART, PART-T, PART-M).
 
     config.py        TrainConfig: every setting, its default and help (the CLI is built from it)
+    methods.py       one Method record per training method: base, inner attack per phase, outer loss
     step.py          one optimiser step: augment -> budget -> attack -> outer loss -> update
     loop.py          train(): epochs, evaluation, metrics, checkpoints, resume, preemption
     checkpoint.py    checked, atomic checkpoints (last.pt + previous.pt)
@@ -10,15 +11,16 @@
     sampler.py       the data order, resumable mid-epoch
 """
 from ..errors import CheckpointError, Interrupted, TrainingDiverged
-from .config import AMP_DTYPES, BASE_METHOD, DATASET_DEFAULTS, METHODS, RESUMABLE_CHANGES, STARTS, TrainConfig
+from .config import AMP_DTYPES, DATASET_DEFAULTS, RESUMABLE_CHANGES, STARTS, TrainConfig
 from .distributed import Distributed
+from .methods import METHOD, METHODS, Method
 from .loop import load_checkpoint, load_model, train
-from .step import (PURPOSE_ATTACK, PURPOSE_AUGMENT, PURPOSE_MODEL, RunState, StepRandomness, StepResult, build_model,
-                   build_state, derived_seed, lr_factor, make_attack, train_step)
+from .step import (PURPOSE_ATTACK, PURPOSE_AUGMENT, PURPOSE_MODEL, STAT_NAMES, RunState, StepRandomness, StepResult,
+                   build_model, build_state, derived_seed, lr_factor, make_attack, train_step)
 
 __all__ = [
-    "AMP_DTYPES", "BASE_METHOD", "DATASET_DEFAULTS", "METHODS", "RESUMABLE_CHANGES", "STARTS",
-    "CheckpointError", "Distributed", "Interrupted", "PURPOSE_ATTACK", "PURPOSE_AUGMENT", "PURPOSE_MODEL", "RunState",
+    "AMP_DTYPES", "DATASET_DEFAULTS", "METHOD", "METHODS", "Method", "RESUMABLE_CHANGES", "STARTS",
+    "CheckpointError", "Distributed", "Interrupted", "PURPOSE_ATTACK", "PURPOSE_AUGMENT", "PURPOSE_MODEL", "RunState", "STAT_NAMES",
     "StepRandomness", "StepResult", "TrainConfig", "TrainingDiverged", "build_model", "build_state", "derived_seed",
     "load_checkpoint", "load_model", "lr_factor", "make_attack", "train", "train_step",
 ]

@@ -11,9 +11,8 @@ from .. import data as data_mod
 from ..budget import MASKS
 from ..cam import METHODS as CAM_METHODS
 from ..errors import ConfigError
+from .methods import METHOD, METHODS, Method
 
-METHODS = ("at", "trades", "mart", "part", "part-trades", "part-mart")
-BASE_METHOD = {"at": "at", "part": "at", "trades": "trades", "part-trades": "trades", "mart": "mart", "part-mart": "mart"}
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 STARTS = ("uniform", "release")
 
@@ -28,7 +27,7 @@ _OTHER_DEFAULTS = DATASET_DEFAULTS["cifar10"]  # TinyImageNet, ImageFolder, shap
 # what it logs and how often it saves. None changes what is trained; a resume on the same device is
 # bit-exact, one on another device computes with that device's kernels and random streams.
 RESUMABLE_CHANGES = ("out", "epochs", "device", "workers", "progress", "eval_examples", "download", "data_dir",
-                     "log_steps", "save_every_steps", "save_every_minutes")
+                     "log_steps", "time_stages", "save_every_steps", "save_every_minutes")
 
 
 def setting(default, help: str, *, kind: str, choices=None, flag: str | None = None, shown: str | None = None):
@@ -85,7 +84,10 @@ class TrainConfig:
     sync_bn: bool = setting(False, "SyncBatchNorm across processes (CUDA)", kind="switch")
     eval_examples: int = setting(1000, "test examples for the per-epoch natural / PGD-20 accuracy (0: none)",
                                  kind="int")
-    log_steps: bool = setting(False, "also write RUN_DIR/steps.jsonl, one line per optimiser step", kind="switch")
+    log_steps: bool = setting(False, "also write RUN_DIR/steps.jsonl, one line per optimiser step (reads the "
+                              "loss every step: one device synchronisation per step)", kind="switch")
+    time_stages: bool = setting(False, "time the budget, attack and update stages of every step into the "
+                                "metrics (synchronises the device four times per step)", kind="switch")
     progress: bool | None = setting(None, "progress bars", kind="tristate", shown="on a terminal only")
     save_every_steps: int = setting(0, "also checkpoint every N optimiser steps (0: off)", kind="int")
     save_every_minutes: float = setting(10.0, "also checkpoint when this many minutes passed since the last "
@@ -111,7 +113,7 @@ class TrainConfig:
                 raise ConfigError(msg)
 
         need(isinstance(self.out, str) and self.out != "", f"out must name the run directory, got {self.out!r}")
-        need(self.method in METHODS, f"method must be one of {METHODS}, got {self.method!r}")
+        need(self.method in METHOD, f"method must be one of {tuple(METHOD)}, got {self.method!r}")
         need(self.dataset in data_mod.DATASETS, f"dataset must be one of {data_mod.DATASETS}, got {self.dataset!r}")
         need(self.cam in CAM_METHODS, f"cam must be one of {CAM_METHODS}, got {self.cam!r}")
         need(self.mask in MASKS, f"mask must be one of {MASKS}, got {self.mask!r}")
@@ -159,12 +161,16 @@ class TrainConfig:
         return cls(**{**d, "milestones": tuple(d.get("milestones", (60, 90)))})
 
     @property
+    def training_method(self) -> Method:
+        return METHOD[self.method]
+
+    @property
     def is_part(self) -> bool:
-        return self.method.startswith("part")
+        return METHOD[self.method].pixel_budget
 
     @property
     def base(self) -> str:
-        return BASE_METHOD[self.method]
+        return METHOD[self.method].base
 
 
 def flag_of(name: str) -> str:

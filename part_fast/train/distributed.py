@@ -39,6 +39,9 @@ class Distributed:
     world: int = 1
     local_rank: int = 0
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where collectives' tensors live
+    # A gloo group for `agree`, when the default group's collectives run on the GPU (NCCL); None: the default
+    # group is gloo already.
+    host_group: object = None
 
     @property
     def enabled(self) -> bool:
@@ -60,6 +63,16 @@ class Distributed:
             return values
         t = torch.tensor(values, dtype=torch.float64, device=device or self.device)
         dist.all_reduce(t)
+        return t.tolist()
+
+    def agree(self, values) -> list[float]:
+        """Element-wise sum over ranks of host numbers (votes, flags) without touching the training device:
+        reading an NCCL result would make the host wait for every kernel queued before it, each step."""
+        values = [float(v) for v in values]
+        if not self.enabled:
+            return values
+        t = torch.tensor(values, dtype=torch.float64)
+        dist.all_reduce(t, group=self.host_group)
         return t.tolist()
 
     def all_gather(self, values) -> list[list[float]]:
@@ -137,7 +150,10 @@ def session(device_name: str) -> Iterator[Distributed]:
         return
     import torch._dynamo  # noqa: F401 - before init_process_group, or it pins the group (see the module doc)
 
-    _init_process_group("nccl" if device.type == "cuda" else "gloo")
+    backend = "nccl" if device.type == "cuda" else "gloo"
+    _init_process_group(backend)
+    if backend != "gloo":
+        info.host_group = dist.new_group(backend="gloo")  # destroy_process_group() destroys it with the rest
     try:
         yield info
     except AGREED_STOPS as err:

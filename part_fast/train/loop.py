@@ -28,14 +28,14 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .. import data as data_mod
-from ..errors import (CheckpointWriteError, ConfigError, Interrupted, OutputWriteError, TrainingDiverged, UserError,
-                      report)
+from ..errors import (CheckpointError, CheckpointWriteError, ConfigError, Interrupted, OutputWriteError,
+                      TrainingDiverged, UserError, report)
 from ..evaluate import evaluate
 from . import checkpoint, distributed, preemption, rundir
 from .config import TrainConfig
 from .distributed import Distributed
 from .sampler import ResumableDistributedSampler
-from .step import StepRandomness, build_model, build_state, make_attack, train_step
+from .step import STAT_NAMES, StepRandomness, build_model, build_state, make_attack, train_step
 
 _clock = time.monotonic  # what --save-every-minutes measures (a name of its own, so tests can drive it)
 
@@ -100,35 +100,64 @@ def _loaders(config: TrainConfig, info: Distributed):
 
 
 # ------------------------------------------------------------------------------------ epoch progress
+# What a checkpoint's epoch-progress vector holds, in order: the step statistics summed (without the
+# non-finite count: a checkpoint is never written after a non-finite loss), the steps, the stage seconds,
+# the elapsed seconds.
+_SAVED_STATS = tuple(name for name in STAT_NAMES if name != "non_finite")
+_STAGES = ("data", "budget", "attack", "update")
+
+
 @dataclass
 class EpochProgress:
-    """One rank's running sums over the epoch in progress; a mid-epoch checkpoint holds every rank's."""
+    """One rank's running sums over the epoch in progress; a mid-epoch checkpoint holds every rank's.
 
-    sums: dict = field(default_factory=lambda: dict.fromkeys(("loss", "adv", "nat", "n", "eps_high", "steps"), 0.0))
-    seconds: dict = field(default_factory=lambda: dict.fromkeys(("data", "budget", "attack", "update"), 0.0))
+    The step statistics are summed on the device, so a step never waits for it; they are read at the
+    points where the host needs them (a checkpoint, a log line, the epoch's end)."""
+
+    device: torch.device
+    totals: torch.Tensor | None = None  # sum of the steps' StepResult.stats
+    first_non_finite: torch.Tensor | None = None  # global step of the first non-finite loss, or -1
+    steps: int = 0
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(_STAGES, 0.0))
     elapsed: float = 0.0  # wall seconds spent in this epoch before now (earlier processes included)
 
-    def add(self, r) -> None:
-        self.sums["loss"] += r.loss * r.examples
-        self.sums["adv"] += r.correct_adv
-        self.sums["nat"] += r.correct_nat or 0
-        self.sums["n"] += r.examples
-        self.sums["eps_high"] += r.eps_high
-        self.sums["steps"] += 1
+    def add(self, r, global_step: int) -> None:
+        if self.totals is None:
+            self.totals = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=self.device)
+            self.first_non_finite = torch.full((), -1.0, dtype=torch.float64, device=self.device)
+        bad = r.stats[STAT_NAMES.index("non_finite")] > 0
+        self.first_non_finite = torch.where((self.first_non_finite < 0) & bad, float(global_step),
+                                            self.first_non_finite)
+        self.totals += r.stats
+        self.steps += 1
         for k, v in r.seconds.items():
             self.seconds[k] += v
 
+    def sums(self) -> dict:
+        """The statistics summed so far (reads them from the device)."""
+        values = [0.0] * len(STAT_NAMES) if self.totals is None else self.totals.tolist()
+        return dict(zip(STAT_NAMES, values))
+
+    def first_non_finite_step(self) -> int | None:
+        if self.first_non_finite is None:
+            return None
+        step = int(self.first_non_finite)
+        return None if step < 0 else step
+
     def vector(self) -> list[float]:
-        return [*self.sums.values(), *self.seconds.values(), self.elapsed]
+        sums = self.sums()
+        return [*(sums[k] for k in _SAVED_STATS), self.steps, *self.seconds.values(), self.elapsed]
 
     @classmethod
-    def from_vector(cls, v) -> "EpochProgress":
-        p = cls()
-        keys = list(p.sums) + list(p.seconds)
-        if len(v) != len(keys) + 1:
-            raise ValueError(f"epoch progress has {len(v)} values, expected {len(keys) + 1}")
-        for k, x in zip(keys, v):
-            (p.sums if k in p.sums else p.seconds)[k] = float(x)
+    def from_vector(cls, v, device: torch.device) -> "EpochProgress":
+        n = len(_SAVED_STATS)
+        if len(v) != n + 1 + len(_STAGES) + 1:
+            raise CheckpointError(f"epoch progress has {len(v)} values, expected {n + 2 + len(_STAGES)}")
+        p = cls(device)
+        p.totals = torch.tensor([*v[:n], 0.0], dtype=torch.float64, device=device)
+        p.first_non_finite = torch.full((), -1.0, dtype=torch.float64, device=device)
+        p.steps = int(v[n])
+        p.seconds = dict(zip(_STAGES, (float(x) for x in v[n + 1:n + 1 + len(_STAGES)])))
         p.elapsed = float(v[-1])
         return p
 
@@ -212,11 +241,24 @@ class _Trainer:
     def _agree(self, stop: preemption.StopRequest | None) -> bool:
         """One collective between steps: every rank raises if rank 0 failed a write, and learns whether
         any rank was asked to stop."""
-        stop_votes, write_votes = self.info.all_sum([stop is not None and stop.requested,
-                                                     self.write_failure is not None])
+        stop_votes, write_votes = self.info.agree([stop is not None and stop.requested,
+                                                   self.write_failure is not None])
         if write_votes:
             raise self._write_error()
         return bool(stop_votes)
+
+    def _refuse_diverged(self, progress: EpochProgress) -> None:
+        """TrainingDiverged on every rank if any rank had a non-finite loss in this epoch. Steps do not
+        check (that would make the host wait for the device every step); this runs before every checkpoint,
+        log line and epoch end, so nothing written ever comes from past a non-finite loss."""
+        first = progress.first_non_finite_step()
+        firsts = [int(f) for (f,) in self.info.all_gather([-1 if first is None else first]) if f >= 0]
+        if firsts:
+            cfg = self.config
+            step = min(firsts)
+            raise TrainingDiverged(f"the {cfg.method} loss became non-finite (nan or inf) at global step {step} "
+                                   f"(epoch {self.state.epoch + 1}); the last checkpoint "
+                                   f"({self.out / checkpoint.LAST}) holds the weights before it")
 
     def _refuse_non_finite(self, when: str) -> None:
         """TrainingDiverged on every rank if any holds a non-finite weight or BatchNorm statistic (a finite
@@ -242,7 +284,7 @@ class _Trainer:
         state.epoch, state.step_in_epoch, state.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         self.history = list(ckpt.get("metrics", []))
         if ckpt.get("epoch_progress") is not None:
-            self.progress = EpochProgress.from_vector(ckpt["epoch_progress"][info.rank])
+            self.progress = EpochProgress.from_vector(ckpt["epoch_progress"][info.rank], info.device)
         if ckpt.get("rank_buffers") is not None:
             with torch.no_grad():
                 for buffer, saved in zip(state.model.buffers(), ckpt["rank_buffers"][info.rank], strict=True):
@@ -257,35 +299,37 @@ class _Trainer:
         part_phase = cfg.is_part and epoch >= cfg.warmup
         attack = make_attack(state, part_phase)
         first = state.step_in_epoch  # > 0 only right after a mid-epoch resume
-        progress = self.progress or EpochProgress()
+        progress = self.progress or EpochProgress(info.device)
         self.progress = None
         self.sampler.set_epoch(epoch, start=first * (cfg.batch_size // info.world))
         lr = state.optimizer.param_groups[0]["lr"]
         started = time.perf_counter() - progress.elapsed
         batches = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.show, leave=False,
                        initial=first, total=self.steps_per_epoch)
+        show_every = max(1, self.steps_per_epoch // 20)  # reading the bar's loss waits for the device: not every step
         for step, (x, y) in enumerate(batches, start=first):
             with self.rng.at(epoch, step):
-                # Read when the step's collective runs: a signal during this step's budget or attack stops
-                # the run after this step on every rank.
                 r = train_step(state, x, y, part_phase=part_phase, attack=attack, attack_gen=self.rng.attack,
-                               augment_gen=self.rng.augment,
-                               control=lambda: (stop.requested, info.is_main and self._minutes_due(),
-                                                self.write_failure is not None))
-            stop_votes, save_votes, write_votes = r.control
-            if not info.enabled:  # alone, a signal that came later in the step counts too
-                stop_votes, save_votes = stop.requested, self._minutes_due()
+                               augment_gen=self.rng.augment)
+            state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
+            progress.add(r, state.global_step)
+            # Host numbers only (gloo, never the device): every rank stops, or saves, after the same step.
+            stop_votes, save_votes, write_votes = info.agree([stop.requested, info.is_main and self._minutes_due(),
+                                                              self.write_failure is not None])
             if write_votes:  # a log line of an earlier step could not be written
                 raise self._write_error()
-            progress.add(r)
             progress.elapsed = time.perf_counter() - started
-            state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
-            if steps_log is not None:
+            if cfg.log_steps:  # (every rank: a collective)
+                loss_sum, examples, non_finite = info.all_sum(
+                    [r.value("loss_sum"), r.value("examples"), r.value("non_finite")])
+                if non_finite:
+                    self._refuse_diverged(progress)
                 line = (f'{{"epoch": {epoch + 1}, "step": {step + 1}, "global_step": {state.global_step}, '
-                        f'"loss": {r.global_loss!r}, "lr": {lr!r}}}\n')
-                self._write(self.out / rundir.STEPS, lambda: (steps_log.write(line), steps_log.flush()))
-            if self.show:
-                batches.set_postfix(loss=f"{r.loss:.3f}")
+                        f'"loss": {loss_sum / examples!r}, "lr": {lr!r}}}\n')
+                if steps_log is not None:
+                    self._write(self.out / rundir.STEPS, lambda: (steps_log.write(line), steps_log.flush()))
+            if self.show and step % show_every == 0:
+                batches.set_postfix(loss=f"{r.loss:.3f}")  # rank 0's own batch
             if stop_votes:
                 self._save(progress)
                 raise self._interrupted(stop)
@@ -293,6 +337,8 @@ class _Trainer:
             skip = step + 1 == self.steps_per_epoch and self.eval_loader is None
             if not skip and (save_votes or (cfg.save_every_steps and state.global_step % cfg.save_every_steps == 0)):
                 self._save(progress)
+        state.sync()  # the host ran ahead of the device: the epoch ends when the device is done
+        progress.elapsed = time.perf_counter() - started
         self._end_epoch(epoch, part_phase, lr, progress, stop)
 
     def _minutes_due(self) -> bool:
@@ -306,8 +352,11 @@ class _Trainer:
         if self._agree(stop):
             self._save(progress)
             raise self._interrupted(stop)
+        self._refuse_diverged(progress)
         state.scheduler.step()
-        loss, adv, nat, n, eps_high, steps = info.all_sum(list(progress.sums.values()))
+        sums = dict(zip(STAT_NAMES, info.all_sum(list(progress.sums().values()))))
+        n = sums["examples"]
+        (steps,) = info.all_sum([progress.steps])
         # Every rank gets rank 0's BatchNorm statistics: they are what the checkpoint holds, and the ranks
         # evaluate their shards of the test set with one model.
         info.broadcast_(list(state.model.buffers()))
@@ -316,14 +365,15 @@ class _Trainer:
             "epoch": epoch + 1,
             "phase": ("part" if part_phase else "warmup") if cfg.is_part else cfg.method,
             "lr": lr,
-            "train_loss": loss / n,
-            "train_adv_acc": 100 * adv / n,
-            "train_nat_acc": 100 * nat / n if cfg.base != "at" else None,
+            "train_loss": sums["loss_sum"] / n,
+            "train_adv_acc": 100 * sums["correct_adv"] / n,
+            "train_nat_acc": 100 * sums["correct_nat"] / n if cfg.training_method.natural_logits else None,
             "train_examples": int(n),
-            "eps_high_fraction": eps_high / steps,
+            "eps_high_fraction": sums["eps_high"] / steps,
             "epoch_seconds": progress.elapsed,
-            **{f"{k}_seconds": v for k, v in progress.seconds.items()},
         }
+        if cfg.time_stages:
+            record.update({f"{k}_seconds": v for k, v in progress.seconds.items()})
         if self.eval_loader is not None:
             record.update(self._evaluate())
         state.epoch, state.step_in_epoch = epoch + 1, 0
@@ -348,7 +398,8 @@ class _Trainer:
         """Every rank calls it (it gathers their state); rank 0 writes; all learn whether that worked."""
         state, info = self.state, self.info
         mid_epoch = progress is not None
-        if mid_epoch:  # (the epoch's own checkpoint follows the epoch end's check)
+        if mid_epoch:  # (the epoch's own checkpoint follows the epoch end's checks)
+            self._refuse_diverged(progress)
             self._refuse_non_finite(f"by step {state.global_step}")
         per_rank_progress = info.all_gather(progress.vector()) if mid_epoch else None
         # Between epochs every rank holds rank 0's BatchNorm statistics; in the middle of one each rank has
@@ -402,8 +453,11 @@ def _summary_line(r: dict, cfg: TrainConfig) -> str:
              f"train adv {r['train_adv_acc']:.1f}%"]
     if "test_nat_acc" in r:
         parts.append(f"test nat {r['test_nat_acc']:.1f}% pgd20 {r['test_pgd20_acc']:.1f}%")
-    parts.append(f"{r['epoch_seconds']:.1f}s (budget {r['budget_seconds']:.1f} attack {r['attack_seconds']:.1f} "
-                 f"update {r['update_seconds']:.1f})")
+    timed = f"{r['epoch_seconds']:.1f}s"
+    if "attack_seconds" in r:
+        timed += (f" (budget {r['budget_seconds']:.1f} attack {r['attack_seconds']:.1f} "
+                  f"update {r['update_seconds']:.1f})")
+    parts.append(timed)
     return " | ".join(parts)
 
 

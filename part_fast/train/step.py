@@ -9,7 +9,6 @@ The budget is computed for the augmented batch that is attacked, so the release'
 from __future__ import annotations
 
 import contextlib
-import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -22,8 +21,6 @@ from .. import data as data_mod
 from ..attacks import PGD
 from ..budget import PixelBudget
 from ..cam import find_layer
-from ..errors import TrainingDiverged
-from ..losses import OUTER_LOSSES
 from ..models import CAM_LAYERS, get_model
 from .config import AMP_DTYPES, TrainConfig
 from .distributed import Distributed
@@ -145,94 +142,111 @@ def build_state(config: TrainConfig, num_classes: int, device: torch.device, dis
 
 
 def make_attack(state: RunState, part_phase: bool) -> PGD:
-    """The inner maximisation of the base method. AT starts uniformly in the (per-pixel) box; with
-    start="release", PART epochs use the released PART-PGD start (global eps, unclipped) while warm-up
-    epochs keep the uniform start, as the release's torchattacks PGD did."""
+    """The inner maximisation of the run's method in this phase (methods.py says which loss and start)."""
     cfg = state.config
-    if cfg.base == "trades":
-        loss, start = "kl", "normal"
-    elif cfg.base == "mart":
-        loss, start = "ce", "normal"
-    else:
-        loss, start = "ce", ("release" if cfg.start == "release" and part_phase else "uniform")
-    return PGD(state.attack_model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps, start=start, loss=loss)
+    method = cfg.training_method
+    return PGD(state.attack_model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps, loss=method.inner_loss,
+               start=method.attack_start(part_phase, cfg.start))
+
+
+# The per-step numbers a step leaves on the device, summed over the epoch without reading them back.
+STAT_NAMES = ("loss_sum", "correct_adv", "correct_nat", "examples", "eps_high", "non_finite")
 
 
 @dataclass
 class StepResult:
-    loss: float  # mean over this rank's batch
-    global_loss: float  # mean over the global batch (all ranks)
-    correct_adv: int
-    correct_nat: int | None
-    examples: int
-    eps_high: float  # pixels (x channels) given the full eps, over this batch
-    seconds: dict
-    control: tuple[float, ...] = ()  # the `control` values, summed over ranks
+    """What a step measured. `stats` stays on the device (STAT_NAMES: sums over this rank's batch) so a
+    step never waits for the device; reading a field below waits for it once."""
+
+    stats: torch.Tensor  # float64, len(STAT_NAMES)
+    seconds: dict  # per stage, when config.time_stages; else empty
+    _read: list | None = None
+
+    def value(self, name: str) -> float:
+        if self._read is None:
+            self._read = self.stats.tolist()
+        return self._read[STAT_NAMES.index(name)]
+
+    @property
+    def loss(self) -> float:  # mean over this rank's batch
+        return self.value("loss_sum") / self.value("examples")
+
+    @property
+    def eps_high(self) -> float:  # share of pixels (x channels) given the full eps in this batch
+        return self.value("eps_high")
+
+    @property
+    def finite(self) -> bool:
+        return not self.value("non_finite")
+
+
+class _StageClock:
+    """Wall seconds per stage when asked for; otherwise nothing, and above all no device synchronisation
+    (a synchronisation stalls the host until the device drains, so the next kernels are queued late)."""
+
+    def __init__(self, state: RunState, enabled: bool):
+        self.state, self.enabled, self.seconds = state, enabled, {}
+        self.last = time.perf_counter() if enabled else 0.0
+
+    def lap(self, stage: str) -> None:
+        if self.enabled:
+            self.state.sync()
+            now = time.perf_counter()
+            self.seconds[stage], self.last = now - self.last, now
 
 
 def train_step(state: RunState, x: torch.Tensor, y: torch.Tensor, *, part_phase: bool, attack: PGD,
-               attack_gen: torch.Generator | None, augment_gen: torch.Generator | None,
-               control=()) -> StepResult:
+               attack_gen: torch.Generator | None, augment_gen: torch.Generator | None) -> StepResult:
     """One optimiser step on the batch (x, y): augment -> budget -> attack -> outer loss -> step.
 
-    `control`: per-rank numbers (stop requests, save decisions), or a function returning them, read just
-    before the collective that checks the loss and summed across ranks in it, so the ranks agree on them
-    without another synchronisation; see StepResult.control."""
-    cfg, device = state.config, state.device
-    t0 = time.perf_counter()
+    Nothing here waits for the device (unless config.time_stages): a non-finite loss is counted in the
+    result's stats, which the loop checks before anything is saved or logged."""
+    cfg, device, method = state.config, state.device, state.config.training_method
+    clock = _StageClock(state, cfg.time_stages)
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if augment_gen is not None:
         x = data_mod.augment_batch(x, augment_gen)
     if cfg.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
-    state.sync()
-    t1 = time.perf_counter()
+    clock.lap("data")
 
-    eps_map, clean_logits = None, None
+    eps_map, cam_logits = None, None
     with state.autocast():
         if part_phase:
-            # The CAM of exactly this (augmented) batch; its eval-mode logits double as TRADES' clean target.
-            eps_map, clean_logits = state.budget.with_logits(state.model, x)
-    state.sync()
-    t2 = time.perf_counter()
+            # The CAM of exactly this (augmented) batch, and its eval-mode logits.
+            eps_map, cam_logits = state.budget.with_logits(state.model, x)
+    clock.lap("budget")
 
     with state.autocast():
-        kwargs = {"clean_logits": clean_logits} if cfg.base == "trades" else {}
-        x_adv = attack(x, y, eps_map=eps_map, generator=attack_gen, **kwargs)
-    state.sync()
-    t3 = time.perf_counter()
+        reuse = {"clean_logits": cam_logits} if method.attack_reuses_cam_logits else {}
+        x_adv = attack(x, y, eps_map=eps_map, generator=attack_gen, **reuse)
+    clock.lap("attack")
 
     state.model.train()
     state.optimizer.zero_grad(set_to_none=True)
     with state.autocast():
-        if cfg.base == "at":
-            (logits_adv,) = state.outer(x_adv)
-            logits_nat = None
-            loss = OUTER_LOSSES["at"](logits_adv, y)
-        else:
+        if method.natural_logits:
             logits_nat, logits_adv = state.outer(x, x_adv)
-            loss = OUTER_LOSSES[cfg.base](logits_nat, logits_adv, y, cfg.beta)
-    loss_value = float(loss.detach())
-    n = int(y.shape[0])
-    finite = math.isfinite(loss_value)
-    # Every rank decides together, or the healthy ranks would wait forever in the gradient all-reduce.
-    bad_ranks, loss_sum, count, *control_sums = state.dist.all_sum(
-        [0.0 if finite else 1.0, loss_value * n if finite else 0.0, n, *(control() if callable(control) else control)],
-        device)
-    if bad_ranks:
-        raise TrainingDiverged(f"the {cfg.method} loss became non-finite ({loss_value} on rank {state.dist.rank}) "
-                               f"at epoch {state.epoch + 1}, step {state.step_in_epoch + 1}; the last checkpoint is "
-                               "kept, with the weights before it")
+        else:
+            (logits_adv,), logits_nat = state.outer(x_adv), None
+        loss = method.outer_loss(logits_nat, logits_adv, y, cfg.beta)
+    # A non-finite loss still steps (every rank must join the gradient all-reduce); the loop refuses to save
+    # or log past it, and the checkpoint before it is kept.
     state.scaler.scale(loss).backward()
     state.scaler.step(state.optimizer)
     state.scaler.update()
-    state.sync()
-    t4 = time.perf_counter()
+    clock.lap("update")
 
     with torch.no_grad():
-        correct_adv = int((logits_adv.argmax(1) == y).sum())
-        correct_nat = None if logits_nat is None else int((logits_nat.argmax(1) == y).sum())
-        eps_high = 1.0 if eps_map is None else float((eps_map == cfg.eps).float().mean())
-    return StepResult(loss_value, loss_sum / count, correct_adv, correct_nat, n, eps_high,
-                      {"data": t1 - t0, "budget": t2 - t1, "attack": t3 - t2, "update": t4 - t3},
-                      tuple(control_sums))
+        loss64 = loss.detach().double()
+        finite = torch.isfinite(loss64)
+        n = y.shape[0]
+        stats = torch.stack([
+            torch.where(finite, loss64 * n, 0.0),
+            (logits_adv.argmax(1) == y).sum().double(),
+            (logits_nat.argmax(1) == y).sum().double() if logits_nat is not None else loss64.new_zeros(()),
+            loss64.new_full((), float(n)),
+            (eps_map == cfg.eps).double().mean() if eps_map is not None else loss64.new_ones(()),
+            (~finite).double(),
+        ])
+    return StepResult(stats, clock.seconds)

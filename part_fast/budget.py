@@ -6,7 +6,7 @@ from torch import nn
 
 from . import ops
 from .errors import ConfigError
-from .cam import METHODS, compute_cam
+from .cam import CAM_METHODS, compute_cam
 
 MASKS = ("jet", "cam")
 
@@ -24,8 +24,8 @@ class PixelBudget:
                  layer: str | nn.Module | None = None):
         if not 0 <= eps_low <= eps:
             raise ConfigError(f"need 0 <= eps_low <= eps, got eps_low={eps_low}, eps={eps}")
-        if method not in METHODS:
-            raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+        if method not in CAM_METHODS:
+            raise ConfigError(f"method must be one of {CAM_METHODS}, got {method!r}")
         if mask not in MASKS:
             raise ConfigError(f"mask must be one of {MASKS}, got {mask!r}")
         self.eps, self.eps_low, self.method, self.mask, self.layer = float(eps), float(eps_low), method, mask, layer

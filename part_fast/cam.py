@@ -15,7 +15,7 @@ from .errors import ConfigError
 
 from .modes import check_grad_possible, eval_mode
 
-METHODS = ("gradcam", "xgradcam", "layercam")
+CAM_METHODS = ("gradcam", "xgradcam", "layercam")
 
 # Where the CAM layer is on architectures we know: the last block before global pooling.
 # layer4: ResNets (bundled and torchvision); block3: WideResNet; features: cnn-small and torchvision's
@@ -98,7 +98,7 @@ def cam_from_gradients(activations: torch.Tensor, gradients: torch.Tensor, metho
     elif method == "layercam":
         cam = (torch.relu(gradients) * activations).sum(1)
     else:
-        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+        raise ConfigError(f"method must be one of {CAM_METHODS}, got {method!r}")
     return torch.relu(cam)
 
 
@@ -114,8 +114,8 @@ def compute_cam(
     """CAMs (B, h, w) float32 of `x` (B, C, H, W) for the class `target` selects: "pred" (the model's own
     argmax, as the release), "label" (with y=) or a tensor of class indices. With return_logits=True also
     returns the (detached) logits of the eval-mode forward."""
-    if method not in METHODS:
-        raise ConfigError(f"method must be one of {METHODS}, got {method!r}")
+    if method not in CAM_METHODS:
+        raise ConfigError(f"method must be one of {CAM_METHODS}, got {method!r}")
     check_grad_possible("CAMs need gradients of the head")
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ValueError(f"x must be a 4-D tensor (B, C, H, W), got {getattr(x, 'shape', type(x))}")

@@ -7,7 +7,7 @@ from torch import nn
 
 from part_fast import ops
 from part_fast.budget import MASKS, PixelBudget
-from part_fast.cam import METHODS, compute_cam
+from part_fast.cam import CAM_METHODS, compute_cam
 
 EPS, EPS_LOW = 8 / 255, 7 / 255
 
@@ -70,7 +70,7 @@ def assert_two_valued(eps_map):
 
 
 @pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", CAM_METHODS)
 def test_shape_values_and_equivalence(flipnet, mask, method):
     x = images()
     budget = PixelBudget(EPS, EPS_LOW, method=method, mask=mask)
@@ -84,7 +84,7 @@ def test_shape_values_and_equivalence(flipnet, mask, method):
 
 
 @pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", CAM_METHODS)
 def test_mask_of_a_flipped_batch_is_the_flipped_mask(flipnet, mask, method):
     # The release looked masks up by batch index in a reshuffled, re-augmented pass; here the map is
     # computed from the very images it is applied to, so flipping the images flips the map.
@@ -113,7 +113,7 @@ def test_mask_follows_its_image_through_a_shuffle(bnnet, mask):
 
 
 @pytest.mark.parametrize("mask", MASKS)
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", CAM_METHODS)
 def test_degenerate_cam_gives_eps_low(mask, method):
     # All head weights negative: every CAM is all zero, a degenerate map: eps_low everywhere, no NaN.
     torch.manual_seed(2)

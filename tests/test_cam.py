@@ -15,7 +15,7 @@ import torch
 import torchvision
 from torch import nn
 
-from part_fast.cam import METHODS, cam_from_gradients, compute_cam, find_layer
+from part_fast.cam import CAM_METHODS, cam_from_gradients, compute_cam, find_layer
 from part_fast.models import preact_resnet18, resnet18, with_normalization, wrn34_10
 
 RTOL = 1e-5
@@ -197,7 +197,7 @@ def test_matches_autograd_oracle(request, which, target):
     classes = CLASSES[: x.shape[0]] if target == "classes" else None
     ag = oracle_activations_and_gradients(model, x, "layer4", classes)
     h = x.shape[-1] // (2 if isinstance(model, SpatialHeadNet) else 8)
-    for method in METHODS:
+    for method in CAM_METHODS:
         cam = compute_cam(model, x, method, target=target if classes is None else classes)
         expected, _ = oracle_cam(model, x, method, "layer4", ag=ag)
         assert cam.shape == (x.shape[0], h, h) and cam.dtype == torch.float32
@@ -206,7 +206,7 @@ def test_matches_autograd_oracle(request, which, target):
         assert_close_rel(cam, expected, bound=bound, what=method)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", CAM_METHODS)
 @pytest.mark.parametrize("target", ["label", "tensor"])
 def test_matches_autograd_oracle_for_given_classes(tiny, method, target):
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(11))
@@ -228,7 +228,7 @@ def test_matches_pytorch_grad_cam(request, which, target):
     else:
         classes = CLASSES[: x.shape[0]]
     library, (acts, grads) = grad_cam_library(model, x, "layer4", classes)
-    for method in METHODS:
+    for method in CAM_METHODS:
         cam = compute_cam(model, x, method, target=target if target == "pred" else classes)
         assert (library[method] > 0).any(), method
         # Both sides round in float32: twice the bound.
@@ -239,7 +239,7 @@ def test_matches_pytorch_grad_cam(request, which, target):
 def test_methods_differ_on_a_spatial_head(tiny):
     # Guard against the oracle comparison passing because all three formulas happen to coincide.
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(13))
-    cams = {m: compute_cam(tiny, x, m) for m in METHODS}
+    cams = {m: compute_cam(tiny, x, m) for m in CAM_METHODS}
     for a, b in [("gradcam", "xgradcam"), ("gradcam", "layercam"), ("xgradcam", "layercam")]:
         assert not torch.allclose(cams[a], cams[b], rtol=1e-3, atol=1e-6), (a, b)
 
@@ -297,7 +297,7 @@ class ZeroCamNet(nn.Module):
         return self.fc(self.layer4(x).mean((2, 3)))
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", CAM_METHODS)
 @pytest.mark.parametrize("dead", [False, True])
 def test_all_zero_cam_is_zero_not_nan(method, dead):
     torch.manual_seed(4)
@@ -313,7 +313,7 @@ def test_one_pixel_map():
     model = calibrated(resnet18(), (8, 3, 8, 8))
     x = torch.rand(3, 3, 8, 8, generator=torch.Generator().manual_seed(16))
     ag = oracle_activations_and_gradients(model, x, "layer4")
-    for method in METHODS:
+    for method in CAM_METHODS:
         cam = compute_cam(model, x, method)
         assert cam.shape == (3, 1, 1)
         expected, _ = oracle_cam(model, x, method, "layer4", ag=ag)
@@ -321,7 +321,7 @@ def test_one_pixel_map():
         assert_close_rel(cam, expected, what=method)
 
 
-@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("method", CAM_METHODS)
 def test_batch_size_one_matches_the_batch(tiny, method):
     x = torch.rand(4, 3, 16, 16, generator=torch.Generator().manual_seed(17))
     whole = compute_cam(tiny, x, method)
@@ -352,7 +352,7 @@ def test_inplace_op_after_the_layer():
     plain.load_state_dict(inplace.state_dict())
     plain.eval()
     x = torch.rand(3, 3, 16, 16)
-    for method in METHODS:
+    for method in CAM_METHODS:
         expected, _ = oracle_cam(plain, x, method, "layer4")
         assert_close_rel(compute_cam(inplace, x, method), expected)
 
@@ -362,7 +362,7 @@ def test_no_hooks_no_grads_left(tiny, r18):
     for model, x in [(tiny, torch.rand(2, 3, 16, 16)), (r18, torch.rand(2, 3, 32, 32))]:
         before = hooks_of(model)
         assert no_hooks(model) and no_param_grads(model)
-        for method in METHODS:
+        for method in CAM_METHODS:
             compute_cam(model, x, method)
         assert hooks_of(model) == before and no_hooks(model)
         assert no_param_grads(model)
@@ -482,7 +482,7 @@ def test_bn_running_statistics_unchanged(request, which):
     batch, size = MODEL_INPUTS[which]
     before = bn_state(model)
     assert len(before) == 3 * sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
-    for method in METHODS:
+    for method in CAM_METHODS:
         compute_cam(model, torch.rand(batch, 3, size, size), method)
     after = bn_state(model)
     assert all(torch.equal(before[k], after[k]) for k in before)

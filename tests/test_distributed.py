@@ -43,7 +43,7 @@ def _first_step_loss_per_rank(config: TrainConfig, world: int) -> list[float]:
         x, y = next(iter(DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler)))
         rng = train_mod.StepRandomness(cfg.seed, rank, torch.device("cpu"), augment=True)
         with rng.at(0, 0):
-            r = train_mod.train_step(state, x, y, part_phase=True, attack=train_mod.make_attack(state, part_phase=True),
+            r = train_mod.train_step(state, x, y, part_phase=True, attack=train_mod.inner_attack(state, part_phase=True),
                                      attack_gen=rng.attack, augment_gen=rng.augment)
         losses.append(r.loss)
     return losses

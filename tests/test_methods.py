@@ -12,7 +12,7 @@ from part_fast import data as data_mod
 from part_fast.attacks import PGD
 from part_fast.budget import PixelBudget
 from part_fast.losses import at_loss, mart_loss, trades_loss
-from part_fast.train import METHOD, METHODS, Distributed, build_model, build_state, make_attack, train_step
+from part_fast.train import METHOD, METHODS, Distributed, build_model, build_state, inner_attack, train_step
 from part_fast.train.step import STAT_NAMES
 
 from trainer_helpers import tiny
@@ -62,7 +62,7 @@ def test_each_method_step_computes_its_formula(tmp_path, name, part_phase, one_t
     model.load_state_dict(copy.deepcopy(state.model.state_dict()))
     x, y = _batch(cfg)
 
-    r = train_step(state, x, y, part_phase=part_phase, attack=make_attack(state, part_phase),
+    r = train_step(state, x, y, part_phase=part_phase, attack=inner_attack(state, part_phase),
                    attack_gen=torch.Generator().manual_seed(5), augment_gen=None)
 
     eps_map = PixelBudget(cfg.eps, cfg.eps_low, cfg.cam, cfg.mask, layer="features")(model, x) if part_phase else None
@@ -89,7 +89,7 @@ def test_a_new_method_is_one_row(tmp_path, monkeypatch):
     monkeypatch.setitem(METHOD, "part-kl", row)
     cfg = tiny(tmp_path / "run", method="part-kl").resolved()
     state = build_state(cfg, 10, torch.device("cpu"), Distributed())
-    attack = make_attack(state, part_phase=True)
+    attack = inner_attack(state, part_phase=True)
     assert (attack.loss, attack.start) == ("kl", "uniform")
     assert cfg.is_part and cfg.base == "at"
 
@@ -103,7 +103,7 @@ def test_a_step_waits_for_the_device_only_when_stages_are_timed(tmp_path, monkey
     syncs = []
     monkeypatch.setattr(type(state), "sync", lambda self: syncs.append(1))
     x, y = _batch(cfg)
-    r = train_step(state, x, y, part_phase=True, attack=make_attack(state, True), attack_gen=torch.Generator(),
+    r = train_step(state, x, y, part_phase=True, attack=inner_attack(state, True), attack_gen=torch.Generator(),
                    augment_gen=None)
     assert r._read is None and r.stats.shape == (len(STAT_NAMES),)
     if time_stages:

@@ -287,7 +287,7 @@ def test_trains_briefly_on_real_cifar10_images(tmp_path, cifar_subset_dir):
 def test_inner_attack_per_method_and_phase(tmp_path, method, start, phase, expected):
     cfg = tiny(tmp_path / "run", method=method, start=start).resolved()
     state = train_mod.build_state(cfg, 10, torch.device("cpu"), train_mod.Distributed())
-    attack = train_mod.make_attack(state, part_phase=phase)
+    attack = train_mod.inner_attack(state, part_phase=phase)
     assert (attack.loss, attack.start) == expected
     assert (attack.eps, attack.alpha, attack.steps) == (cfg.eps, cfg.step_size, cfg.steps)
 

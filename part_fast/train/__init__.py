@@ -11,16 +11,16 @@
     sampler.py       the data order, resumable mid-epoch
 """
 from ..errors import CheckpointError, Interrupted, TrainingDiverged
-from .config import AMP_DTYPES, DATASET_DEFAULTS, RESUMABLE_CHANGES, STARTS, TrainConfig
+from .config import AMP_DTYPES, AT_PART_STARTS, DATASET_DEFAULTS, RESUMABLE_CHANGES, TrainConfig
 from .distributed import Distributed
 from .methods import METHOD, METHODS, Method
 from .loop import load_checkpoint, load_model, train
 from .step import (PURPOSE_ATTACK, PURPOSE_AUGMENT, PURPOSE_MODEL, STAT_NAMES, RunState, StepRandomness, StepResult,
-                   build_model, build_state, derived_seed, lr_factor, make_attack, train_step)
+                   build_model, build_state, derived_seed, lr_factor, inner_attack, train_step)
 
 __all__ = [
-    "AMP_DTYPES", "DATASET_DEFAULTS", "METHOD", "METHODS", "Method", "RESUMABLE_CHANGES", "STARTS",
+    "AMP_DTYPES", "DATASET_DEFAULTS", "METHOD", "METHODS", "Method", "RESUMABLE_CHANGES", "AT_PART_STARTS",
     "CheckpointError", "Distributed", "Interrupted", "PURPOSE_ATTACK", "PURPOSE_AUGMENT", "PURPOSE_MODEL", "RunState", "STAT_NAMES",
     "StepRandomness", "StepResult", "TrainConfig", "TrainingDiverged", "build_model", "build_state", "derived_seed",
-    "load_checkpoint", "load_model", "lr_factor", "make_attack", "train", "train_step",
+    "load_checkpoint", "load_model", "lr_factor", "inner_attack", "train", "train_step",
 ]

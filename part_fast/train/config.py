@@ -9,12 +9,13 @@ import torch
 
 from .. import data as data_mod
 from ..budget import MASKS
-from ..cam import METHODS as CAM_METHODS
+from ..cam import CAM_METHODS
 from ..errors import ConfigError
 from .methods import METHOD, METHODS, Method
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-STARTS = ("uniform", "release")
+# The starts an AT-based run may choose for its PART epochs (TrainConfig.start; see methods.py).
+AT_PART_STARTS = ("uniform", "release")
 
 # The released recipe per dataset (docs/method.md §2): values a flag left unset takes.
 DATASET_DEFAULTS = {
@@ -69,7 +70,7 @@ class TrainConfig:
     # The AT/MART-CE attack's start: "uniform" draws inside the per-pixel box (and [0, 1]); "release" is the
     # released PART-PGD start (global eps, unclipped). TRADES and MART always start at x + 0.001 N(0, 1).
     start: str = setting("uniform", "AT attack start: inside the per-pixel box (uniform) or the release's "
-                         "global-eps start", kind="str", choices=STARTS)
+                         "global-eps start", kind="str", choices=AT_PART_STARTS)
     augment: bool = setting(True, "switch off the random crop / flip", kind="negated", flag="--no-augment",
                             shown="augmentation on")
     seed: int = setting(0, "seed of everything random: init, data order, augmentation, attack noise", kind="int")
@@ -117,7 +118,7 @@ class TrainConfig:
         need(self.dataset in data_mod.DATASETS, f"dataset must be one of {data_mod.DATASETS}, got {self.dataset!r}")
         need(self.cam in CAM_METHODS, f"cam must be one of {CAM_METHODS}, got {self.cam!r}")
         need(self.mask in MASKS, f"mask must be one of {MASKS}, got {self.mask!r}")
-        need(self.start in STARTS, f"start must be one of {STARTS}, got {self.start!r}")
+        need(self.start in AT_PART_STARTS, f"start must be one of {AT_PART_STARTS}, got {self.start!r}")
         need(self.amp in (None, *AMP_DTYPES), f"amp must be one of {tuple(AMP_DTYPES)} or None, got {self.amp!r}")
         need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an int >= 1, got {self.epochs!r}")
         need(isinstance(self.warmup, int) and self.warmup >= 0, f"warmup must be an int >= 0, got {self.warmup!r}")

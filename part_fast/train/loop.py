@@ -35,7 +35,7 @@ from . import checkpoint, distributed, preemption, rundir
 from .config import TrainConfig
 from .distributed import Distributed
 from .sampler import ResumableDistributedSampler
-from .step import STAT_NAMES, StepRandomness, build_model, build_state, make_attack, train_step
+from .step import STAT_NAMES, StepRandomness, build_model, build_state, inner_attack, train_step
 
 _clock = time.monotonic  # what --save-every-minutes measures (a name of its own, so tests can drive it)
 
@@ -297,7 +297,7 @@ class _Trainer:
     def _epoch(self, epoch: int, stop: preemption.StopRequest, steps_log) -> None:
         cfg, state, info = self.config, self.state, self.info
         part_phase = cfg.is_part and epoch >= cfg.warmup
-        attack = make_attack(state, part_phase)
+        attack = inner_attack(state, part_phase)
         first = state.step_in_epoch  # > 0 only right after a mid-epoch resume
         progress = self.progress or EpochProgress(info.device)
         self.progress = None

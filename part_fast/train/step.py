@@ -141,7 +141,7 @@ def build_state(config: TrainConfig, num_classes: int, device: torch.device, dis
                     num_classes=num_classes)
 
 
-def make_attack(state: RunState, part_phase: bool) -> PGD:
+def inner_attack(state: RunState, part_phase: bool) -> PGD:
     """The inner maximisation of the run's method in this phase (methods.py says which loss and start)."""
     cfg = state.config
     method = cfg.training_method

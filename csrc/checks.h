@@ -9,14 +9,22 @@
 #include <optional>
 #include <string>
 
-#include "part_fast_math.h"
-
 namespace part_fast {
 
 inline std::string shape_str(at::IntArrayRef s) {
   std::string out = "(";
   for (size_t i = 0; i < s.size(); ++i) out += (i ? ", " : "") + std::to_string(s[i]);
   return out + (s.size() == 1 ? ",)" : ")");
+}
+
+// A scalar budget (eps, eps_low), as the Python checks word it: NaN fails the comparison, inf isfinite.
+inline void check_budget(double v, const char* name) {
+  TORCH_CHECK_VALUE(v >= 0 && std::isfinite(v), name, " must be a finite number >= 0, got ", v);
+}
+
+// The CPU kernels read data pointers on the host; the other tensors' devices are then checked against t's.
+inline void check_cpu_tensor(const at::Tensor& t, const char* name) {
+  TORCH_CHECK_VALUE(t.device().is_cpu(), name, " must be a CPU tensor for the CPU kernel, got ", t.device());
 }
 
 inline void check_float_tensor(const at::Tensor& t, const char* name, bool allow_double) {
@@ -58,7 +66,7 @@ inline at::MemoryFormat check_attack_tensors(const at::Tensor& x_adv, const at::
 }
 
 inline void check_scalars(double eps, double step_size, double lo, double hi) {
-  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "eps must be a finite number >= 0, got ", eps);
+  check_budget(eps, "eps");
   TORCH_CHECK_VALUE(step_size >= 0, "step_size must be >= 0, got ", step_size);
   TORCH_CHECK_VALUE(!std::isnan(lo) && !std::isnan(hi), "lo and hi must not be NaN");
   TORCH_CHECK_VALUE(lo <= hi, "lo must be <= hi, got lo=", lo, ", hi=", hi);
@@ -130,6 +138,17 @@ inline EpsPlan make_eps_plan(const std::optional<at::Tensor>& eps_map, const at:
   return plan;
 }
 
+// Every argument check of pgd_step_ / project_ (grad null for project_), the same for each device, and the
+// plan the kernel walks eps by.
+inline EpsPlan check_pgd_args(const at::Tensor& x_adv, const at::Tensor* grad, const at::Tensor& x_nat,
+                              const std::optional<at::Tensor>& eps_map, double eps, double step_size, double lo,
+                              double hi, bool allow_double) {
+  const at::MemoryFormat fmt = check_attack_tensors(x_adv, grad, x_nat, allow_double);
+  // The scalar eps is only the budget when no eps_map is given (and a tensor eps is not scanned).
+  check_scalars(eps_map.has_value() ? 0.0 : eps, step_size, lo, hi);
+  return make_eps_plan(eps_map, x_adv, fmt);
+}
+
 inline void check_cam_args(const at::Tensor& cam, c10::SymIntArrayRef size, double eps, double eps_low,
                            const std::string& mode, bool allow_double) {
   check_float_tensor(cam, "cam", allow_double);
@@ -138,8 +157,8 @@ inline void check_cam_args(const at::Tensor& cam, c10::SymIntArrayRef size, doub
                     shape_str(cam.sizes()));
   TORCH_CHECK_VALUE(size.size() == 2, "size must be a pair (H, W)");
   TORCH_CHECK_VALUE(size[0] > 0 && size[1] > 0, "size must be positive, got (", size[0], ", ", size[1], ")");
-  TORCH_CHECK_VALUE(eps >= 0 && std::isfinite(eps), "eps must be a finite number >= 0, got ", eps);
-  TORCH_CHECK_VALUE(eps_low >= 0 && std::isfinite(eps_low), "eps_low must be a finite number >= 0, got ", eps_low);
+  check_budget(eps, "eps");
+  check_budget(eps_low, "eps_low");
   TORCH_CHECK_VALUE(eps_low <= eps, "eps_low must be <= eps, got eps_low=", eps_low, ", eps=", eps);
   TORCH_CHECK_VALUE(mode == "jet" || mode == "cam", "mode must be 'jet' or 'cam', got '", mode, "'");
 }

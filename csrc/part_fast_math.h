@@ -2,6 +2,7 @@
 // GPU runs. Every function is the rule the reference (part_fast/reference.py) writes in PyTorch.
 #pragma once
 
+#include <cmath>
 #include <cstdint>
 
 #include "jet_lut.h"
@@ -146,9 +147,63 @@ PF_HD float jet_input(float upsampled) {
   return upsampled * upsampled;
 }
 
-// Per-image min-max normalisation as torchcam does it, in float32: (relu(c) - min) / (max - min).
+// -------------------------------------------------------------------------- CAM min-max normalisation
+// Per-image min-max normalisation as torchcam does it, in float32 and in its two steps:
+// c = relu(c) - min(relu(c)), then c / max(c). The min and max are reductions the kernels run their own
+// way (in order on the CPU, as a tree on the GPU); both are exact, so only these steps round.
+
+// A NaN or +inf value stays non-finite through torch.relu and makes the whole map degenerate (the
+// budget is then eps_low everywhere); -inf is not one: it becomes 0 like any negative value.
+PF_HD bool cam_value_degenerates(float c) {
+  return !(c < INFINITY);
+}
+
+// NaN gives 0 here, not NaN as in torch.relu: a map holding a NaN is degenerate before its values count.
 PF_HD float relu_f(float c) {
   return c > 0.0f ? c : 0.0f;
+}
+
+PF_HD float minmax_shift(float relu_c, float map_min) {
+  return relu_c - map_min;
+}
+
+// The division is correctly rounded on the device too (__fdiv_rn), whatever -prec-div says.
+PF_HD float minmax_scale(float shifted, float shifted_max) {
+#if defined(__CUDA_ARCH__)
+  return __fdiv_rn(shifted, shifted_max);
+#else
+  return shifted / shifted_max;
+#endif
+}
+
+// ------------------------------------------------------------------------------- PIL resize, one value
+// One output value of a PIL pass: the window's taps times their weights, accumulated in double in tap
+// order and rounded to float32 (the "F" image between the two passes and after the second). src points
+// at the window's first tap, stride elements apart; index_t is the caller's index type (int on the device).
+template <typename index_t>
+PF_HD float pil_resample(const float* src, index_t stride, const double* weight, int count) {
+  double acc = 0.0;
+  for (int k = 0; k < count; ++k) acc = pf_dadd(acc, pf_dmul(static_cast<double>(src[k * stride]), weight[k]));
+  return static_cast<float>(acc);
+}
+
+// ------------------------------------------------------------------------- z-score and one-sigma cut
+// The release's z-score uses the population statistics (numpy's std, ddof = 0) in double. The sums are
+// the kernels' own (in order on the CPU; on the GPU a fixed tree, over a LUT histogram in mode "jet").
+PF_HD double squared_deviation(double v, double mean) {
+  const double d = v - mean;
+  return d * d;
+}
+
+PF_HD double population_std(double sum_squared_deviations, double count) {
+  return std::sqrt(sum_squared_deviations / count);
+}
+
+// float32(z) > 1 with z = (v - mean) / sd, written as the reference writes it (no rearranging: the
+// rounding must match; the release casts its float64 z to float32 before comparing); a zero sd
+// (constant values) selects nothing.
+PF_HD bool above_one_sigma(double v, double mean, double sd) {
+  return sd > 0.0 && static_cast<float>((v - mean) / sd) > 1.0f;
 }
 
 }  // namespace part_fast

@@ -1,12 +1,12 @@
 """The CUDA kernels' device code, run on the CPU and compared with the reference bit for bit.
 
-No GPU is available here, so csrc/cuda/*.cu is otherwise only compiled. This module compiles the device
-part of each file (everything above its "host" section marker) as plain C++ with tests/cuda_emulation/emu.h
-standing in for the CUDA built-ins, and runs the kernels on the CPU: the indexing, vectorised chunks,
-eps-plan walks, block reductions, shared-memory layout and barriers are the real code. Which pgd_kernel
-instance runs is decided by the .cu file's own make_args / choose_walk; the grid size and the 32/64-bit
-index choice are the harness's parameters (both are exercised). Misaligned vector accesses fail (emu.h's
-alignment hook), shared memory starts as garbage, and threads leave barriers at staggered times.
+No GPU is available here, so csrc/cuda/*.cu is otherwise only compiled. This module compiles each op's
+device header (csrc/cuda/<op>_device.cuh, the one its .cu file includes) as plain C++ with
+tests/cuda_emulation/emu.h standing in for the CUDA built-ins, and runs the kernels on the CPU: the indexing,
+vectorised chunks, eps-plan walks, block reductions, shared-memory layout and barriers are the real code.
+Which pgd_kernel instance runs is decided by the header's own make_args / choose_walk; the grid size and
+the 32/64-bit index choice are the harness's parameters (both are exercised). Misaligned vector accesses
+fail (emu.h's alignment hook), shared memory starts as garbage, and threads leave barriers at staggered times.
 
 What it cannot catch: device-compiler behaviour (FMA contraction, which setup.py turns off with
 --fmad=false), and races beyond what staggered barrier exits expose.
@@ -27,42 +27,32 @@ ROOT = Path(__file__).resolve().parent.parent
 CSRC = ROOT / "csrc"
 HERE = Path(__file__).resolve().parent / "cuda_emulation"
 
-# The device part of a .cu file: from its anonymous namespace to the line that says where it ends.
-_START = "namespace {\n"
-_END = "// (tests/test_cuda_emulation.py compiles everything above this line as C++ and runs it on the CPU.)\n"
-
-
-def device_part(cu_file: Path) -> str:
-    text = cu_file.read_text()
-    assert text.count(_START) == 1 and text.count(_END) == 1, \
-        f"{cu_file}: the emulation test needs exactly one {_START!r} and one {_END!r}"
-    start = text.index(_START) + len(_START)
-    end = text.index(_END)
-    assert start < end, f"{cu_file}: the end marker comes before the anonymous namespace"
-    return text[start:end]
+# The headers the .cu files include for their device code, so the emulation runs exactly what nvcc compiles.
+DEVICE_HEADERS = ("cuda/cam_eps_map_device.cuh", "cuda/pgd_step_device.cuh")
 
 
 def emulation_source() -> str:
-    cam = device_part(CSRC / "cuda" / "cam_eps_map.cu")
-    dynamic = "extern __shared__ double smem_base[];"
-    assert cam.count(dynamic) == 1, f"cam_eps_map.cu: expected one '{dynamic}' to emulate"
-    cam = cam.replace(dynamic, "double* smem_base = g_dynamic_smem;")
-    pgd = device_part(CSRC / "cuda" / "pgd_step.cu")
     return "\n".join([
+        # First, so the CUDA keywords and built-ins are defined before any header uses them.
         f'#include "{HERE / "emu.h"}"',
-        "#include <ATen/ATen.h>",
-        "#include <ATen/OpMathType.h>",
-        "#include <ATen/cuda/detail/IntegerDivider.cuh>",
+        # The headers' hook for the block's dynamic shared memory: emu.h's array (a host compiler has no
+        # extern __shared__).
+        "#define PF_DYNAMIC_SHARED_DOUBLES(name) double* name = g_dynamic_smem",
         "#include <torch/extension.h>",
         "#include <optional>",
         "#include <tuple>",
-        '#include "checks.h"',
-        '#include "jet_lut.h"',
-        '#include "part_fast_math.h"',
-        "namespace part_fast { namespace cam_device {", cam, "}}",
-        "namespace part_fast { namespace pgd_device {", pgd, "}}",
+        *(f'#include "{header}"' for header in DEVICE_HEADERS),
         (HERE / "harness.cpp").read_text(),
     ])
+
+
+def test_cuda_sources_include_the_emulated_device_headers():
+    """Each .cu file includes the device header emulated here, and holds no kernel of its own."""
+    for header in DEVICE_HEADERS:
+        cu = CSRC / header.replace("_device.cuh", ".cu")
+        text = cu.read_text()
+        assert f'#include "{header}"' in text, f"{cu} does not include {header}"
+        assert "__global__" not in text and "__device__" not in text, f"{cu} has device code outside {header}"
 
 
 def cuda_include_dirs() -> list[str]:

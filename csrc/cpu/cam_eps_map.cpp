@@ -8,8 +8,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
-#include <cmath>
-#include <limits>
+#include <algorithm>
 #include <vector>
 
 #include "checks.h"
@@ -38,40 +37,36 @@ struct TapTable {
     }
   }
 
-  // sum_k src[(first + k) * stride] * weight_k, in double and tap order, rounded to float32 (PIL "F").
+  // Output index o of a pass over src, whose taps lie stride elements apart.
   float apply(const float* src, int64_t stride, int o) const {
-    const double* wt = &weight[static_cast<size_t>(o) * width];
-    const float* s = src + static_cast<int64_t>(first[o]) * stride;
-    double acc = 0.0;
-    for (int k = 0; k < count[o]; ++k) acc += static_cast<double>(s[k * stride]) * wt[k];
-    return static_cast<float>(acc);
+    return pil_resample(src + static_cast<int64_t>(first[o]) * stride, stride,
+                        &weight[static_cast<size_t>(o) * width], count[o]);
   }
 };
 
-// ReLU + min-max in float32, as torchcam. Returns false for a degenerate map (non-finite or constant).
+// part_fast_math.h's min-max normalisation, with its min and max taken in order. Returns false for a
+// degenerate map (a NaN or +inf value, or a constant map).
 bool normalize_cam(const float* cam, int64_t n, float* out) {
   float cmin = 0.0f;
   for (int64_t i = 0; i < n; ++i) {
-    // NaN or +inf survive the ReLU and make the map degenerate; -inf becomes 0 like any negative value.
-    if (!(cam[i] < std::numeric_limits<float>::infinity())) return false;
+    if (cam_value_degenerates(cam[i])) return false;
     const float r = relu_f(cam[i]);
     cmin = (i == 0 || r < cmin) ? r : cmin;
   }
   float cmax = 0.0f;
   for (int64_t i = 0; i < n; ++i) {
-    out[i] = relu_f(cam[i]) - cmin;
+    out[i] = minmax_shift(relu_f(cam[i]), cmin);
     cmax = out[i] > cmax ? out[i] : cmax;
   }
   if (cmax == 0.0f) return false;
-  for (int64_t i = 0; i < n; ++i) out[i] = out[i] / cmax;
+  for (int64_t i = 0; i < n; ++i) out[i] = minmax_scale(out[i], cmax);
   return true;
 }
 
-// Threshold of a z-score: float32((v - mean) / std) > 1 with the population std, because the release
-// casts its float64 z to float32 before comparing; a zero std selects nothing.
+// part_fast_math.h's one-sigma cut, with the statistics' sums taken in order.
 struct Threshold {
-  double mean = 0.0, std = 0.0;
-  bool keep(double v) const { return std > 0.0 && static_cast<float>((v - mean) / std) > 1.0f; }
+  double mean = 0.0, sd = 0.0;
+  bool keep(double v) const { return above_one_sigma(v, mean, sd); }
 };
 
 Threshold zscore_threshold(const double* values, int64_t n) {
@@ -80,11 +75,8 @@ Threshold zscore_threshold(const double* values, int64_t n) {
   for (int64_t i = 0; i < n; ++i) sum += values[i];
   t.mean = sum / static_cast<double>(n);
   double sq = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    const double d = values[i] - t.mean;
-    sq += d * d;
-  }
-  t.std = std::sqrt(sq / static_cast<double>(n));
+  for (int64_t i = 0; i < n; ++i) sq += squared_deviation(values[i], t.mean);
+  t.sd = population_std(sq, static_cast<double>(n));
   return t;
 }
 
@@ -92,7 +84,7 @@ at::Tensor cam_eps_map_cpu(const at::Tensor& cam_in, c10::SymIntArrayRef size, d
                            c10::string_view mode_view) {
   const std::string mode(mode_view);
   check_cam_args(cam_in, size, eps, eps_low, mode, /*allow_double=*/true);
-  TORCH_CHECK_VALUE(cam_in.device().is_cpu(), "cam must be a CPU tensor for the CPU kernel, got ", cam_in.device());
+  check_cpu_tensor(cam_in, "cam");
   const bool jet = mode == "jet";
   const int64_t batch = cam_in.size(0), h = cam_in.size(1), w = cam_in.size(2);
   const int64_t out_h = size[0].expect_int(), out_w = size[1].expect_int();

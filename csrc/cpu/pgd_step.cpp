@@ -10,6 +10,9 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
+#include <optional>
+
 #include "checks.h"
 #include "part_fast_math.h"
 
@@ -157,10 +160,8 @@ void update_cpu(const at::Tensor& x_adv, const at::Tensor* grad, const at::Tenso
 template <bool kHasStep>
 void update_dispatch(const at::Tensor& x_adv, const at::Tensor* grad, const at::Tensor& x_nat,
                      const std::optional<at::Tensor>& eps_map, double eps, double step_size, double lo, double hi) {
-  TORCH_CHECK_VALUE(x_adv.device().is_cpu(), "x_adv must be a CPU tensor for the CPU kernel, got ", x_adv.device());
-  const at::MemoryFormat fmt = check_attack_tensors(x_adv, grad, x_nat, /*allow_double=*/true);
-  check_scalars(eps_map.has_value() ? 0.0 : eps, step_size, lo, hi);  // a tensor eps is not scanned
-  const EpsPlan plan = make_eps_plan(eps_map, x_adv, fmt);
+  check_cpu_tensor(x_adv, "x_adv");
+  const EpsPlan plan = check_pgd_args(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi, /*allow_double=*/true);
   if (x_adv.numel() == 0) return;
   const bool eps_is_float = eps_map.has_value() && eps_map->scalar_type() == at::kFloat;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_adv.scalar_type(), "part_fast_pgd_step_cpu", [&] {

@@ -4,10 +4,10 @@ import os
 
 import torch
 
-from bench import ops_report
+from bench.common import machine_info as part_fast_machine_info
 
 torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
 
 
 def pytest_benchmark_update_machine_info(config, machine_info):
-    machine_info["part_fast"] = ops_report.machine_info(torch.device(os.environ.get("BENCH_DEVICE", "cpu")))
+    machine_info["part_fast"] = part_fast_machine_info(torch.device(os.environ.get("BENCH_DEVICE", "cpu")))

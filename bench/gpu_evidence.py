@@ -15,7 +15,7 @@ What a CPU-only machine can still say about the GPU code:
    once) at an assumed bandwidth, next to the released eager chain (reference.pgd_step_release), whose
    bytes are tallied op by op on meta tensors, and a per-launch latency floor.
 4. Kernel launches per call: aten ops dispatched (each is at least one kernel launch on a GPU), counted
-   on small CPU tensors with bench.ops_report.kernels_per_call: the release chain, the reference backend,
+   on small CPU tensors with bench.common.kernels_per_call: the release chain, the reference backend,
    and ours with the compiled cpu backend forced.
 
 Nothing here runs on a GPU and nothing is asserted: the figures are evidence and projections.
@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import argparse
 import collections
+import functools
 import importlib.util
-import json
 import os
 import re
 import shutil
@@ -37,7 +37,14 @@ from pathlib import Path
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from bench.ops_report import EPS, EPS_LOW, STEP_SIZE, attack_tensors, kernels_per_call
+from bench.common import (
+    EPS,
+    EPS_LOW,
+    STEP_SIZE,
+    attack_tensors,
+    kernels_per_call,
+    write_json,
+)
 from part_fast import ops, reference
 
 # ---------------------------------------------------------------------------------------- assumptions
@@ -103,8 +110,8 @@ def _extra_triton_specs() -> list[dict]:
     for name in EXTRA_TRITON_VARIANTS:
         x, eps = operands[name]
         _, args, constexprs = pgd_module.launch_args(x, x, x, eps, STEP_SIZE, 0.0, 1.0)
-        specs.append(dict(name=name, fn=pgd_module.pgd_step_kernel, args=args, constexprs=constexprs,
-                          options={"num_warps": pgd_module.NUM_WARPS}))
+        specs.append({"name": name, "fn": pgd_module.pgd_step_kernel, "args": args, "constexprs": constexprs,
+                      "options": {"num_warps": pgd_module.NUM_WARPS}})
     return specs
 
 
@@ -115,7 +122,7 @@ def triton_ptx(archs=ARCHS, extra_variants: bool = True, log=print) -> tuple[lis
     notes = []
     try:
         from part_fast.kernels import ptx
-    except Exception as exc:  # triton missing or broken
+    except Exception as exc:  # noqa: BLE001 (triton missing or broken: whatever its import raises is the note)
         return [], [f"Triton kernels not compiled: part_fast.kernels.ptx cannot be imported ({exc!r})"]
     rows = []
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
@@ -131,7 +138,7 @@ def triton_ptx(archs=ARCHS, extra_variants: bool = True, log=print) -> tuple[lis
             for spec in specs:
                 try:
                     arch_rows.append(ptx._compile_one(spec, arch))
-                except Exception as exc:
+                except Exception as exc:  # noqa: BLE001 (a kernel that does not compile is a row saying why)
                     arch_rows.append({"name": spec["name"], "arch": arch, "error": repr(exc)})
         for row in arch_rows:
             row["load_bits"] = sorted({ptx_access_bits(a) for a in row.get("global_loads", [])} - {None})
@@ -148,10 +155,10 @@ def find_cuobjdump() -> str | None:
         import triton
 
         path = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-        if path.is_file() and os.access(path, os.X_OK):
-            return str(path)
-    except Exception:
-        pass
+    except Exception:  # noqa: BLE001 (no triton or a broken one: PATH is then the only place to look)
+        path = None
+    if path is not None and path.is_file() and os.access(path, os.X_OK):
+        return str(path)
     return shutil.which("cuobjdump")
 
 
@@ -302,7 +309,7 @@ def cuda_kernels(log=print) -> tuple[list[dict], str]:
     if tool is None:
         return [], f"no cuobjdump found (neither in triton's bin nor on PATH): {so} not inspected"
     try:
-        res = subprocess.run([tool, "--dump-resource-usage", so], capture_output=True, text=True)
+        res = subprocess.run([tool, "--dump-resource-usage", so], capture_output=True, text=True, check=False)
     except OSError as exc:
         return [], f"{tool} cannot run ({exc!r})"
     usage = parse_resource_usage(res.stdout)
@@ -312,7 +319,7 @@ def cuda_kernels(log=print) -> tuple[list[dict], str]:
                     f"to inspect the CUDA kernels); cuobjdump said: {detail[-1] if detail else 'nothing'}")
     sass, sass_note = {}, ""
     try:
-        sass_run = subprocess.run([tool, "-sass", so], capture_output=True, text=True, timeout=300)
+        sass_run = subprocess.run([tool, "-sass", so], capture_output=True, text=True, timeout=300, check=False)
         sass = parse_sass(sass_run.stdout)
     except (OSError, subprocess.TimeoutExpired) as exc:
         sass_note = f"; SASS not read ({exc!r}): no spill instruction counts or access widths"
@@ -433,7 +440,7 @@ def projections(log=print) -> tuple[list[dict], dict]:
         x_adv, grad, x_nat, _ = attack_tensors(SMALL_SHAPE, 3, torch.device("cpu"))
         x_adv, grad, x_nat = (t.to(DTYPES[dtype_name]) for t in (x_adv, grad, x_nat))
         eps = _eps_for(form, SMALL_SHAPE)
-        cpu_names = kernels_per_call(lambda: reference.pgd_step_release(x_adv, grad, x_nat, eps, STEP_SIZE),
+        cpu_names = kernels_per_call(functools.partial(reference.pgd_step_release, x_adv, grad, x_nat, eps, STEP_SIZE),
                                      torch.device("cpu"))
         consistent[f"{dtype_name} {form}"] = [n.removeprefix("aten.") for n in cpu_names] == names
     log(f"  projections: {len(rows)} rows; meta tally matches the CPU op sequence: {all(consistent.values())}")
@@ -442,7 +449,7 @@ def projections(log=print) -> tuple[list[dict], dict]:
 
 # -------------------------------------------------------------------------------------- 4. launches
 def launches(log=print) -> tuple[list[dict], list[str]]:
-    """Aten ops one call dispatches on small CPU tensors (bench.ops_report.kernels_per_call): each is at
+    """Aten ops one call dispatches on small CPU tensors (bench.common.kernels_per_call): each is at
     least one kernel launch when the tensors are on a GPU."""
     device = torch.device("cpu")
     notes = []
@@ -451,32 +458,31 @@ def launches(log=print) -> tuple[list[dict], list[str]]:
         notes.append("the compiled cpu backend is unavailable (part_fast._C not loaded): our op not counted")
     rows = []
 
-    def count(op, impl, variant, fn, backend=None):
+    def count(op, impl, variant, backend, fn, *args):
         with ops.use_backend(backend):
-            names = [n.removeprefix("aten.") for n in kernels_per_call(fn, device)]
+            names = [n.removeprefix("aten.") for n in kernels_per_call(functools.partial(fn, *args), device)]
         rows.append({"op": op, "impl": impl, "variant": variant, "launches": len(names),
                      "launch_floor_us": LAUNCH_US * len(names), "ops": names})
 
     for form in EPS_FORMS:
         x_adv, grad, x_nat, _ = attack_tensors(SMALL_SHAPE, 3, device)
-        eps = _eps_for(form, SMALL_SHAPE)
-        count("pgd_step_", "release", form, lambda: reference.pgd_step_release(x_adv, grad, x_nat, eps, STEP_SIZE))
-        count("pgd_step_", "reference", form, lambda: ops.pgd_step_(x_adv, grad, x_nat, eps, STEP_SIZE), "reference")
+        step = (x_adv, grad, x_nat, _eps_for(form, SMALL_SHAPE), STEP_SIZE)
+        count("pgd_step_", "release", form, None, reference.pgd_step_release, *step)
+        count("pgd_step_", "reference", form, "reference", ops.pgd_step_, *step)
         if ours:
-            count("pgd_step_", f"ours ({ours})", form, lambda: ops.pgd_step_(x_adv, grad, x_nat, eps, STEP_SIZE), ours)
+            count("pgd_step_", f"ours ({ours})", form, ours, ops.pgd_step_, *step)
     for form in EPS_FORMS:
         x_adv, _, x_nat, _ = attack_tensors(SMALL_SHAPE, 3, device)
-        eps = _eps_for(form, SMALL_SHAPE)
-        count("project_", "reference", form, lambda: ops.project_(x_adv, x_nat, eps), "reference")
+        projection = (x_adv, x_nat, _eps_for(form, SMALL_SHAPE))
+        count("project_", "reference", form, "reference", ops.project_, *projection)
         if ours:
-            count("project_", f"ours ({ours})", form, lambda: ops.project_(x_adv, x_nat, eps), ours)
+            count("project_", f"ours ({ours})", form, ours, ops.project_, *projection)
     cam = torch.randn(SMALL_CAM[0], generator=torch.Generator().manual_seed(0))
     for mode in CAM_MODES:
-        count("cam_eps_map", "reference", mode, lambda: ops.cam_eps_map(cam, SMALL_CAM[1], EPS, EPS_LOW, mode),
-              "reference")
+        budget = (cam, SMALL_CAM[1], EPS, EPS_LOW, mode)
+        count("cam_eps_map", "reference", mode, "reference", ops.cam_eps_map, *budget)
         if ours:
-            count("cam_eps_map", f"ours ({ours})", mode,
-                  lambda: ops.cam_eps_map(cam, SMALL_CAM[1], EPS, EPS_LOW, mode), ours)
+            count("cam_eps_map", f"ours ({ours})", mode, ours, ops.cam_eps_map, *budget)
     log(f"  launches: {len(rows)} rows")
     return rows, notes
 
@@ -504,13 +510,13 @@ def markdown(result: dict) -> str:
     lines += [
         "### 4.1 Triton kernels: PTX accesses and registers (compiled for the target, no GPU)",
         "",
-        "How to read it: widths are the bits one thread moves per global access instruction; "
-        "128 (`v4.b32`, `v2.b64`) is the widest access a thread can issue, so a streaming kernel should show "
-        "only 128 on its x / grad / x_nat / eps streams (a (1,C,1,1) eps is a per-element gather: 32; a "
-        "(B,1,H,W) eps keeps 128 because its inner H×W run is contiguous). Registers are "
-        "ptxas' allocation per thread (from the cubin); spill = local memory bytes, 0 means no spills. "
-        "`pgd_step_*` are compiled for a 128×3×32×32 batch; rows marked † are extra variants this section "
-        "adds (bf16 tensors with the float32 eps map cam_eps_map makes, and a (B,1,H,W) eps).",
+        ("How to read it: widths are the bits one thread moves per global access instruction; "
+         "128 (`v4.b32`, `v2.b64`) is the widest access a thread can issue, so a streaming kernel should show "
+         "only 128 on its x / grad / x_nat / eps streams (a (1,C,1,1) eps is a per-element gather: 32; a "
+         "(B,1,H,W) eps keeps 128 because its inner H×W run is contiguous). Registers are "
+         "ptxas' allocation per thread (from the cubin); spill = local memory bytes, 0 means no spills. "
+         "`pgd_step_*` are compiled for a 128×3×32×32 batch; rows marked † are extra variants this section "
+         "adds (bf16 tensors with the float32 eps map cam_eps_map makes, and a (B,1,H,W) eps)."),
         "",
         "| kernel | arch | regs | spill B | shared B | load bits | store bits | PTX loads | PTX stores |",
         "|---|---|---:|---:|---:|---|---|---|---|",
@@ -541,31 +547,33 @@ def markdown(result: dict) -> str:
                            or (r["spill_stores"] or 0) or (r["spill_loads"] or 0)})
         max_reg = max(rows, key=lambda r: r["registers"] or 0)
         lines += [
-            "How to read it: one row per template instance the build compiled (a value shown once is the same "
-            f"for {arch_text}, else it reads {arch_text}). Registers per thread; stack = stack frame bytes, "
-            "local = local-memory bytes, STL / LDL = spill store / load instructions in the SASS: all 0 means "
-            "no spills. Shared = static shared memory (cam_eps_map_kernel adds dynamic shared memory sized by "
-            "the CAM and output at launch). Load / store bits are the widths of the global accesses in the "
-            "SASS (128 = `LDG.E.128`, the widest a thread can issue; 16 = a bf16/f16 element). A VEC 4 / VEC 8 "
-            "instance streams x, grad, x_nat and a dense eps at 128 bits; its 32- or 16-bit accesses are the "
-            "tail loop (the last numel % VEC elements) and, for a strided eps, the per-element eps gather; "
-            "a \"strided eps by rows\" instance (the (B, 1, H, W) budget on a contiguous x) reads eps at 128 bits "
-            "too, one row offset per chunk. "
-            "VEC 1 instances are the fallback for pointers that are not 16-byte aligned. cam_eps_map_kernel's "
-            "32-bit stores are by design: consecutive threads write consecutive pixels, so each warp-wide store "
-            "covers 128 contiguous bytes (fully coalesced), and the kernel is bound by its float64 resize, not "
-            "by store width.",
+            ("How to read it: one row per template instance the build compiled (a value shown once is the same "
+             f"for {arch_text}, else it reads {arch_text}). Registers per thread; stack = stack frame bytes, "
+             "local = local-memory bytes, STL / LDL = spill store / load instructions in the SASS: all 0 means "
+             "no spills. Shared = static shared memory (cam_eps_map_kernel adds dynamic shared memory sized by "
+             "the CAM and output at launch). Load / store bits are the widths of the global accesses in the "
+             "SASS (128 = `LDG.E.128`, the widest a thread can issue; 16 = a bf16/f16 element). A VEC 4 / VEC 8 "
+             "instance streams x, grad, x_nat and a dense eps at 128 bits; its 32- or 16-bit accesses are the "
+             "tail loop (the last numel % VEC elements) and, for a strided eps, the per-element eps gather; "
+             "a \"strided eps by rows\" instance (the (B, 1, H, W) budget on a contiguous x) reads eps at 128 bits "
+             "too, one row offset per chunk. "
+             "VEC 1 instances are the fallback for pointers that are not 16-byte aligned. cam_eps_map_kernel's "
+             "32-bit stores are by design: consecutive threads write consecutive pixels, so each warp-wide store "
+             "covers 128 contiguous bytes (fully coalesced), and the kernel is bound by its float64 resize, not "
+             "by store width."),
             "",
-            f"Summary: {len(by_kernel)} kernels, {len(rows)} kernel×arch entries; "
-            f"{'no kernel spills (0 stack, 0 local, 0 STL/LDL)' if not spilling else 'SPILLS in: ' + ', '.join(spilling)}; "
-            f"most registers: {max_reg['registers']} ({max_reg['kernel']}, sm_{max_reg['arch']}).",
+            (f"Summary: {len(by_kernel)} kernels, {len(rows)} kernel×arch entries; "
+             f"{'no kernel spills (0 stack, 0 local, 0 STL/LDL)' if not spilling else 'SPILLS in: ' + ', '.join(spilling)}; "
+             f"most registers: {max_reg['registers']} ({max_reg['kernel']}, sm_{max_reg['arch']})."),
             "",
             "| kernel | regs | stack B | local B | STL / LDL | shared B | load bits | store bits |",
             "|---|---:|---:|---:|---|---:|---|---|",
         ]
         for kernel in sorted(by_kernel):
             per = [by_kernel[kernel].get(a) or {} for a in archs]
-            col = lambda key: _same_or_pair([p.get(key) for p in per])  # noqa: E731
+            def col(key, per=per):
+                return _same_or_pair([p.get(key) for p in per])
+
             spills = _same_or_pair([f"{p.get('spill_stores', '—')} / {p.get('spill_loads', '—')}" for p in per])
             lines.append(
                 f"| `{kernel}` | {col('registers')} | {col('stack_bytes')} | {col('local_bytes')} | {spills} | "
@@ -578,22 +586,22 @@ def markdown(result: dict) -> str:
         "",
         "### 4.3 Projected H100 time from the bytes each op must move",
         "",
-        f"Assumptions: H100 SXM HBM3, ~{a['hbm_peak_tb_s']} TB/s peak, **{a['hbm_achievable_tb_s']} TB/s** "
-        f"achievable by a streaming kernel (used below); **{a['launch_us']} µs per kernel launch** as a latency "
-        "floor (a stated assumption, not a measurement). Bytes = every input read once + every output written "
-        "once (pgd_step_: x_adv read + written, grad, x_nat, eps; project_: no grad); eps is float32 for bf16 "
-        "tensors too (cam_eps_map makes it float32). Projected = Σ over the kernels of max(kernel bytes / "
-        f"{a['hbm_achievable_tb_s']} TB/s, {a['launch_us']} µs): the fused ops are 1 kernel; the release chain "
-        "(reference.pgd_step_release) is tallied op by op on meta tensors at full size, each eager op reading "
-        "its full-size inputs and writing its output (bool masks 1 B/element; with a float32 eps the bf16 chain "
-        "is promoted to float32 from the first `where` on). "
-        "How to read it: at CIFAR size every fused op sits on the launch floor (memory alone would take "
-        "≈ 1-3 µs), and the release chain pays the floor once per eager op; at ImageNet-like size both are "
-        "memory-bound and the ratio is the ratio of bytes. H100's 50 MB L2 holds a whole CIFAR step, so "
-        "small-size memory times are upper bounds.",
+        (f"Assumptions: H100 SXM HBM3, ~{a['hbm_peak_tb_s']} TB/s peak, **{a['hbm_achievable_tb_s']} TB/s** "
+         f"achievable by a streaming kernel (used below); **{a['launch_us']} µs per kernel launch** as a latency "
+         "floor (a stated assumption, not a measurement). Bytes = every input read once + every output written "
+         "once (pgd_step_: x_adv read + written, grad, x_nat, eps; project_: no grad); eps is float32 for bf16 "
+         "tensors too (cam_eps_map makes it float32). Projected = Σ over the kernels of max(kernel bytes / "
+         f"{a['hbm_achievable_tb_s']} TB/s, {a['launch_us']} µs): the fused ops are 1 kernel; the release chain "
+         "(reference.pgd_step_release) is tallied op by op on meta tensors at full size, each eager op reading "
+         "its full-size inputs and writing its output (bool masks 1 B/element; with a float32 eps the bf16 chain "
+         "is promoted to float32 from the first `where` on). "
+         "How to read it: at CIFAR size every fused op sits on the launch floor (memory alone would take "
+         "≈ 1-3 µs), and the release chain pays the floor once per eager op; at ImageNet-like size both are "
+         "memory-bound and the ratio is the ratio of bytes. H100's 50 MB L2 holds a whole CIFAR step, so "
+         "small-size memory times are upper bounds."),
         "",
-        "| size | dtype | eps | pgd_step_ MB | µs (mem) | projected µs | project_ MB | projected µs "
-        "| release kernels | release MB | µs (mem) | projected µs | release ÷ fused |",
+        ("| size | dtype | eps | pgd_step_ MB | µs (mem) | projected µs | project_ MB | projected µs "
+         "| release kernels | release MB | µs (mem) | projected µs | release ÷ fused |"),
         "|---|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     index = {(r["size"], r.get("dtype"), r.get("eps"), r["op"], r["impl"]): r for r in result["projections"]}
@@ -612,9 +620,9 @@ def markdown(result: dict) -> str:
                 )
     lines += [
         "",
-        "cam_eps_map: memory floor only (CAM read + budget written, float32). The op is compute-bound (float64 "
-        "PIL resize and z-score per pixel), so its real time is above this; the figure says the memory side "
-        "costs nothing.",
+        ("cam_eps_map: memory floor only (CAM read + budget written, float32). The op is compute-bound (float64 "
+         "PIL resize and z-score per pixel), so its real time is above this; the figure says the memory side "
+         "costs nothing."),
         "",
         "| size | mode | CAM | output | MB | µs (mem) | projected µs |",
         "|---|---|---|---|---:|---:|---:|",
@@ -633,11 +641,11 @@ def markdown(result: dict) -> str:
         "",
         "### 4.4 Kernel launches per call",
         "",
-        "How to read it: aten ops dispatched by one call on small CPU tensors, counted with a "
-        "TorchDispatchMode (bench.ops_report.kernels_per_call; views such as `detach` excluded). On a GPU "
-        "each is at least one kernel launch, so the count × "
-        f"{LAUNCH_US} µs is a latency floor. `ours` runs with the compiled cpu backend forced; the cuda and "
-        "triton backends launch the same single kernel per call (one `<<<…>>>` / one Triton launch).",
+        ("How to read it: aten ops dispatched by one call on small CPU tensors, counted with a "
+         "TorchDispatchMode (bench.common.kernels_per_call; views such as `detach` excluded). On a GPU "
+         "each is at least one kernel launch, so the count × "
+         f"{LAUNCH_US} µs is a latency floor. `ours` runs with the compiled cpu backend forced; the cuda and "
+         "triton backends launch the same single kernel per call (one `<<<…>>>` / one Triton launch)."),
         "",
         "| op | impl | eps / mode | launches | floor µs | ops |",
         "|---|---|---|---:|---:|---|",
@@ -655,22 +663,19 @@ def run(quick: bool = False, log=print) -> dict:
     "assumptions", "cuda_status", notes and per-part "timings_s". quick: Triton for sm_90 only and without
     the extra bf16 / (B,1,H,W) variants (Triton compilation is most of the run time)."""
     timings, result = {}, {"assumptions": ASSUMPTIONS, "quick": quick}
+    parts = (  # (name, progress line, the result's keys for its two outputs, the part)
+        ("ptx", "4.1 Triton PTX ...", ("ptx", "ptx_notes"),
+         lambda: triton_ptx((90,) if quick else ARCHS, extra_variants=not quick, log=log)),
+        ("cuda_kernels", "4.2 CUDA kernels ...", ("cuda_kernels", "cuda_status"), lambda: cuda_kernels(log=log)),
+        ("projections", "4.3 projections ...", ("projections", "projection_checks"), lambda: projections(log=log)),
+        ("launches", "4.4 launches ...", ("launches", "launch_notes"), lambda: launches(log=log)),
+    )
     t0 = time.perf_counter()
-    log("4.1 Triton PTX ...")
-    result["ptx"], result["ptx_notes"] = triton_ptx((90,) if quick else ARCHS, extra_variants=not quick, log=log)
-    timings["ptx"] = time.perf_counter() - t0
-    t = time.perf_counter()
-    log("4.2 CUDA kernels ...")
-    result["cuda_kernels"], result["cuda_status"] = cuda_kernels(log=log)
-    timings["cuda_kernels"] = time.perf_counter() - t
-    t = time.perf_counter()
-    log("4.3 projections ...")
-    result["projections"], result["projection_checks"] = projections(log=log)
-    timings["projections"] = time.perf_counter() - t
-    t = time.perf_counter()
-    log("4.4 launches ...")
-    result["launches"], result["launch_notes"] = launches(log=log)
-    timings["launches"] = time.perf_counter() - t
+    for name, progress, (rows_key, notes_key), part in parts:
+        t = time.perf_counter()
+        log(progress)
+        result[rows_key], result[notes_key] = part()
+        timings[name] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
     result["timings_s"] = timings
     result["markdown"] = markdown(result)
@@ -686,12 +691,7 @@ def main(argv=None) -> None:
     print(result["markdown"])
     print(f"\n(section 4 took {result['timings_s']['total']:.1f} s)", file=sys.stderr)
     if args.out:
-        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-        tmp = f"{args.out}.tmp"
-        with open(tmp, "w") as f:
-            json.dump(result, f, indent=1, default=str)
-            f.write("\n")
-        os.replace(tmp, args.out)
+        write_json(args.out, result)
 
 
 if __name__ == "__main__":

@@ -11,26 +11,32 @@ bench/test_bench_ops.py.
 from __future__ import annotations
 
 import argparse
-import datetime
 import json
 import math
 import os
-import platform
 import statistics
-import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
-from pathlib import Path
-from typing import Callable
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "3")  # keep the CUDA profiler's log lines out of the report
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
-import part_fast
+from bench.common import (
+    EPS,
+    EPS_LOW,
+    STEP_SIZE,
+    attack_tensors,
+    cell,
+    kernels_per_call,
+    machine_info,
+    time_blocks,
+    timed_backends,
+    write_json,
+    write_readme_blocks,
+)
 from part_fast import ops, reference
 
-EPS, EPS_LOW, STEP_SIZE = 8 / 255, 2 / 255, 2 / 255
 STEP_SHAPES = ((128, 3, 32, 32), (512, 3, 64, 64))  # a CIFAR batch; a large one (25 MB per tensor)
 EPS_FORMS = {"(B,3,H,W)": 3, "(B,1,H,W)": 1}  # eps form -> its channel count
 CAM_SHAPE, CAM_OUT, CAM_MODES = (128, 4, 4), (32, 32), ("jet", "cam")
@@ -78,13 +84,6 @@ class Case:
         return "-".join(filter(None, (self.op, self.impl, shape, self.variant, dtype)))
 
 
-def timed_backends(device: torch.device) -> list[str]:
-    """part_fast backends worth timing on `device`: compiled ones and the reference, never the Triton
-    interpreter (TRITON_INTERPRET=1), which is a correctness tool."""
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    return [b for b in ops.available_backends(device) if not (b == "triton" and interpreted)]
-
-
 def all_cases(backends: list[str], step_shapes=STEP_SHAPES, dtypes=("float32",), eps_forms=tuple(EPS_FORMS),
               cam_cases=((CAM_SHAPE, CAM_OUT),)) -> list[Case]:
     """Every case, in table order: per step shape and dtype the clone, pgd_step_ (release chain first),
@@ -102,18 +101,6 @@ def all_cases(backends: list[str], step_shapes=STEP_SHAPES, dtypes=("float32",),
         cases += [Case("cam_eps_map", b, tuple(cam_shape), mode, cam_out=tuple(cam_out)) for mode in CAM_MODES
                   for b in backends]
     return cases
-
-
-def attack_tensors(shape: tuple, eps_channels: int, device: torch.device, seed: int = 0, dtype=torch.float32):
-    """x_adv, grad, x_nat, eps (float32): x_adv inside the eps ball around x_nat in [0, 1], a mixed
-    EPS / EPS_LOW budget, a dense random gradient, so every clamp of the step does real work."""
-    gen = torch.Generator().manual_seed(seed)
-    batch, _, height, width = shape
-    x_nat = torch.rand(shape, generator=gen)
-    eps = torch.where(torch.rand((batch, eps_channels, height, width), generator=gen) < 0.5, EPS, EPS_LOW)
-    x_adv = (x_nat + (2 * torch.rand(shape, generator=gen) - 1) * eps).clamp(0, 1)
-    grad = torch.randn(shape, generator=gen)
-    return [t.to(device, dtype) for t in (x_adv, grad, x_nat)] + [eps.to(device)]
 
 
 def build(case: Case, device: torch.device) -> tuple[Callable[[], object], int]:
@@ -134,97 +121,6 @@ def build(case: Case, device: torch.device) -> tuple[Callable[[], object], int]:
     if case.impl == RELEASE:
         return (lambda: reference.pgd_step_release(x_adv, grad, x_nat, eps, STEP_SIZE)), step_nbytes
     return (lambda: ops.pgd_step_(x_adv, grad, x_nat, eps, STEP_SIZE)), step_nbytes
-
-
-def synchronizer(device: torch.device) -> Callable[[], None]:
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-
-
-def time_blocks(fn, device, run_time: float, min_blocks=3, block_time=2e-3, warmup_time=0.05) -> list[float]:
-    """Per-call times of blocks of back-to-back calls (a block lasts ~block_time, or one call), after a
-    warm-up; at least min_blocks blocks and run_time seconds."""
-    sync = synchronizer(device)
-    fn()  # first call: lazy initialisation, allocations
-    sync()
-    start, warmup_calls = time.perf_counter(), 0
-    while warmup_calls == 0 or time.perf_counter() - start < warmup_time:
-        fn()
-        sync()
-        warmup_calls += 1
-    one_call = (time.perf_counter() - start) / warmup_calls
-    calls_per_block = max(1, round(block_time / max(one_call, 1e-7)))
-    block_means = []
-    deadline = time.perf_counter() + run_time
-    while len(block_means) < min_blocks or time.perf_counter() < deadline:
-        t0 = time.perf_counter()
-        for _ in range(calls_per_block):
-            fn()
-        sync()
-        block_means.append((time.perf_counter() - t0) / calls_per_block)
-    return block_means
-
-
-class _OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:  # views (detach, ...) launch nothing
-            self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
-def kernels_per_call(fn, device) -> list[str]:
-    """The kernels one call launches. On a GPU, the CUDA kernels the profiler records (Triton ones too);
-    on the CPU, the aten ops that compute (each is one kernel launch when the tensors are on a GPU)."""
-    fn()
-    if device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    with _OpCounter() as counter:
-        fn()
-    return counter.names
-
-
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-
-
-def machine_info(device: torch.device) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:
-        triton_version = None
-    return {
-        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
-        "cpu": cpu_model(),
-        "logical_cores": os.cpu_count(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "torch_threads": torch.get_num_threads(),
-        "torch": torch.__version__,
-        "part_fast": part_fast.__version__,
-        "python": platform.python_version(),
-        "device": str(device),
-        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-        "cuda_available": torch.cuda.is_available(),
-        "triton": triton_version,
-        "backends_available": ops.available_backends(),
-        "backends_timed": timed_backends(device),
-        "dtype": "float32",
-        "load_average_before": os.getloadavg(),  # 1/5/15 min: other work on the machine skews CPU timings
-    }
 
 
 def measure(cases: list[Case], device: torch.device, run_time: float, rounds: int) -> list[dict]:
@@ -287,10 +183,6 @@ def check_targets(rows: list[dict]) -> list[dict]:
     return results
 
 
-def _fmt(value, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
-
-
 def _variant(row: dict) -> str:
     dtype = row.get("dtype", "float32")
     text = row["variant"] or "—"
@@ -308,18 +200,18 @@ def markdown(rows: list[dict], targets: list[dict], machine: dict) -> str:
     ]
     noisy = [r for r in rows if max(r["round_medians_us"]) > 1.5 * min(r["round_medians_us"])]
     if noisy:
-        lines += [f"Note: {len(noisy)} of {len(rows)} rows varied > 1.5× between rounds (other work on the "
-                  "machine); each row reports its quickest round.", ""]
+        lines += [(f"Note: {len(noisy)} of {len(rows)} rows varied > 1.5× between rounds (other work on the "
+                   "machine); each row reports its quickest round."), ""]
     lines += [
-        "| op | impl | shape | eps / mode | median µs | MB moved | GB/s | % clone BW | × release | × reference "
-        "| kernels |",
+        ("| op | impl | shape | eps / mode | median µs | MB moved | GB/s | % clone BW | × release | × reference "
+         "| kernels |"),
         "|---|---|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         lines.append(
             f"| {r['op']} | {r['impl']} | {r['shape']} | {_variant(r)} | {r['median_us']:.1f} | "
-            f"{r['bytes'] / 1e6:.2f} | {r['gb_per_s']:.1f} | {_fmt(r['pct_clone_bw'], '.0f')} | "
-            f"{_fmt(r['speedup_vs_release'], '.1f')} | {_fmt(r['speedup_vs_reference'], '.1f')} | "
+            f"{r['bytes'] / 1e6:.2f} | {r['gb_per_s']:.1f} | {cell(r['pct_clone_bw'], '.0f')} | "
+            f"{cell(r['speedup_vs_release'], '.1f')} | {cell(r['speedup_vs_reference'], '.1f')} | "
             f"{r['kernels_per_call']} |"
         )
     lines += ["", "| target | backend | measured | goal | met |", "|---|---|---:|---:|---|"]
@@ -332,40 +224,21 @@ def markdown(rows: list[dict], targets: list[dict], machine: dict) -> str:
 README_START, README_END = "<!-- bench:ops:start -->", "<!-- bench:ops:end -->"
 
 
-def write_json(path: str, obj) -> None:
-    """obj as indented JSON at path, atomically (temp file + rename): a reader never sees half a report."""
-    from part_fast.files import atomic_write_text
-
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    atomic_write_text(Path(path), json.dumps(obj, indent=1, default=str) + "\n")
-
-
-def readme_text(path, markers: list[tuple[str, str]]) -> str:
-    """The file's text, after checking that it holds every (start, end) marker pair, start first; a
-    SystemExit naming the missing pair otherwise (callers check before hours of work, not after)."""
-    text = Path(path).read_text()
-    for start, end in markers:
-        if start not in text or end not in text or text.index(start) > text.index(end):
-            raise SystemExit(f"{path} has no {start} ... {end} block to fill: add the two markers where the "
-                             "generated text should go")
-    return text
-
-
-def write_readme_blocks(path, blocks: dict[tuple[str, str], str]) -> None:
-    """Replace the text between each (start, end) marker pair with its body, in one atomic write."""
-    from part_fast.files import atomic_write_text
-
-    text = readme_text(path, list(blocks))
-    for (start, end), body in blocks.items():
-        head, rest = text.split(start, 1)
-        _, tail = rest.split(end, 1)
-        text = f"{head}{start}\n{body}\n{end}{tail}"
-    atomic_write_text(Path(path), text)
-
-
 def write_readme_table(path: str, table: str) -> None:
     """Replace the README's bench:ops block with `table`."""
     write_readme_blocks(path, {(README_START, README_END): table})
+
+
+def measure_report(args) -> dict:
+    """Every case of this machine's backends, timed: the rows, their targets and the machine."""
+    torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no GPU visible")
+    machine = machine_info(device)
+    rows = measure(all_cases(timed_backends(device)), device, args.run_time, args.rounds)
+    machine["load_average_after"] = os.getloadavg()
+    return {"machine": machine, "rows": rows, "targets": check_targets(rows)}
 
 
 def main(argv=None) -> None:
@@ -381,25 +254,13 @@ def main(argv=None) -> None:
 
     if args.from_json:
         with open(args.from_json) as f:
-            saved = json.load(f)
-        table = markdown(saved["rows"], saved["targets"], saved["machine"])
-        print(table)
-        if args.readme:
-            write_readme_table(args.readme, table)
-        return
-
-    torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no GPU visible")
-    machine = machine_info(device)
-    rows = measure(all_cases(timed_backends(device)), device, args.run_time, args.rounds)
-    machine["load_average_after"] = os.getloadavg()
-    targets = check_targets(rows)
-    table = markdown(rows, targets, machine)
+            report = json.load(f)
+    else:
+        report = measure_report(args)
+    table = markdown(report["rows"], report["targets"], report["machine"])
     print(table)
-    if args.out:
-        write_json(args.out, {"machine": machine, "rows": rows, "targets": targets})
+    if args.out and not args.from_json:
+        write_json(args.out, report)
     if args.readme:
         write_readme_table(args.readme, table)
 

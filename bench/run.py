@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from bench import ops_report
+from bench.common import machine_info, timed_backends, write_json, write_readme_blocks
 from part_fast.files import atomic_write_bytes, atomic_write_text
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -57,7 +58,7 @@ def section_ops(device: torch.device, quick: bool, log) -> dict:
     shapes = QUICK_STEP_SHAPES if quick else FULL_STEP_SHAPES
     cams = QUICK_CAM_CASES if quick else FULL_CAM_CASES
     forms = ("(B,3,H,W)",) if quick else tuple(ops_report.EPS_FORMS)
-    cases = ops_report.all_cases(ops_report.timed_backends(device), shapes, DTYPES, forms, cams)
+    cases = ops_report.all_cases(timed_backends(device), shapes, DTYPES, forms, cams)
     log(f"[1/4] ops: {len(cases)} cases")
     run_time, rounds = (0.15, 2) if quick else (1.0, 3)
     rows = ops_report.measure(cases, device, run_time, rounds)
@@ -119,13 +120,17 @@ def header(result: dict) -> str:
             + f", torch {m['torch']}, {m['torch_threads']} threads; {result['seconds']:.0f} s in all.")
 
 
+def ops_table(result: dict) -> str:
+    rows = result["sections"]["ops"]["rows"]
+    return ops_report.markdown(rows, ops_report.check_targets(rows), result["machine"])
+
+
 def markdown(result: dict) -> str:
     s = result["sections"]
-    ops_table = ops_report.markdown(s["ops"]["rows"], ops_report.check_targets(s["ops"]["rows"]), result["machine"])
     return "\n\n".join([
         "# part_fast benchmark", header(result),
         "## Targets", targets_table(result),
-        "## 1. Ops", ops_table,
+        "## 1. Ops", ops_table(result),
         "## 2. CAM + budget stage and PGD-10 against the release", s["stage"]["markdown"],
         "## 3. One training step", s["train_step"]["markdown"],
         "## 4. GPU evidence without a GPU", s["gpu"]["markdown"],
@@ -133,14 +138,12 @@ def markdown(result: dict) -> str:
 
 
 def readme_blocks(result: dict) -> dict:
-    s = result["sections"]
-    ops_table = ops_report.markdown(s["ops"]["rows"], ops_report.check_targets(s["ops"]["rows"]), result["machine"])
-    summary = "\n\n".join([header(result), targets_table(result), s["train_step"]["markdown"]])
-    return {"ops": ops_table, "summary": summary}
+    summary = "\n\n".join([header(result), targets_table(result), result["sections"]["train_step"]["markdown"]])
+    return {"ops": ops_table(result), "summary": summary}
 
 
 def write_readme(path: str | os.PathLike, result: dict) -> None:
-    ops_report.write_readme_blocks(path, {README_BLOCKS[name]: body for name, body in readme_blocks(result).items()})
+    write_readme_blocks(path, {README_BLOCKS[name]: body for name, body in readme_blocks(result).items()})
 
 
 def plot(result: dict, path: Path) -> None:
@@ -192,7 +195,7 @@ SECTIONS = ("ops", "stage", "train_step", "gpu")
 
 def run(quick: bool, device: torch.device, log=print) -> dict:
     start = time.perf_counter()
-    machine = ops_report.machine_info(device)
+    machine = machine_info(device)
     sections = {
         "ops": section_ops(device, quick, log),
         # The stage report sets glibc's malloc to keep freed memory; sections 3 and 4 run after it.
@@ -209,7 +212,7 @@ def write_outputs(result: dict, out: Path) -> dict:
     date = result["machine"]["date"][:10]
     stem = f"{date}-{machine_slug(result['machine'])}" + ("-quick" if result["quick"] else "")
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
-    atomic_write_text(paths["json"], json.dumps(result, indent=1, default=str) + "\n")
+    write_json(paths["json"], result)
     atomic_write_text(paths["md"], markdown(result))
     plot(result, paths["png"])
     return paths

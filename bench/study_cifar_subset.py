@@ -5,9 +5,10 @@
     python -m bench.study_cifar_subset --epochs 1 --warmup 0 --seeds 0 --train-subset 256 \\
         --test-subset 64 --work /tmp/study_smoke --threads 1            # smoke check by hand (~1-2 min)
 
-Not a test, and never run in CI (pytest collects `tests/` only; nothing imports this module there): the
-full study takes hours. Run the smoke line above by hand after changing this file, then run it again (it
-must skip every run and only re-render), then add `--report-only`.
+Never run in CI: the full study takes hours. tests/test_study_verdict.py imports the verdict rule
+(aggregate, compare, headline) and checks it on made-up numbers; no test trains or evaluates anything here.
+Run the smoke line above by hand after changing this file, then run it again (it must skip every run and
+only re-render), then add `--report-only`.
 
 What it does. `../shared/data/cifar10-subset.tar` (real CIFAR-10, ImageFolder layout, 1000 train / 200
 test images per class) is extracted once into `<work>/data/`. For seeds 0, 1, 2 and the methods AT, PART
@@ -77,7 +78,8 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from bench.ops_report import readme_text, write_readme_blocks
+from bench import common
+from bench.common import readme_text, write_readme_blocks
 from part_fast.data import build_datasets
 from part_fast.evaluate import evaluate
 from part_fast.files import atomic_write_bytes, atomic_write_text
@@ -216,8 +218,8 @@ def read_json(path: Path):
 
 
 def write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(path, json.dumps(obj, indent=1) + "\n")
+    """Strict: a value JSON cannot represent raises instead of being stored as its text."""
+    common.write_json(path, obj, default=None)
 
 
 def open_study(work: Path, spec: dict, seeds: list[int], command: str) -> dict:
@@ -399,7 +401,7 @@ def fmt_time(s: dict, expected: int) -> str:
 
 
 def fmt_duration(seconds: float) -> str:
-    minutes = int(round(seconds / 60))
+    minutes = round(seconds / 60)
     return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{seconds / 60:.1f} min"
 
 
@@ -433,9 +435,9 @@ def render_markdown(report: dict, png_link: str) -> str:
     n_test = spec["test_subset"] or 2000
     lines = []
     if not is_default_study(spec):
-        lines += ["> **Not the study's settings** (a smoke or reduced run): "
-                  f"{plural(spec['epochs'], 'epoch')}, warm-up {spec['warmup']}, train subset {spec['train_subset']}, "
-                  f"test subset {spec['test_subset']}. Do not read these numbers as results.", ""]
+        lines += [("> **Not the study's settings** (a smoke or reduced run): "
+                   f"{plural(spec['epochs'], 'epoch')}, warm-up {spec['warmup']}, train subset {spec['train_subset']}, "
+                   f"test subset {spec['test_subset']}. Do not read these numbers as results."), ""]
     lines += [
         f"AT vs PART on real CIFAR-10 images ({n_train} train / {n_test} test, class-balanced, from "
         f"`cifar10-subset.tar`): `{spec['arch']}` (ResNet-10, width 16, GradCAM at layer4), {plural(spec['epochs'], 'epoch')} "
@@ -461,10 +463,10 @@ def render_markdown(report: dict, png_link: str) -> str:
     lines.append("")
     for label, c in report["comparisons"].items():
         lines.append(f"- {comparison_sentence(label, c)}")
-    lines += ["", "Differences are PART minus AT in accuracy points, ± the standard error (SE) of the difference "
+    lines += ["", ("Differences are PART minus AT in accuracy points, ± the standard error (SE) of the difference "
               "of the means; the seed std is the pooled sample std of the two methods. A gap counts when it "
               f"exceeds {SE_BAR:g} SE; with three seeds that is a loose bar, so \"shows\" would mean the gap "
-              "stands out from the seed-to-seed noise, no more.", ""]
+              "stands out from the seed-to-seed noise, no more."), ""]
     commands = report["commands"]
     lines.append("Command: " + (", then ".join(f"`{c}`" for c in commands) if commands else "–"))
     wall = report["wall_time"]

@@ -11,7 +11,8 @@ import os
 import pytest
 import torch
 
-from bench.ops_report import Case, all_cases, build, synchronizer, timed_backends
+from bench.common import synchronizer, timed_backends
+from bench.ops_report import Case, all_cases, build
 from part_fast import ops
 
 DEVICE = torch.device(os.environ.get("BENCH_DEVICE", "cpu"))

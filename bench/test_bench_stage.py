@@ -7,15 +7,18 @@ release's per-image pipeline), one PGD step of each attack loop, and the update 
 Timings only: nothing here asserts a speed. ResNet-18, batch 128, the same CAM-realistic model and images
 as the report (see bench/STAGE.md). glibc's default malloc is kept (it is process-wide and these tests may
 share a session with test_bench_ops.py); BENCH_KEEP_FREED_MEMORY=1 applies the report's setting
-(stage_report.keep_freed_memory) when this module is imported. Full PGD-10 runs are left to the report (~25 s each on 2 cores);
+(bench.common.keep_freed_memory) when this module is imported. Full PGD-10 runs are left to the report (~25 s each on 2 cores);
 here each attack is timed for one step (forward + input gradient + update), which is what PGD-10
 repeats ten times.
 """
+import functools
 import os
 
 import pytest
 
 from bench import stage_report as sr
+from bench.common import DEFAULT_DATA, keep_freed_memory
+from bench.release import release_eps_map, release_update_pgd
 from part_fast import ops, reference
 from part_fast.attacks import PGD
 from part_fast.budget import PixelBudget
@@ -23,12 +26,12 @@ from part_fast.budget import PixelBudget
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 if os.environ.get("BENCH_KEEP_FREED_MEMORY") == "1":
-    sr.keep_freed_memory()
+    keep_freed_memory()
 
 
 @pytest.fixture(scope="module")
 def setup():
-    x, y, x_cal, y_cal, _ = sr.load_data(sr.DEFAULT_DATA, sr.BATCH, sr.CALIB_IMAGES)
+    x, y, x_cal, y_cal, _ = sr.load_data(DEFAULT_DATA, sr.BATCH, sr.CALIB_IMAGES)
     model, _ = sr.cam_realistic_resnet18(x_cal, y_cal)
     eps_map = PixelBudget()(model, x)
     return model, x, y, eps_map
@@ -45,8 +48,8 @@ def test_budget_part_fast(benchmark, setup):
 def test_budget_release(benchmark, setup):
     model, x, _, _ = setup
     benchmark.group = "CAM + budget stage, batch 128"
-    sr.release_eps_map(model, x[:4])
-    benchmark.pedantic(sr.release_eps_map, args=(model, x), rounds=2, iterations=1)
+    release_eps_map(model, x[:4])
+    benchmark.pedantic(release_eps_map, args=(model, x), rounds=2, iterations=1)
     for p in model.parameters():
         p.grad = None
 
@@ -59,16 +62,15 @@ def test_pgd_one_step(benchmark, setup, impl, eps_form):
     benchmark.group = f"PGD, 1 step, batch 128, eps {eps_form}"
     if impl == "fused":
         attack = PGD(model, steps=1, start=None)
-        fn = lambda: attack(x, y, eps_map=budget)  # noqa: E731
+        fn = lambda: attack(x, y, eps_map=budget)
     elif impl == "release-update":
         attack = PGD(model, steps=1, start=None)
-        fn = lambda: sr.release_update_pgd(attack, x, y, budget)  # noqa: E731
+        fn = lambda: release_update_pgd(attack, x, y, budget)
     else:
         torchattacks = pytest.importorskip("torchattacks")
         if eps_form == "map":
             pytest.skip("torchattacks supports a scalar eps only")
-        fn = torchattacks.PGD(model, eps=sr.EPS, alpha=sr.ALPHA, steps=1, random_start=False).__call__
-        fn = (lambda f: (lambda: f(x, y)))(fn)
+        fn = functools.partial(torchattacks.PGD(model, eps=sr.EPS, alpha=sr.ALPHA, steps=1, random_start=False), x, y)
     fn()
     benchmark.pedantic(fn, rounds=3, iterations=1)
 

@@ -13,7 +13,7 @@ step), so the steps do identical work and differ only in what the method adds:
 | PART (ours)    | `train_step`, method "part", PART phase: `PixelBudget.with_logits` (one batched eval     |
 |                | forward + head-only gradient + fused `cam_eps_map`), PGD-k with the eps map (`pgd_step_`)|
 | PART (release) | the released code's cost: per-image mask (forward + full backward with hooks, PIL         |
-|                | bicubic, matplotlib jet, numpy z-score, `.to(device)`: `bench.stage_report`'s emulation), |
+|                | bicubic, matplotlib jet, numpy z-score, `.to(device)`: `bench.release`'s emulation),       |
 |                | amortised per step = per-image cost x batch; PGD-k with the release's global-eps         |
 |                | unclipped start and eager update chain (`reference.pgd_step_release`); the same outer step|
 | TRADES         | `train_step`, method "trades": KL attack with its own clean eval forward, outer          |
@@ -39,15 +39,27 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from bench.ops_report import machine_info
-from bench.stage_report import DEFAULT_DATA, Interference, keep_freed_memory, load_cifar_subset, release_eps_map, \
-    release_update_pgd
+from bench.common import (
+    DEFAULT_DATA,
+    Interference,
+    keep_freed_memory,
+    load_cifar_subset,
+    machine_info,
+    write_json,
+)
+from bench.release import release_eps_map, release_update_pgd
 from part_fast.attacks import PGD
 from part_fast.cam import find_layer
 from part_fast.losses import OUTER_LOSSES
 from part_fast.models import CAM_LAYERS, get_model
 from part_fast.modes import eval_mode
-from part_fast.train import Distributed, TrainConfig, build_state, make_attack, train_step
+from part_fast.train import (
+    Distributed,
+    TrainConfig,
+    build_state,
+    inner_attack,
+    train_step,
+)
 
 SEED = 0
 THREADS = 2
@@ -69,7 +81,7 @@ CPU = torch.device("cpu")
 
 # ------------------------------------------------------------------------------------------------ data
 def load_batch(batch: int, data: str = DEFAULT_DATA):
-    """(x, y, description): `batch` CIFAR-10 training images (stage_report's loader: classes round-robin)
+    """(x, y, description): `batch` CIFAR-10 training images (bench.common's loader: classes round-robin)
     when the subset tar exists, else seeded uniform random images."""
     if data and os.path.isfile(data):
         x, y = load_cifar_subset(data, "train", batch)
@@ -81,7 +93,7 @@ def load_batch(batch: int, data: str = DEFAULT_DATA):
 
 # ---------------------------------------------------------------------------------- one configuration
 class _Layer4Alias(nn.Module):
-    """`stage_report.release_eps_map` reads its CAM layer as `model.layer4` (the release's ResNet-18
+    """`bench.release.release_eps_map` reads its CAM layer as `model.layer4` (the release's ResNet-18
     choice); for another architecture this wrapper names the model's CAM layer `layer4`. It shares the
     model's parameters, so the release's `model.zero_grad()` and full backward act on the model itself."""
 
@@ -103,18 +115,18 @@ class Case:
         self.release = method == "release"
         cfg = TrainConfig(out="(unused: no run directory)", arch=arch, method="part" if self.release else method,
                           batch_size=batch, steps=steps, augment=False, eval_examples=0, device=str(device),
-                          seed=SEED).resolved()
+                          seed=SEED, time_stages=True).resolved()  # time_stages: the split columns
         self.state = build_state(cfg, num_classes=10, device=device, dist_info=Distributed())
         self.state.model.load_state_dict(copy.deepcopy(init))
         if self.release:
-            # The release's PART-PGD: global-eps start, not clipped; the eager update is stage_report's loop.
+            # The release's PART-PGD: global-eps start, not clipped; the eager update is bench.release's loop.
             self.attack = PGD(self.state.attack_model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps,
                               start="release", loss="ce")
             model = self.state.model
             layer = find_layer(model, CAM_LAYERS.get(arch))
             self.cam_model = model if getattr(model, "layer4", None) is layer else _Layer4Alias(model, layer)
         else:
-            self.attack = make_attack(self.state, part_phase)
+            self.attack = inner_attack(self.state, part_phase)
         self.snapshot = None
         self.runs, self.others, self.splits, self.eps_high, self.losses = [], [], [], [], []
 
@@ -225,7 +237,7 @@ def run(quick: bool = False, log=print, *, reps: int | None = None, data: str = 
 
     quick: cnn-small, batch 16, PGD-2, 1 rep (well under a minute); else ResNet-18, batch 64, PGD-10,
     3 reps (several minutes on 2 cores). reps overrides the rep count. keep_freed: glibc malloc keeps freed
-    memory (no mmap / trim: see stage_report.keep_freed_memory), as the stage report runs by default."""
+    memory (no mmap / trim: see bench.common.keep_freed_memory), as the stage report runs by default."""
     size = dict(QUICK if quick else FULL)
     if reps is not None:
         size["reps"] = int(reps)
@@ -354,11 +366,11 @@ def markdown(res: dict) -> str:
     lines = [
         f"### One training step: {c['arch']}, batch {b}, PGD-{k}, eps 8/255, step 2/255{quick}",
         "",
-        f"{m['date']}, {m['cpu']}, {c['threads']} threads, torch {m['torch']}, {m['malloc']}; {c['data']}; "
-        f"load average {m['load_average_before'][0]:.2f} → {m['load_average_after'][0]:.2f}. Warm-up step, then "
-        f"{c['reps']} interleaved round(s); every step starts from the same weights, BatchNorm buffers and momentum. "
-        "Split columns: the quickest rep's `StepResult.seconds` (release: its own step, budget = the per-image mask "
-        f"of all {b} images, i.e. per-image cost × batch, measured once per rep).",
+        (f"{m['date']}, {m['cpu']}, {c['threads']} threads, torch {m['torch']}, {m['malloc']}; {c['data']}; "
+         f"load average {m['load_average_before'][0]:.2f} → {m['load_average_after'][0]:.2f}. Warm-up step, then "
+         f"{c['reps']} interleaved round(s); every step starts from the same weights, BatchNorm buffers and momentum. "
+         "Split columns: the quickest rep's `StepResult.seconds` (release: its own step, budget = the per-image mask "
+         f"of all {b} images, i.e. per-image cost × batch, measured once per rep)."),
         "",
         "| configuration | s / step | median s | images/s | data | budget | attack | update | × base | others (cores) |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
@@ -426,8 +438,6 @@ def main(argv=None) -> None:
     res = run(args.quick, log, reps=args.reps, data=args.data, keep_freed=not args.system_malloc)
     print(res["markdown"])
     if args.out:
-        from bench.ops_report import write_json
-
         write_json(args.out, res)
 
 

@@ -10,8 +10,9 @@ from __future__ import annotations
 import errno
 import json
 import os
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
-from typing import Any, BinaryIO, Callable
+from typing import Any, BinaryIO
 
 _TEMP_MARK = ".tmp-"
 
@@ -88,6 +89,33 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
 def atomic_write_json(path: str | os.PathLike, obj: Any, *, indent: int | None = 2) -> None:
     """JSON with a final newline. Values JSON cannot represent raise (nothing is silently stringified)."""
     atomic_write_text(path, json.dumps(obj, indent=indent) + "\n")
+
+
+class MarkersMissing(ValueError):
+    """A file lacks a (start, end) marker pair that a generated block should go between."""
+
+
+def read_with_markers(path: str | os.PathLike, markers: Iterable[tuple[str, str]]) -> str:
+    """The text of `path`, after checking that it holds every (start, end) marker pair, start first.
+    MarkersMissing names the first pair that is not there, so a caller can check before hours of work."""
+    text = Path(path).read_text()
+    for start, end in markers:
+        if start not in text or end not in text or text.index(start) > text.index(end):
+            raise MarkersMissing(f"{path} has no {start} ... {end} block to fill: add the two markers where the "
+                                 "generated text should go")
+    return text
+
+
+def replace_between_markers(path: str | os.PathLike, blocks: Mapping[tuple[str, str], str]) -> None:
+    """Replace what stands between each (start, end) marker pair of `path` with its body, on lines of its own
+    between the kept markers, in one atomic write; the rest of the file is kept as it was. A missing pair
+    raises MarkersMissing before anything is written."""
+    text = read_with_markers(path, list(blocks))
+    for (start, end), body in blocks.items():
+        head, rest = text.split(start, 1)
+        _, tail = rest.split(end, 1)
+        text = f"{head}{start}\n{body}\n{end}{tail}"
+    atomic_write_text(path, text)
 
 
 def remove_stale_temp_files(folder: str | os.PathLike) -> list[Path]:

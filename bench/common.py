@@ -1,0 +1,255 @@
+"""What the benchmark sections share; no section imports another (bench/run.py, the harness, runs them all).
+
+- the machine a run measured (machine_info) and the backends worth timing there;
+- timing: blocks of back-to-back calls (time_blocks), the CPU other processes used meanwhile (Interference),
+  glibc's malloc set to keep freed memory (keep_freed_memory);
+- kernel launches, counted as the aten ops a call dispatches (kernels_per_call);
+- inputs: the op sections' seeded attack tensors (attack_tensors), the CIFAR-10 subset (load_cifar_subset);
+- output: JSON written atomically (write_json), generated blocks in a README (readme_text,
+  write_readme_blocks), "—" for a missing table cell (cell).
+"""
+from __future__ import annotations
+
+import ctypes
+import datetime
+import json
+import os
+import platform
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import part_fast
+from part_fast import ops
+from part_fast.files import (
+    MarkersMissing,
+    atomic_write_text,
+    read_with_markers,
+    replace_between_markers,
+)
+
+# The op sections' budget and step (ops_report, gpu_evidence): a mix of two eps values, so every clamp of
+# the step does real work.
+EPS, EPS_LOW, STEP_SIZE = 8 / 255, 2 / 255, 2 / 255
+DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cifar10-subset.tar")
+
+
+# ------------------------------------------------------------------------------------------ machine
+def timed_backends(device: torch.device) -> list[str]:
+    """part_fast backends worth timing on `device`: compiled ones and the reference, never the Triton
+    interpreter (TRITON_INTERPRET=1), which is a correctness tool."""
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    return [b for b in ops.available_backends(device) if not (b == "triton" and interpreted)]
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        return platform.processor() or "unknown"
+
+
+def machine_info(device: torch.device) -> dict:
+    try:
+        import triton
+
+        triton_version = triton.__version__
+    except Exception:  # noqa: BLE001 (a broken Triton install raises anything; the record then says None)
+        triton_version = None
+    return {
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "cpu": cpu_model(),
+        "logical_cores": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "part_fast": part_fast.__version__,
+        "python": platform.python_version(),
+        "device": str(device),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "cuda_available": torch.cuda.is_available(),
+        "triton": triton_version,
+        "backends_available": ops.available_backends(),
+        "backends_timed": timed_backends(device),
+        "dtype": "float32",
+        "load_average_before": os.getloadavg(),  # 1/5/15 min: other work on the machine skews CPU timings
+    }
+
+
+# ------------------------------------------------------------------------------------------- timing
+def synchronizer(device: torch.device) -> Callable[[], None]:
+    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def time_blocks(fn, device, run_time: float, min_blocks=3, block_time=2e-3, warmup_time=0.05) -> list[float]:
+    """Per-call times of blocks of back-to-back calls (a block lasts ~block_time, or one call), after a
+    warm-up; at least min_blocks blocks and run_time seconds."""
+    sync = synchronizer(device)
+    fn()  # first call: lazy initialisation, allocations
+    sync()
+    start, warmup_calls = time.perf_counter(), 0
+    while warmup_calls == 0 or time.perf_counter() - start < warmup_time:
+        fn()
+        sync()
+        warmup_calls += 1
+    one_call = (time.perf_counter() - start) / warmup_calls
+    calls_per_block = max(1, round(block_time / max(one_call, 1e-7)))
+    block_means = []
+    deadline = time.perf_counter() + run_time
+    while len(block_means) < min_blocks or time.perf_counter() < deadline:
+        t0 = time.perf_counter()
+        for _ in range(calls_per_block):
+            fn()
+        sync()
+        block_means.append((time.perf_counter() - t0) / calls_per_block)
+    return block_means
+
+
+_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def _cpu_jiffies():
+    """(busy jiffies of the whole machine, jiffies of this process), or None off Linux."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+        with open("/proc/self/stat") as f:
+            own = f.read().rsplit(")", 1)[1].split()
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]) - idle, int(own[11]) + int(own[12])  # utime + stime (all threads)
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+class Interference:
+    """CPU time other processes used while the block ran, in cores (0 = we had the machine; 1 = another
+    process kept one of the 2 cores busy the whole time). From /proc/stat minus this process's own time."""
+
+    def __enter__(self):
+        self.t0, self.j0 = time.perf_counter(), _cpu_jiffies()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+        j1 = _cpu_jiffies()
+        if self.j0 is None or j1 is None:
+            self.others = float("nan")
+        else:
+            others = (j1[0] - self.j0[0]) - (j1[1] - self.j0[1])
+            self.others = max(0.0, others / _HZ / max(self.seconds, 1e-9))
+        return False
+
+
+def keep_freed_memory() -> bool:
+    """glibc only: serve every allocation from the heap (M_MMAP_MAX = 0) and never give freed memory back
+    to the OS (M_TRIM_THRESHOLD = 1 GiB), as a caching allocator (CUDA's, jemalloc's) does. With glibc's
+    defaults every activation buffer above the mmap threshold (a 128x64x32x32 float32 map is 33.5 MB, over
+    the 32 MB ceiling) is mmapped fresh and page-faulted in at each forward/backward: ~1.2 M minor faults
+    (~5 GB of zeroed pages) per 4 PGD steps here, 20-40 % of the wall time as kernel time, and the
+    amount depends on the heap's history, so identical loops differed by up to ~10 %. Returns whether
+    both settings were accepted."""
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+    except OSError:
+        return False
+    m_trim_threshold, m_mmap_max = -1, -4
+    return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
+
+
+# ----------------------------------------------------------------------------------- kernel launches
+class _OpCounter(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:  # views (detach, ...) launch nothing
+            self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def kernels_per_call(fn, device) -> list[str]:
+    """The kernels one call launches. On a GPU, the CUDA kernels the profiler records (Triton ones too);
+    on the CPU, the aten ops that compute (each is one kernel launch when the tensors are on a GPU)."""
+    fn()
+    if device.type == "cuda":
+        from torch.profiler import ProfilerActivity, profile
+
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    with _OpCounter() as counter:
+        fn()
+    return counter.names
+
+
+# -------------------------------------------------------------------------------------------- inputs
+def attack_tensors(shape: tuple, eps_channels: int, device: torch.device, seed: int = 0, dtype=torch.float32):
+    """x_adv, grad, x_nat, eps (float32): x_adv inside the eps ball around x_nat in [0, 1], a mixed
+    EPS / EPS_LOW budget, a dense random gradient, so every clamp of the step does real work."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, _, height, width = shape
+    x_nat = torch.rand(shape, generator=gen)
+    eps = torch.where(torch.rand((batch, eps_channels, height, width), generator=gen) < 0.5, EPS, EPS_LOW)
+    x_adv = (x_nat + (2 * torch.rand(shape, generator=gen) - 1) * eps).clamp(0, 1)
+    grad = torch.randn(shape, generator=gen)
+    return [t.to(device, dtype) for t in (x_adv, grad, x_nat)] + [eps.to(device)]
+
+
+def load_cifar_subset(tar_path: str, split: str, n: int):
+    """n images of `split` ("train"/"test"), classes round-robin (ImageFolder class order), as (x, y):
+    x (n, 3, 32, 32) float32 in [0, 1] (PIL RGB / 255, as ToTensor), y int64. Only those members are
+    extracted, into a temporary folder that is removed afterwards."""
+    from PIL import Image
+
+    with tarfile.open(tar_path) as tf:
+        members = sorted((m for m in tf.getmembers() if m.isfile() and f"/{split}/" in m.name), key=lambda m: m.name)
+        classes = sorted({m.name.split("/")[-2] for m in members})
+        per_class = {c: [m for m in members if m.name.split("/")[-2] == c] for c in classes}
+        picked = [(per_class[c][i], label) for i in range(n) for label, c in enumerate(classes)][:n]
+        with tempfile.TemporaryDirectory() as tmp:
+            tf.extractall(tmp, members=[m for m, _ in picked], filter="data")
+            images = [np.asarray(Image.open(os.path.join(tmp, m.name)).convert("RGB"), dtype=np.float32) / 255
+                      for m, _ in picked]
+    x = torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).contiguous()
+    return x, torch.tensor([label for _, label in picked])
+
+
+# -------------------------------------------------------------------------------------------- output
+def write_json(path: str | os.PathLike, obj, default=str) -> None:
+    """obj as indented JSON at path, atomically (temp file + rename): a reader never sees half a report.
+    default: what a value JSON cannot represent becomes (str: its text; None: it raises)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    atomic_write_text(Path(path), json.dumps(obj, indent=1, default=default) + "\n")
+
+
+def readme_text(path, markers: list[tuple[str, str]]) -> str:
+    """The file's text, after checking that it holds every (start, end) marker pair; a SystemExit naming
+    the missing pair otherwise (callers check before hours of work, not after)."""
+    try:
+        return read_with_markers(path, markers)
+    except MarkersMissing as err:
+        raise SystemExit(str(err)) from None
+
+
+def write_readme_blocks(path, blocks: dict[tuple[str, str], str]) -> None:
+    """Replace the text between each (start, end) marker pair with its body, in one atomic write; a
+    SystemExit naming a missing pair, with the file untouched, otherwise."""
+    try:
+        replace_between_markers(path, blocks)
+    except MarkersMissing as err:
+        raise SystemExit(str(err)) from None
+
+
+def cell(value, spec: str = "") -> str:
+    """A table cell: the value formatted, or "—" where there is none."""
+    return "—" if value is None else format(value, spec)

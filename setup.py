@@ -4,7 +4,8 @@ Environment:
   FORCE_CUDA=1            build the CUDA kernels even without a visible GPU (CI does, to prove they compile)
   TORCH_CUDA_ARCH_LIST    CUDA architectures, default "8.0;9.0"
   MAX_JOBS                parallel compile jobs (read by torch's ninja build)
-  PART_FAST_NO_EXTENSION=1  skip the extension: the package then runs on the pure-PyTorch reference
+  PART_FAST_NO_EXTENSION=1  skip the extension: the package then runs on the pure-PyTorch reference (and on
+                          Triton for CUDA tensors where Triton is installed); tests needing part_fast._C skip
 """
 import glob
 import importlib.util

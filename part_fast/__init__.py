@@ -9,11 +9,11 @@ from .ops import available_backends, cam_eps_map, pgd_step_, project_, use_backe
 __version__ = "0.1.0"
 
 __all__ = [
-    "ops",
-    "reference",
     "available_backends",
     "cam_eps_map",
+    "ops",
     "pgd_step_",
     "project_",
+    "reference",
     "use_backend",
 ]

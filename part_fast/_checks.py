@@ -41,7 +41,8 @@ def check_float_tensor(x: torch.Tensor, name: str, allow_float64: bool = True) -
     allowed = FLOAT_DTYPES if allow_float64 else FLOAT_DTYPES[:3]
     if x.dtype not in allowed:
         names = ", ".join(_dtype_name(d) for d in allowed)
-        raise TypeError(f"{name} must be a floating-point tensor ({names}), got {_dtype_name(x.dtype)}")
+        where = "" if allow_float64 else "; float64 is CPU-only"  # the C++ checks' wording (csrc/checks.h)
+        raise TypeError(f"{name} must be a floating-point tensor ({names}{where}), got {_dtype_name(x.dtype)}")
 
 
 def check_attack_tensors(x_adv, grad, x_nat, allow_float64=True):
@@ -100,18 +101,20 @@ def check_scalars(step_size, lo, hi) -> None:
         raise ValueError(f"lo must be <= hi, got lo={lo}, hi={hi}")
 
 
+def _is_int(s) -> bool:
+    # A torch.SymInt is a size traced symbolically (torch.compile with dynamic shapes, fake kernels).
+    return (isinstance(s, int) and not isinstance(s, bool)) or isinstance(s, torch.SymInt)
+
+
 def normalize_size(size) -> tuple[int, int]:
-    if isinstance(size, int) and not isinstance(size, bool):
+    if _is_int(size):
         size = (size, size)
-    if (
-        not isinstance(size, (tuple, list, torch.Size))
-        or len(size) != 2
-        or not all(isinstance(s, int) and not isinstance(s, bool) for s in size)
-    ):
+    if not isinstance(size, (tuple, list, torch.Size)) or len(size) != 2 or not all(_is_int(s) for s in size):
         raise TypeError(f"size must be an int or a pair of ints (H, W), got {size!r}")
     if size[0] <= 0 or size[1] <= 0:
         raise ValueError(f"size must be positive, got {tuple(size)}")
-    return int(size[0]), int(size[1])
+    # int() of a SymInt would specialise the traced size to its current value: keep it symbolic
+    return tuple(s if isinstance(s, torch.SymInt) else int(s) for s in size)
 
 
 def check_cam_args(cam, size, eps, eps_low, mode, allow_float64=True) -> tuple[int, int]:

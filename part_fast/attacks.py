@@ -16,7 +16,7 @@ from . import ops
 from .errors import ConfigError
 from .modes import check_grad_possible, eval_mode
 
-STARTS = ("uniform", "release", "normal", None)
+PGD_STARTS = ("uniform", "release", "normal", None)
 LOSSES = ("ce", "kl", "cw")
 
 
@@ -51,8 +51,8 @@ class PGD:
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
                  start: str | None = "uniform", loss: str = "ce", lo: float = 0.0, hi: float = 1.0):
-        if start not in STARTS:
-            raise ConfigError(f"start must be one of {STARTS}, got {start!r}")
+        if start not in PGD_STARTS:
+            raise ConfigError(f"start must be one of {PGD_STARTS}, got {start!r}")
         if loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES}, got {loss!r}")
         if not eps >= 0 or not alpha >= 0:

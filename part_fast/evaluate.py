@@ -23,6 +23,9 @@ from .errors import ConfigError
 from .modes import eval_mode
 
 ATTACKS = ("natural", "pgd20", "mma", "aa", "aa-release")
+# The torchattacks release the project is tested with (.ci/run installs this one; tests/test_packaging.py
+# checks the two agree).
+TORCHATTACKS_VERSION = "3.5.1"
 
 
 class MissingExtraError(ImportError):
@@ -68,7 +71,7 @@ def load_torchattacks():
         return importlib.import_module("torchattacks")
     except ImportError:
         raise MissingExtraError(
-            "attack 'aa-release' needs torchattacks: pip install --no-deps torchattacks==3.4.0 "
+            f"attack 'aa-release' needs torchattacks: pip install --no-deps torchattacks=={TORCHATTACKS_VERSION} "
             "(its pinned requests would otherwise be downgraded)"
         ) from None
 

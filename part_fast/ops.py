@@ -8,11 +8,16 @@ Ops (all tensors in, tensors out; nothing here knows of models):
 Backends: "reference" (pure PyTorch, part_fast.reference), "cpu" and "cuda" (the compiled extension
 part_fast._C, registered as torch.ops.part_fast.*), "triton" (part_fast.kernels; CUDA tensors, or CPU
 tensors under TRITON_INTERPRET=1). By default the fastest usable backend for the tensors' device runs;
-PART_FAST_BACKEND=<name> or `use_backend(name)` forces one. The backend choice is the only global state.
+PART_FAST_BACKEND=<name> (read at import) forces one by default; `use_backend(name)` forces one inside a block,
+for the calling thread or asyncio task only (a contextvars.ContextVar). The backend choice is the only state.
+
+EXTENSION_ERROR / TRITON_ERROR: why part_fast._C / part_fast.kernels could not be loaded, or None.
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import importlib
 import os
 import warnings
 
@@ -23,10 +28,13 @@ from . import _checks, reference
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
 try:
-    from . import _C  # noqa: F401  (loading it registers torch.ops.part_fast.*)
+    # Loading it registers torch.ops.part_fast.*. import_module rather than `from . import _C`: an extension
+    # that was never built (PART_FAST_NO_EXTENSION=1) then reads "No module named 'part_fast._C'"
+    # (ModuleNotFoundError, .name "part_fast._C"), not "cannot import name '_C' ... circular import".
+    importlib.import_module(f"{__package__}._C")
 
     EXTENSION_ERROR: Exception | None = None
-except Exception as exc:  # ImportError, or an OSError from a library the build linked against
+except Exception as exc:  # noqa: BLE001  ImportError, or an OSError from a library the build linked against
     EXTENSION_ERROR = exc
     warnings.warn(
         f"part_fast: the compiled extension part_fast._C could not be loaded ({exc!r}); "
@@ -43,7 +51,13 @@ def _read_env_backend() -> str | None:
     return name
 
 
-_forced_backend: str | None = _read_env_backend()
+# The backend forced for the current thread / asyncio task (None: automatic choice). A new thread starts
+# from the default, PART_FAST_BACKEND. torch.compile traces ContextVar.get and guards on its value, so a
+# compiled function recompiles when run under another forced backend, as for any other Python constant.
+_ENV_BACKEND: str | None = _read_env_backend()
+_forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "part_fast_forced_backend", default=_ENV_BACKEND
+)
 
 
 def _registered_kernels() -> frozenset[str]:
@@ -64,18 +78,43 @@ def _extension_has(dispatch_key: str) -> bool:
 
 _TRITON_UNSET = object()
 _triton_module = _TRITON_UNSET
+_triton_error: Exception | None = None
+
+
+def _triton_missing(exc: Exception) -> bool:
+    """True when `exc` only says that Triton itself is not installed: an ordinary setup, not a bug."""
+    return isinstance(exc, ModuleNotFoundError) and exc.name == "triton"
 
 
 def _triton_kernels():
-    """part_fast.kernels, or None when Triton cannot run here (imported on first use, then remembered)."""
-    global _triton_module
+    """part_fast.kernels, or None when Triton cannot run here (imported on first use, then remembered).
+
+    Triton not installed: the backend is quietly not offered (the reason is kept in TRITON_ERROR). Triton
+    installed but the kernels failing to import is a bug: also kept, and reported as a RuntimeWarning."""
+    global _triton_module, _triton_error
     if _triton_module is _TRITON_UNSET:
         try:
             from . import kernels
-        except Exception:  # triton missing or broken: the backend is simply not offered
+        except Exception as exc:  # noqa: BLE001  any failure, e.g. a RuntimeError from Triton finding no backend
             kernels = None
+            _triton_error = exc
+            if not _triton_missing(exc):
+                warnings.warn(
+                    f"part_fast: Triton is installed but part_fast.kernels could not be imported ({exc!r}); "
+                    "the backend 'triton' is not offered",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
         _triton_module = kernels
     return _triton_module
+
+
+def __getattr__(name: str):
+    # TRITON_ERROR is only known once the import has been tried: reading it tries it.
+    if name == "TRITON_ERROR":
+        _triton_kernels()
+        return _triton_error
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _triton_interpreted() -> bool:
@@ -109,14 +148,15 @@ _PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "referenc
 
 
 def select_backend(device: torch.device) -> str:
-    """The backend an op on `device` runs with now."""
-    if _forced_backend is not None:
-        if not _usable(_forced_backend, device.type):
+    """The backend an op on `device` runs with now (in this thread / task)."""
+    forced = _forced_backend.get()
+    if forced is not None:
+        if not _usable(forced, device.type):
             raise RuntimeError(
-                f"backend {_forced_backend!r} is forced but not usable for {device.type} tensors; "
+                f"backend {forced!r} is forced but not usable for {device.type} tensors; "
                 f"usable: {available_backends(device)}"
             )
-        return _forced_backend
+        return forced
     for name in _PREFERENCE.get(device.type, ("reference",)):
         if _usable(name, device.type):
             return name
@@ -125,16 +165,15 @@ def select_backend(device: torch.device) -> str:
 
 @contextlib.contextmanager
 def use_backend(name: str | None):
-    """Force a backend inside the block (None restores automatic choice); errors if `name` is unknown."""
-    global _forced_backend
+    """Force a backend inside the block (None restores automatic choice) for the calling thread or asyncio
+    task; other threads keep theirs. Errors if `name` is unknown."""
     if name is not None and name not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} or None, got {name!r}")
-    previous = _forced_backend
-    _forced_backend = name
+    token = _forced_backend.set(name)
     try:
         yield
     finally:
-        _forced_backend = previous
+        _forced_backend.reset(token)
 
 
 def _scalar(name: str, value) -> float:
@@ -162,10 +201,10 @@ def pgd_step_(x_adv, grad, x_nat, eps, step_size, lo=0.0, hi=1.0):
             x_adv, grad, x_nat, eps_map, eps_value, _scalar("step_size", step_size), _scalar("lo", lo), _scalar("hi", hi)
         )
     elif backend == "triton":
-        _checks.check_attack_tensors(x_adv, grad, x_nat, allow_float64=x_adv.device.type == "cpu")
-        _checks.check_eps(eps, x_adv)
-        _checks.check_scalars(step_size, lo, hi)
-        _triton_kernels().pgd_step.pgd_step_(x_adv, grad, x_nat, eps, float(step_size), float(lo), float(hi))
+        eps_map, eps_value = _split_eps(eps)
+        torch.ops.part_fast.triton_pgd_step_(
+            x_adv, grad, x_nat, eps_map, eps_value, _scalar("step_size", step_size), _scalar("lo", lo), _scalar("hi", hi)
+        )
     else:
         reference.pgd_step_(x_adv, grad, x_nat, eps, step_size, lo, hi)
     return x_adv
@@ -178,10 +217,8 @@ def project_(x_adv, x_nat, eps, lo=0.0, hi=1.0):
         eps_map, eps_value = _split_eps(eps)
         torch.ops.part_fast.project_(x_adv, x_nat, eps_map, eps_value, _scalar("lo", lo), _scalar("hi", hi))
     elif backend == "triton":
-        _checks.check_attack_tensors(x_adv, None, x_nat, allow_float64=x_adv.device.type == "cpu")
-        _checks.check_eps(eps, x_adv)
-        _checks.check_scalars(0.0, lo, hi)
-        _triton_kernels().pgd_step.pgd_step_(x_adv, None, x_nat, eps, 0.0, float(lo), float(hi))
+        eps_map, eps_value = _split_eps(eps)
+        torch.ops.part_fast.triton_project_(x_adv, x_nat, eps_map, eps_value, _scalar("lo", lo), _scalar("hi", hi))
     else:
         reference.project_(x_adv, x_nat, eps, lo, hi)
     return x_adv
@@ -191,15 +228,12 @@ def cam_eps_map(cam, size, eps, eps_low, mode="jet"):
     """Raw CAM (B, h, w) -> per-pixel budget: (B, 3, H, W) float32 for mode "jet" (the released mask),
     (B, 1, H, W) for mode "cam" (channel-shared). `size` is (H, W) or an int."""
     backend = select_backend(_checks.device_of(cam, "cam"))
-    if backend in ("cpu", "cuda"):
-        if not isinstance(mode, str):
-            raise TypeError(f"mode must be a str ('jet' or 'cam'), got {type(mode).__name__}")
-        out_size = list(_checks.normalize_size(size))
-        return torch.ops.part_fast.cam_eps_map(cam, out_size, _scalar("eps", eps), _scalar("eps_low", eps_low), mode)
-    if backend == "triton":
-        out_size = _checks.check_cam_args(cam, size, eps, eps_low, mode, allow_float64=cam.device.type == "cpu")
-        return _triton_kernels().cam_eps_map.cam_eps_map(cam, out_size, float(eps), float(eps_low), mode)
-    return reference.cam_eps_map(cam, size, eps, eps_low, mode)
+    if backend == "reference":
+        return reference.cam_eps_map(cam, size, eps, eps_low, mode)
+    if not isinstance(mode, str):
+        raise TypeError(f"mode must be a str ('jet' or 'cam'), got {type(mode).__name__}")
+    op = torch.ops.part_fast.triton_cam_eps_map if backend == "triton" else torch.ops.part_fast.cam_eps_map
+    return op(cam, list(_checks.normalize_size(size)), _scalar("eps", eps), _scalar("eps_low", eps_low), mode)
 
 
 # ------------------------------------------------------------------------------ fake kernels
@@ -219,12 +253,10 @@ if EXTENSION_ERROR is None:
     @torch.library.register_fake("part_fast::pgd_step_")
     def _pgd_step_fake(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi):
         _check_fake_operands(x_adv, [("grad", grad), ("x_nat", x_nat)], eps_map)
-        return None
 
     @torch.library.register_fake("part_fast::project_")
     def _project_fake(x_adv, x_nat, eps_map, eps, lo, hi):
         _check_fake_operands(x_adv, [("x_nat", x_nat)], eps_map)
-        return None
 
     @torch.library.register_fake("part_fast::cam_eps_map")
     def _cam_eps_map_fake(cam, size, eps, eps_low, mode):
@@ -232,3 +264,70 @@ if EXTENSION_ERROR is None:
         torch._check(mode in ("jet", "cam"), lambda: f"mode must be 'jet' or 'cam', got {mode!r}")
         channels = 3 if mode == "jet" else 1
         return cam.new_empty((cam.shape[0], channels, size[0], size[1]), dtype=torch.float32)
+
+
+# ------------------------------------------------------------------------------------ Triton ops
+# The Triton launchers registered as custom ops, part_fast::triton_<op> with the schema of the C++ op:
+# torch.compile then sees one opaque op per call, as for the compiled backends, instead of tracing into
+# the launcher (which it cannot do under TRITON_INTERPRET=1: the interpreter's launcher calls
+# UntypedStorage.data_ptr, which Dynamo does not trace), and torch.library.opcheck can check them. The
+# argument checks run in the op and in its fake kernel, so a bad call fails before any launch, while
+# tracing under torch.compile too. float64 is CPU-only, as for the C++ ops.
+
+
+def _loaded_triton_kernels():
+    kernels = _triton_kernels()
+    if kernels is None:
+        raise RuntimeError(f"the Triton backend is not available: part_fast.kernels failed to import ({_triton_error!r})")
+    return kernels
+
+
+def _check_triton_attack_args(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi):
+    _checks.check_attack_tensors(x_adv, grad, x_nat, allow_float64=x_adv.device.type == "cpu")
+    _checks.check_eps(eps if eps_map is None else eps_map, x_adv)
+    _checks.check_scalars(step_size, lo, hi)
+
+
+@torch.library.custom_op("part_fast::triton_pgd_step_", mutates_args=("x_adv",))
+def _triton_pgd_step(
+    x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, eps_map: torch.Tensor | None, eps: float,
+    step_size: float, lo: float, hi: float,
+) -> None:
+    _check_triton_attack_args(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi)
+    budget = eps if eps_map is None else eps_map
+    _loaded_triton_kernels().pgd_step.pgd_step_(x_adv, grad, x_nat, budget, step_size, lo, hi)
+
+
+@_triton_pgd_step.register_fake
+def _triton_pgd_step_fake(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi):
+    _check_triton_attack_args(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi)
+
+
+@torch.library.custom_op("part_fast::triton_project_", mutates_args=("x_adv",))
+def _triton_project(
+    x_adv: torch.Tensor, x_nat: torch.Tensor, eps_map: torch.Tensor | None, eps: float, lo: float, hi: float
+) -> None:
+    _check_triton_attack_args(x_adv, None, x_nat, eps_map, eps, 0.0, lo, hi)
+    budget = eps if eps_map is None else eps_map
+    _loaded_triton_kernels().pgd_step.project_(x_adv, x_nat, budget, lo, hi)
+
+
+@_triton_project.register_fake
+def _triton_project_fake(x_adv, x_nat, eps_map, eps, lo, hi):
+    _check_triton_attack_args(x_adv, None, x_nat, eps_map, eps, 0.0, lo, hi)
+
+
+@torch.library.custom_op(
+    "part_fast::triton_cam_eps_map", mutates_args=(),
+    schema="(Tensor cam, SymInt[2] size, float eps, float eps_low, str mode) -> Tensor",
+)
+def _triton_cam_eps_map(cam: torch.Tensor, size: list[int], eps: float, eps_low: float, mode: str) -> torch.Tensor:
+    out_size = _checks.check_cam_args(cam, size, eps, eps_low, mode, allow_float64=cam.device.type == "cpu")
+    return _loaded_triton_kernels().cam_eps_map.cam_eps_map(cam, out_size, eps, eps_low, mode)
+
+
+@_triton_cam_eps_map.register_fake
+def _triton_cam_eps_map_fake(cam, size, eps, eps_low, mode):
+    height, width = _checks.check_cam_args(cam, size, eps, eps_low, mode, allow_float64=cam.device.type == "cpu")
+    channels = 3 if mode == "jet" else 1
+    return cam.new_empty((cam.shape[0], channels, height, width), dtype=torch.float32)

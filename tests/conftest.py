@@ -40,9 +40,12 @@ def gen(request) -> torch.Generator:
 
 
 @pytest.fixture(autouse=True)
-def _automatic_backend(monkeypatch):
-    """Every test starts with no forced backend, whatever PART_FAST_BACKEND the runner had."""
-    monkeypatch.setattr(ops, "_forced_backend", None)
+def _automatic_backend():
+    """Every test starts with no forced backend, whatever PART_FAST_BACKEND the runner had, and leaves the
+    forced backend as it found it."""
+    token = ops._forced_backend.set(None)
+    yield
+    ops._forced_backend.reset(token)
 
 
 @pytest.fixture(scope="module")
@@ -55,11 +58,20 @@ def one_thread():
     torch.set_num_threads(threads)
 
 
+# The dtypes each backend supports for CPU tensors, as documented (README "Fused ops": float32, float16,
+# bfloat16, and float64 on the CPU). On CUDA tensors the cuda and triton backends reject float64 (test_cam_eps_map
+# test_float64_rejected_only_where_documented checks both rules, test_documented_cpu_dtypes this table).
+CPU_DTYPES = {name: DTYPES for name in ops.BACKENDS if name != "cuda"}
+
+
 def skip_unsupported(backend: str, dtype: torch.dtype | None = None, numel: int = 0) -> None:
-    """Skip, with a reason, the cases a backend does not cover on CPU tensors."""
-    if backend == "triton":
-        if numel > TRITON_MAX_NUMEL:
-            pytest.skip(f"triton runs interpreted on CPU (TRITON_INTERPRET=1): {numel} elements is too slow")
+    """Skip, with a reason, the cases a backend does not cover on CPU tensors: a dtype it does not support
+    there, or (interpreted Triton) a tensor too large to run in reasonable time."""
+    if dtype is not None and dtype not in CPU_DTYPES.get(backend, ()):
+        supported = ", ".join(str(d).replace("torch.", "") for d in CPU_DTYPES.get(backend, ())) or "none"
+        pytest.skip(f"backend {backend!r} does not support {dtype} on CPU tensors (supported: {supported})")
+    if backend == "triton" and numel > TRITON_MAX_NUMEL:
+        pytest.skip(f"triton runs interpreted on CPU (TRITON_INTERPRET=1): {numel} elements is too slow")
 
 
 def rand(shape, gen, dtype=torch.float32, low=0.0, high=1.0):
@@ -107,10 +119,24 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 
 
 def assert_same_attack_result(out: torch.Tensor, expected: torch.Tensor, backend: str) -> None:
-    """pgd_step_ / project_ results: the math is the reference's, element for element, so every backend
-    must match it exactly (NaN where the reference has NaN)."""
-    assert out.dtype == expected.dtype and out.shape == expected.shape
-    torch.testing.assert_close(out, expected, rtol=0, atol=0, equal_nan=True)
+    """pgd_step_ / project_ results of `backend` against the reference's `expected`: the math is the
+    reference's, element for element, so every value must be equal, with NaN exactly where the reference
+    has NaN. The sign of a zero is not compared: torch.maximum / torch.minimum themselves return +0.0 or
+    -0.0 for (-0.0, +0.0) depending on whether the element falls in a vectorised chunk or the scalar tail."""
+    assert backend in ops.BACKENDS and backend != "reference", (
+        f"backend {backend!r}: compare one of {[b for b in ops.BACKENDS if b != 'reference']} with the reference "
+        "(the reference against itself checks nothing)"
+    )
+    assert out.dtype == expected.dtype and out.shape == expected.shape, (
+        f"backend {backend!r}: {out.dtype} {tuple(out.shape)}, reference {expected.dtype} {tuple(expected.shape)}"
+    )
+    same = (out == expected) | (out.isnan() & expected.isnan())
+    if not bool(same.all()):
+        first = tuple(int(i) for i in (~same).nonzero()[0])
+        raise AssertionError(
+            f"backend {backend!r} differs from the reference at {int((~same).sum())} of {same.numel()} elements; "
+            f"first at {first}: {out[first].item()!r}, reference {expected[first].item()!r}"
+        )
 
 
 def backend_ids(names):
@@ -120,6 +146,7 @@ def backend_ids(names):
 __all__ = [
     "ALL_BACKENDS",
     "BACKENDS",
+    "CPU_DTYPES",
     "DTYPES",
     "HALF_DTYPES",
     "assert_same_attack_result",

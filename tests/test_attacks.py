@@ -9,7 +9,7 @@ from torch import nn
 
 from conftest import ulp_distance
 from part_fast import ops
-from part_fast.attacks import LOSSES, MMA, PGD, STARTS, margin
+from part_fast.attacks import LOSSES, MMA, PGD, PGD_STARTS, margin
 
 EPS, EPS_LOW, ALPHA = 8 / 255, 7 / 255, 2 / 255
 B, H = 8, 16
@@ -169,7 +169,7 @@ def test_equals_torchattacks_pgd(net):
 
 # ---------------------------------------------------------------------------------------- budget
 @pytest.mark.parametrize("form", ["none", "float", "B1HW", "B3HW"])
-@pytest.mark.parametrize("start", STARTS)
+@pytest.mark.parametrize("start", PGD_STARTS)
 def test_budget_respected_for_every_start(net, start, form):
     x, y = data(seed=10)
     _, eps_map, eps_full = next(f for f in eps_forms() if f[0] == form)
@@ -214,7 +214,7 @@ def test_release_start_is_unclipped_until_the_first_step(net):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-@pytest.mark.parametrize("start", STARTS)
+@pytest.mark.parametrize("start", PGD_STARTS)
 def test_zero_budget_returns_x_exactly(net, start, loss):
     x, y = data(seed=14)
     y_arg = None if loss == "kl" else y

@@ -1,19 +1,34 @@
-"""Backend discovery and selection: available_backends(), the default choice, use_backend(),
-PART_FAST_BACKEND, and the pure-PyTorch fallback when the compiled extension cannot be loaded."""
+"""Backend discovery and selection: available_backends(), the default choice, use_backend() (per thread
+and task), PART_FAST_BACKEND, the dtypes each backend takes, and the fallbacks when the compiled extension
+or the Triton kernels cannot be loaded.
+
+Also run for a build without the extension (PART_FAST_NO_EXTENSION=1): what needs it skips, saying so."""
+import asyncio
+import importlib.abc
 import json
 import os
 import subprocess
 import sys
 import textwrap
+import threading
+import warnings
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from conftest import ALL_BACKENDS, BACKENDS, attack_inputs, rand
+import part_fast
+from conftest import ALL_BACKENDS, BACKENDS, CPU_DTYPES, DTYPES, attack_inputs, rand, skip_unsupported
 from part_fast import ops, reference
 
 EXTENSION_LOADED = ops.EXTENSION_ERROR is None
+# A build made with PART_FAST_NO_EXTENSION=1 has no part_fast/_C*.so at all; an extension that exists but
+# fails to load (missing library, ABI mismatch) is a broken install and must not be skipped over.
+EXTENSION_NOT_BUILT = isinstance(ops.EXTENSION_ERROR, ModuleNotFoundError) and ops.EXTENSION_ERROR.name == "part_fast._C"
+needs_extension = pytest.mark.skipif(
+    not EXTENSION_LOADED, reason=f"needs the compiled extension part_fast._C ({ops.EXTENSION_ERROR!r})"
+)
 
 
 class RecordOps(TorchDispatchMode):
@@ -57,7 +72,10 @@ def test_available_backends_lists_usable_backends():
 
 
 def test_extension_loaded_in_this_environment():
-    """The package is installed with its extension here: a missing one must not go unnoticed."""
+    """The package is installed with its extension here: a missing one must not go unnoticed, unless it was
+    built without it on purpose (PART_FAST_NO_EXTENSION=1: no extension file at all)."""
+    if EXTENSION_NOT_BUILT:
+        pytest.skip(f"part_fast._C was not built (a PART_FAST_NO_EXTENSION=1 install): {ops.EXTENSION_ERROR!r}")
     assert EXTENSION_LOADED, f"part_fast._C failed to load: {ops.EXTENSION_ERROR!r}"
     assert "cpu" in BACKENDS
     for name in ("pgd_step_", "project_", "cam_eps_map"):
@@ -68,6 +86,66 @@ def test_triton_listed_only_when_interpreted_on_cpu():
     kernels = ops._triton_kernels()
     assert os.environ.get("TRITON_INTERPRET") == "1", "conftest sets TRITON_INTERPRET=1"
     assert ("triton" in ops.available_backends("cpu")) == (kernels is not None)
+    assert (ops.TRITON_ERROR is None) == (kernels is not None), ops.TRITON_ERROR
+
+
+class _FailImport(importlib.abc.MetaPathFinder):
+    """Makes `import <name>` raise `error`, as a module failing at import time does."""
+
+    def __init__(self, name, error):
+        self.name, self.error = name, error
+
+    def find_spec(self, fullname, path, target=None):
+        if fullname == self.name:
+            raise self.error
+
+
+@pytest.fixture
+def triton_not_imported_yet(monkeypatch):
+    """ops as if the Triton kernels had never been imported; everything restored afterwards."""
+    monkeypatch.setattr(ops, "_triton_module", ops._TRITON_UNSET)
+    monkeypatch.setattr(ops, "_triton_error", None)
+    for name in [m for m in sys.modules if m == "part_fast.kernels" or m.startswith("part_fast.kernels.")]:
+        monkeypatch.delitem(sys.modules, name)
+    if hasattr(part_fast, "kernels"):
+        monkeypatch.delattr(part_fast, "kernels")
+
+
+def test_triton_not_installed_is_recorded_quietly(triton_not_imported_yet, monkeypatch):
+    monkeypatch.setitem(sys.modules, "triton", None)  # `import triton` raises ModuleNotFoundError
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # any warning fails the test
+        error = ops.TRITON_ERROR  # reading it tries the import
+        assert "triton" not in ops.available_backends("cpu")
+    assert isinstance(error, ModuleNotFoundError) and error.name == "triton", repr(error)
+    assert ops._triton_kernels() is None and ops.TRITON_ERROR is error
+
+
+def test_triton_kernels_failing_to_import_warn(triton_not_imported_yet, monkeypatch):
+    """Triton installed but part_fast.kernels broken is a bug: recorded in TRITON_ERROR and warned about,
+    naming the exception, once."""
+    pytest.importorskip("triton", reason="the warning is for an installed Triton")
+    broken = AttributeError("module 'triton.language' has no attribute 'constexpr'")
+    monkeypatch.setattr(sys, "meta_path", [_FailImport("part_fast.kernels", broken), *sys.meta_path])
+    with pytest.warns(RuntimeWarning, match=r"part_fast\.kernels could not be imported.*AttributeError.*constexpr"):
+        assert "triton" not in ops.available_backends("cpu")
+    assert ops.TRITON_ERROR is broken
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # remembered: no second warning
+        assert ops._triton_kernels() is None
+    with ops.use_backend("triton"), pytest.raises(RuntimeError, match="triton"):
+        ops.project_(torch.zeros((1, 1, 2, 2)), torch.zeros((1, 1, 2, 2)), 0.1)
+
+
+def test_missing_triton_dependency_of_triton_warns(triton_not_imported_yet, monkeypatch):
+    """A ModuleNotFoundError for anything but triton itself (a broken Triton install) is not "Triton not
+    installed": it warns."""
+    pytest.importorskip("triton", reason="the warning is for an installed Triton")
+    broken = ModuleNotFoundError("No module named 'triton._C'", name="triton._C")
+    monkeypatch.setattr(sys, "meta_path", [_FailImport("part_fast.kernels", broken), *sys.meta_path])
+    with pytest.warns(RuntimeWarning, match="triton._C"):
+        assert ops._triton_kernels() is None
+    assert ops.TRITON_ERROR is broken
 
 
 def test_default_backend_is_the_compiled_one():
@@ -77,18 +155,59 @@ def test_default_backend_is_the_compiled_one():
     assert ops.select_backend(torch.device("meta")) == "reference"
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_default_and_forced_give_same_results(backend, gen):
+def _run_reference(x_adv, grad, x_nat, cam):
+    eps = reference.cam_eps_map(cam, (8, 8), 8 / 255, 7 / 255)
+    a = reference.pgd_step_(x_adv.clone(), grad, x_nat, eps, 2 / 255)
+    b = reference.project_(x_adv.clone(), x_nat, eps)
+    return eps, a, b
+
+
+@pytest.mark.parametrize("backend", [None, *ALL_BACKENDS], ids=lambda b: f"backend={b or 'default'}")
+def test_default_and_forced_match_the_reference(backend, gen):
     x_adv, grad, x_nat, cam = _inputs(gen)
-    auto = _run_all(x_adv, grad, x_nat, cam)
+    expected = _run_reference(x_adv, grad, x_nat, cam)
     with ops.use_backend(backend):
-        forced = _run_all(x_adv, grad, x_nat, cam)
-    for a, b in zip(auto, forced):
-        assert torch.equal(a, b)
+        got = _run_all(x_adv, grad, x_nat, cam)
+    for name, g, e in zip(("cam_eps_map", "pgd_step_", "project_"), got, expected):
+        assert torch.equal(g, e), f"{name} on backend {backend or ops.select_backend(x_adv.device)!r}"
+    assert not torch.equal(got[1], x_adv), "the step moved x_adv"
+
+
+# The floating dtypes a backend might be asked for; each is either supported (conftest.CPU_DTYPES) or
+# rejected with a TypeError naming the argument.
+CANDIDATE_DTYPES = [*DTYPES, *(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))]
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", CANDIDATE_DTYPES, ids=str)
+def test_documented_cpu_dtypes(backend, dtype):
+    """conftest.CPU_DTYPES (which skip_unsupported skips by) is exactly what each backend accepts."""
+    x = torch.full((1, 2, 3, 3), 0.5).to(dtype)
+    cam = torch.rand((1, 3, 3), generator=torch.Generator().manual_seed(0)).to(dtype)
+    calls = [("x_adv", lambda: ops.pgd_step_(x.clone(), x, x, 0.1, 0.05)),
+             ("x_adv", lambda: ops.project_(x.clone(), x, 0.1)),
+             ("cam", lambda: ops.cam_eps_map(cam, (4, 4), 0.1, 0.05))]
+    with ops.use_backend(backend):
+        for argument, call in calls:
+            if dtype in CPU_DTYPES[backend]:
+                call()
+            else:
+                with pytest.raises(TypeError, match=argument):
+                    call()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", CANDIDATE_DTYPES, ids=str)
+def test_skip_unsupported_skips_exactly_the_unsupported_dtypes(backend, dtype):
+    if dtype in CPU_DTYPES[backend]:
+        skip_unsupported(backend, dtype)  # returns: the case runs
+        return
+    with pytest.raises(pytest.skip.Exception, match=f"{backend!r} does not support {dtype}"):
+        skip_unsupported(backend, dtype)
 
 
 # ----------------------------------------------------------------------------------- use_backend
-@pytest.mark.skipif(not EXTENSION_LOADED, reason="needs the compiled extension")
+@needs_extension
 def test_use_backend_routes_the_call(gen):
     x_adv, grad, x_nat, cam = _inputs(gen)
     with ops.use_backend("cpu"), RecordOps() as rec:
@@ -121,17 +240,17 @@ def test_use_backend_triton_routes_to_kernels(monkeypatch, gen):
     with ops.use_backend("triton"), RecordOps() as rec:
         _run_all(x_adv, grad, x_nat, cam)
     assert calls == ["cam_eps_map", "pgd_step", "pgd_step"]
-    assert not any(n.startswith("part_fast.") for n in rec.names)
+    ours = [n for n in rec.names if n.startswith("part_fast.")]
+    assert ours == ["part_fast.triton_cam_eps_map.default", "part_fast.triton_pgd_step_.default",
+                    "part_fast.triton_project_.default"], "the Triton ops, never the compiled extension's"
 
 
 def test_use_backend_unknown_name_is_value_error():
-    with pytest.raises(ValueError, match="backend"):
-        with ops.use_backend("tpu"):
-            pass
-    with pytest.raises(ValueError):
-        with ops.use_backend("CPU"):
-            pass
-    assert ops._forced_backend is None
+    with pytest.raises(ValueError, match="backend"), ops.use_backend("tpu"):
+        pass
+    with pytest.raises(ValueError), ops.use_backend("CPU"):
+        pass
+    assert ops._forced_backend.get() is None
 
 
 @pytest.mark.parametrize("name", ["cuda"] + [b for b in ("cpu", "triton") if b not in ALL_BACKENDS])
@@ -149,7 +268,7 @@ def test_use_backend_unusable_is_runtime_error(name, gen):
     assert torch.equal(x_adv, before)
 
 
-@pytest.mark.skipif(not EXTENSION_LOADED, reason="needs the compiled extension")
+@needs_extension
 def test_use_backend_cpu_on_meta_tensors_is_runtime_error():
     x = torch.empty((1, 3, 4, 4), device="meta")
     with ops.use_backend("cpu"), pytest.raises(RuntimeError, match="cpu"):
@@ -165,19 +284,69 @@ def test_use_backend_nests_and_restores():
             assert ops.select_backend(device) == auto
         assert ops.select_backend(device) == "reference"
     assert ops.select_backend(device) == auto
-    with pytest.raises(KeyError):
-        with ops.use_backend("reference"):
-            raise KeyError("boom")
+    with pytest.raises(KeyError), ops.use_backend("reference"):
+        raise KeyError("boom")
     assert ops.select_backend(device) == auto
-    assert ops._forced_backend is None
+    assert ops._forced_backend.get() is None
+
+
+def test_use_backend_is_per_thread():
+    """Two threads forcing different backends at the same time each run their own; the main thread's
+    choice is untouched."""
+    device = torch.device("cpu")
+    auto = ops.select_backend(device)
+    names = ["reference", BACKENDS[0] if BACKENDS else None]
+    inside = threading.Barrier(3, timeout=30)  # both workers inside their blocks, and the main thread looking
+    done = threading.Barrier(3, timeout=30)
+
+    def worker(name):
+        with ops.use_backend(name):
+            inside.wait()
+            seen = [ops.select_backend(device)]
+            done.wait()  # the other thread has set its backend and read it too
+            seen.append(ops.select_backend(device))
+        return [*seen, ops.select_backend(device)]
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        futures = [pool.submit(worker, name) for name in names]
+        inside.wait()
+        main_during = ops.select_backend(device)
+        done.wait()
+        seen = [future.result(timeout=30) for future in futures]  # a worker's exception is raised here
+    assert main_during == auto
+    for name, seen_by_worker in zip(names, seen):
+        assert seen_by_worker == [name or auto, name or auto, auto], (name, seen_by_worker)
+
+
+def test_use_backend_is_per_asyncio_task():
+    """Concurrent asyncio tasks forcing different backends each see their own across awaits."""
+    device = torch.device("cpu")
+    names = ["reference", BACKENDS[0] if BACKENDS else None]
+
+    async def task(name, mine, other):
+        with ops.use_backend(name):
+            mine["set"].set()
+            await other["set"].wait()  # both backends are forced before either task looks
+            seen = ops.select_backend(device)
+            mine["read"].set()
+            await other["read"].wait()  # neither block ends before both have looked
+            return seen
+
+    async def both():
+        a, b = ({"set": asyncio.Event(), "read": asyncio.Event()} for _ in range(2))
+        return await asyncio.gather(task(names[0], a, b), task(names[1], b, a))
+
+    auto = ops.select_backend(device)
+    assert asyncio.run(both()) == [name or auto for name in names]
+    assert ops.select_backend(device) == auto
 
 
 # --------------------------------------------------------------------------- subprocess checks
 def _python(code, env_extra=None, drop=("PART_FAST_BACKEND",), timeout=240):
     env = {k: v for k, v in os.environ.items() if k not in drop}
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], env=env, capture_output=True, text=True,
-                          timeout=timeout)
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=False, env=env, capture_output=True,
+                          text=True, timeout=timeout)
 
 
 PROBE = """
@@ -199,7 +368,7 @@ print("RESULT" + json.dumps(result))
 
 def _result(proc):
     assert proc.returncode == 0, proc.stderr
-    line = [l for l in proc.stdout.splitlines() if l.startswith("RESULT")][-1]
+    line = [text for text in proc.stdout.splitlines() if text.startswith("RESULT")][-1]
     return json.loads(line[len("RESULT"):])
 
 
@@ -215,6 +384,25 @@ def test_env_var_forces_backend(name):
         assert r["error"] == "RuntimeError" and name in r["message"]
     if name == "cuda":
         assert r["error"] == "RuntimeError"
+
+
+def test_env_var_is_the_default_in_every_thread():
+    """PART_FAST_BACKEND is the forced backend of every thread that has not chosen another."""
+    code = """
+    import threading, torch
+    from part_fast import ops
+    seen = []
+    def look():
+        seen.append(ops.select_backend(torch.device("cpu")))
+        with ops.use_backend(None):
+            seen.append(ops.select_backend(torch.device("cpu")))
+    thread = threading.Thread(target=look)
+    thread.start()
+    thread.join()
+    print("RESULT" + repr(seen).replace("'", '"'))
+    """
+    r = _result(_python(code, {"PART_FAST_BACKEND": "reference"}))
+    assert r == ["reference", "cpu" if EXTENSION_LOADED else "reference"]
 
 
 def test_env_var_unknown_backend_is_value_error():
@@ -283,7 +471,8 @@ def test_missing_extension_falls_back_to_reference(block, tmp_path, gen):
     code = MISSING_EXTENSION.format(block=block)
     env = {k: v for k, v in os.environ.items() if k not in ("PART_FAST_BACKEND", "TRITON_INTERPRET")}
     proc = subprocess.run([sys.executable, "-c", textwrap.dedent(code), str(tmp_path / "in.pt"),
-                           str(tmp_path / "out.pt")], env=env, capture_output=True, text=True, timeout=240)
+                           str(tmp_path / "out.pt")], check=False, env=env, capture_output=True, text=True,
+                          timeout=240)
     r = _result(proc)
     assert len(r["warnings"]) == 1, r["warnings"]
     category, message = r["warnings"][0]

@@ -421,12 +421,74 @@ def test_bad_input_raises(backend, case):
         ops.cam_eps_map(args["cam"], args["size"], args["eps"], args["eps_low"], args["mode"])
 
 
+# README "Fused ops": float64 on the CPU only. On CUDA tensors the compiled kernels (cuda) and Triton reject
+# it with a TypeError naming the argument; the reference runs float64 anywhere.
+FLOAT64_REJECTED_ON = {"reference": (), "cpu": (), "cuda": ("cuda",), "triton": ("cuda",)}
+
+
+def _float64_calls(device):
+    """Each op called with float64 tensors on `device`: (op name, argument named in the error, call)."""
+    gen = torch.Generator().manual_seed(6)
+    x_nat = rand((2, 3, 8, 8), gen, torch.float64).to(device)
+    grad = randn((2, 3, 8, 8), gen, torch.float64).to(device)
+    cam = randn((2, 4, 4), gen, torch.float64).to(device)
+    return [
+        ("pgd_step_", "x_adv", lambda: ops.pgd_step_(x_nat.clone(), grad, x_nat, EPS, 2 / 255)),
+        ("project_", "x_adv", lambda: ops.project_(x_nat.clone(), x_nat, EPS)),
+        ("cam_eps_map", "cam", lambda: ops.cam_eps_map(cam, (8, 8), EPS, EPS_LOW)),
+    ]
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
-def test_float64_rejected_only_where_documented(backend):
-    """float64 CAMs are accepted on CPU by every backend (the map is rounded to float32 first)."""
-    skip_unsupported(backend, torch.float64)
+def test_float64_accepted_on_cpu_by_every_backend(backend):
+    """float64 CPU tensors run on every backend: the attack ops in float64, the CAM rounded to float32 first."""
+    assert "cpu" not in FLOAT64_REJECTED_ON[backend]
+    gen = torch.Generator().manual_seed(7)
+    x_adv, grad, x_nat = (t.double() for t in (rand((2, 3, 8, 8), gen), randn((2, 3, 8, 8), gen), rand((2, 3, 8, 8), gen)))
+    with ops.use_backend(backend):
+        stepped = ops.pgd_step_(x_adv.clone(), grad, x_nat, EPS, 2 / 255)
+        projected = ops.project_(x_adv.clone(), x_nat, EPS)
+    assert stepped.dtype == projected.dtype == torch.float64
+    # float64 math, not float32 rounded back: the reference computed the same way in float64
+    assert torch.equal(stepped, reference.pgd_step_(x_adv.clone(), grad, x_nat, EPS, 2 / 255))
+    assert torch.equal(projected, reference.project_(x_adv.clone(), x_nat, EPS))
+    assert not torch.equal(stepped, reference.pgd_step_(x_adv.float(), grad.float(), x_nat.float(), EPS, 2 / 255).double())
     cam = _cam().double()
     assert torch.equal(run(backend, cam, (32, 32)), reference.cam_eps_map(cam.float(), (32, 32), EPS, EPS_LOW))
+
+
+@pytest.mark.parametrize("backend", ["cuda", "triton"])
+def test_float64_rejected_on_cuda(backend):
+    """float64 CUDA tensors: the cuda and triton backends raise a TypeError naming the argument."""
+    assert FLOAT64_REJECTED_ON[backend] == ("cuda",)
+    if not torch.cuda.is_available() or backend not in ops.available_backends("cuda"):
+        pytest.skip(f"no GPU, or backend {backend!r} not built / installed for CUDA here; "
+                    "test_float64_rejected_only_where_documented covers Triton's check without a GPU")
+    with ops.use_backend(backend):
+        for op, argument, call in _float64_calls("cuda"):
+            with pytest.raises(TypeError, match=f"{argument} must be .*float64 is CPU-only"):
+                call()
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_float64_rejected_only_where_documented(backend, monkeypatch):
+    """Off the CPU (meta tensors stand in for CUDA ones on a machine without a GPU), each backend rejects
+    float64 exactly where documented, before any kernel runs: triton with a TypeError naming the argument,
+    the reference never. The cuda backend's own check (C++) needs a GPU: test_float64_rejected_on_cuda."""
+    if backend == "cpu":
+        pytest.skip("the cpu backend runs CPU tensors only, where float64 is accepted "
+                    "(test_float64_accepted_on_cpu_by_every_backend)")
+    real_usable = ops._usable
+    # let the backend take meta tensors as if they were on a GPU, so that its argument checks run
+    monkeypatch.setattr(ops, "_usable", lambda name, device_type: name == backend or real_usable(name, device_type))
+    for op, argument, call in _float64_calls("meta"):
+        with ops.use_backend(backend):
+            if "cuda" in FLOAT64_REJECTED_ON[backend]:
+                with pytest.raises(TypeError, match=f"{argument} must be .*float64 is CPU-only"):
+                    call()
+            elif op != "cam_eps_map":  # the reference's CAM resize runs numpy: no meta tensors
+                out = call()
+                assert out.device.type == "meta" and out.dtype == torch.float64, op
 
 
 def test_cases_cover_odd_shapes():

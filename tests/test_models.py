@@ -3,6 +3,7 @@ import pytest
 import torch
 import torchvision
 
+from part_fast import models
 from part_fast.cam import find_layer
 from part_fast.models import BUNDLED, CAM_LAYERS, Normalize, get_model, with_normalization
 
@@ -130,3 +131,12 @@ def test_normalize_layer():
     torch.testing.assert_close(norm(x), expected, rtol=0, atol=0)
     # Buffers, not parameters: they follow .to() and the state dict but are never trained.
     assert [n for n, _ in norm.named_buffers()] == ["mean", "std"] and not list(norm.parameters())
+
+
+def test_every_bundled_builder_is_exported():
+    """`from part_fast.models import *` gives every bundled architecture's builder, under its own name."""
+    assert set(BUNDLED) == set(CAM_LAYERS)
+    for name, builder in BUNDLED.items():
+        assert builder.__name__ in models.__all__, f"{name}: {builder.__name__} missing from models.__all__"
+        assert getattr(models, builder.__name__) is builder
+    assert all(hasattr(models, exported) for exported in models.__all__)

@@ -191,6 +191,21 @@ def test_matches_reference_across_task_splits(backend, threads, eps_form, layout
     assert_same_attack_result(out, expected, backend)
 
 
+def test_assert_same_attack_result_checks_the_backend():
+    """The comparison helper names the backend that differs, refuses to compare the reference with
+    itself, takes NaN for NaN, and leaves the sign of a zero alone (torch's own clamps do not fix it)."""
+    expected = torch.tensor([0.5, float("nan"), 0.0, -1.0])
+    assert_same_attack_result(torch.tensor([0.5, float("nan"), -0.0, -1.0]), expected, "triton")
+    with pytest.raises(AssertionError, match=r"backend 'cpu' differs .* at 1 of 4 elements; first at \(3,\)"):
+        assert_same_attack_result(torch.tensor([0.5, float("nan"), 0.0, -0.999]), expected, "cpu")
+    with pytest.raises(AssertionError, match="backend 'triton' differs"):
+        assert_same_attack_result(torch.tensor([0.5, 0.0, 0.0, -1.0]), expected, "triton")
+    with pytest.raises(AssertionError, match="against itself"):
+        assert_same_attack_result(expected.clone(), expected, "reference")
+    with pytest.raises(AssertionError, match="'cuda'"):
+        assert_same_attack_result(expected.double(), expected, "cuda")
+
+
 # ------------------------------------------------------------------------------ value semantics
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)

@@ -49,4 +49,5 @@ def get_model(name: str, num_classes: int = 10) -> nn.Module:
     )
 
 
-__all__ = ["BUNDLED", "CAM_LAYERS", "Normalize", "cnn_small", "get_model", "preact_resnet18", "resnet18", "with_normalization", "wrn34_10"]
+__all__ = ["BUNDLED", "CAM_LAYERS", "Normalize", "cnn_small", "get_model", "preact_resnet18", "resnet18", "resnet_small",
+           "with_normalization", "wrn34_10"]

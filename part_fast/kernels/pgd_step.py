@@ -40,7 +40,7 @@ def _bf16_round_nearest_even(x):
     exact code path for both, and cost nothing in a memory-bound kernel."""
     bits = x.to(tl.uint32, bitcast=True)
     rounded = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
-    rounded = tl.where(x != x, 0x7FC0, rounded)
+    rounded = tl.where(x != x, 0x7FC0, rounded)  # noqa: PLR0124  x != x: NaN
     return rounded.to(tl.uint16).to(tl.int16, bitcast=True)
 
 
@@ -137,8 +137,8 @@ def pgd_step_kernel(
     # comparison and stays NaN; a NaN bound is taken, as torch.maximum would give NaN.
     box_lo = x_nat - eps
     box_hi = x_nat + eps
-    x = tl.where((x < box_lo) | (box_lo != box_lo), box_lo, x)
-    x = tl.where((x > box_hi) | (box_hi != box_hi), box_hi, x)
+    x = tl.where((x < box_lo) | (box_lo != box_lo), box_lo, x)  # noqa: PLR0124  b != b: NaN bound
+    x = tl.where((x > box_hi) | (box_hi != box_hi), box_hi, x)  # noqa: PLR0124
     x = tl.where(x < lo, lo, x)
     x = tl.where(x > hi, hi, x)
     if BF16_BITS:

@@ -34,10 +34,7 @@ import torch
 import triton
 import triton.language as tl
 
-try:
-    from .. import reference
-except ImportError:  # kernels/ imported as a top-level package from a source checkout
-    from part_fast import reference
+from .. import reference
 
 _INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # Outputs per tile (images x rows x padded width): on a GPU 2048 float64 accumulators, 16 per thread at
@@ -109,7 +106,7 @@ def cam_eps_map_kernel(
     c = tl.load(cam_ptr + cam_offsets, mask=in_valid, other=0.0).to(tl.float32)
     # Degenerate if relu(c) is non-finite somewhere (NaN or +inf; relu(-inf) = 0 is fine), as the
     # reference checks after its relu; then relu with those values set to 0, as nan_to_num does.
-    non_finite = _per_image_sum((in_valid & ((c != c) | (c == float("inf")))).to(tl.int32)) > 0
+    non_finite = _per_image_sum((in_valid & ((c != c) | (c == float("inf")))).to(tl.int32)) > 0  # noqa: PLR0124 (NaN)
     c = tl.where((c > 0.0) & (c < float("inf")), c, 0.0)
     cmin = tl.min(tl.min(tl.where(in_valid, c, float("inf")), axis=2), axis=1)
     c = tl.where(in_valid, c - cmin[:, None, None], 0.0)
@@ -180,7 +177,7 @@ def cam_eps_map_kernel(
 
 
 # ------------------------------------------------------------------------------------------ host side
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def dense_weights_numpy(in_size: int, out_size: int) -> np.ndarray:
     """(in_size, out_size) float64: PIL's normalised bicubic weight of input index i for output index o
     (reference.pil_bicubic_taps laid out densely, 0 outside each window)."""

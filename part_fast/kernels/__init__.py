@@ -1,4 +1,4 @@
-"""Triton kernels of part_fast (installed as part_fast.kernels): one module per op, each holding its
+"""Triton kernels of part_fast (part_fast/kernels/, the backend "triton"): one module per op, each holding its
 kernels and its launcher. Launchers take arguments already validated by part_fast._checks:
 
     pgd_step.pgd_step_(x_adv, grad, x_nat, eps, step_size, lo, hi) -> None   (grad=None: project only)

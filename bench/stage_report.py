@@ -47,7 +47,7 @@ from bench.common import (
     time_blocks,
     write_json,
 )
-from bench.release import release_eps_map, release_host_part, release_update_pgd
+from part_fast.release import release_eps_map, release_host_part, release_update_pgd
 from part_fast import ops, reference
 from part_fast.attacks import PGD
 from part_fast.budget import PixelBudget

@@ -18,7 +18,7 @@ import pytest
 
 from bench import stage_report as sr
 from bench.common import DEFAULT_DATA, keep_freed_memory
-from bench.release import release_eps_map, release_update_pgd
+from part_fast.release import release_eps_map, release_update_pgd
 from part_fast import ops, reference
 from part_fast.attacks import PGD
 from part_fast.budget import PixelBudget

@@ -13,7 +13,7 @@ step), so the steps do identical work and differ only in what the method adds:
 | PART (ours)    | `train_step`, method "part", PART phase: `PixelBudget.with_logits` (one batched eval     |
 |                | forward + head-only gradient + fused `cam_eps_map`), PGD-k with the eps map (`pgd_step_`)|
 | PART (release) | the released code's cost: per-image mask (forward + full backward with hooks, PIL         |
-|                | bicubic, matplotlib jet, numpy z-score, `.to(device)`: `bench.release`'s emulation),       |
+|                | bicubic, matplotlib jet, numpy z-score, `.to(device)`: `part_fast.release`'s emulation),       |
 |                | amortised per step = per-image cost x batch; PGD-k with the release's global-eps         |
 |                | unclipped start and eager update chain (`reference.pgd_step_release`); the same outer step|
 | TRADES         | `train_step`, method "trades": KL attack with its own clean eval forward, outer          |
@@ -47,7 +47,7 @@ from bench.common import (
     machine_info,
     write_json,
 )
-from bench.release import release_eps_map, release_update_pgd
+from part_fast.release import release_eps_map, release_update_pgd
 from part_fast.attacks import PGD
 from part_fast.cam import find_layer
 from part_fast.losses import OUTER_LOSSES
@@ -93,7 +93,7 @@ def load_batch(batch: int, data: str = DEFAULT_DATA):
 
 # ---------------------------------------------------------------------------------- one configuration
 class _Layer4Alias(nn.Module):
-    """`bench.release.release_eps_map` reads its CAM layer as `model.layer4` (the release's ResNet-18
+    """`part_fast.release.release_eps_map` reads its CAM layer as `model.layer4` (the release's ResNet-18
     choice); for another architecture this wrapper names the model's CAM layer `layer4`. It shares the
     model's parameters, so the release's `model.zero_grad()` and full backward act on the model itself."""
 
@@ -119,7 +119,7 @@ class Case:
         self.state = build_state(cfg, num_classes=10, device=device, dist_info=Distributed())
         self.state.model.load_state_dict(copy.deepcopy(init))
         if self.release:
-            # The release's PART-PGD: global-eps start, not clipped; the eager update is bench.release's loop.
+            # The release's PART-PGD: global-eps start, not clipped; the eager update is part_fast.release's loop.
             self.attack = PGD(self.state.attack_model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps,
                               start="release", loss="ce")
             model = self.state.model

@@ -1,5 +1,7 @@
-"""The released PART code's budget stage and PGD update, emulated line by line (bench/STAGE.md says how
-faithfully): what the stage report and the training-step section time part_fast against.
+"""The released PART code's budget stage and PGD update, emulated line by line (docs/method.md says what
+the release did; bench/STAGE.md how faithfully this follows it): what the benchmark harness and
+`part-fast check` time part_fast against. Nothing in the training path uses it. PIL and matplotlib are
+imported only when the host part runs.
 
 - release_eps_map: `utils.craft_weight_matrix` + `generate_weighted_eps` on one batch: per image a forward,
   torchcam-0.3.2-style GradCAM with a full backward through the trunk (ReleaseGradCAM), then the host part

@@ -1,26 +1,64 @@
 """Shared fixtures and helpers for the part_fast op tests.
 
-TRITON_INTERPRET=1 must be in the environment before Triton (and part_fast, which may import it) is
-first imported, so the Triton backend runs on CPU tensors: this module sets it at import time.
+The op tests run on every device the machine has. Without a GPU, TRITON_INTERPRET=1 makes the Triton
+backend run on CPU tensors (interpreted): it must be in the environment before Triton (and part_fast, which
+may import it) is first imported, so this module sets it at import time (importing torch does not import
+Triton). With a GPU it is left unset: Triton then compiles for the GPU, and the comparison tests also run the
+cuda and triton backends on CUDA tensors (DEVICE_BACKENDS), against the reference computed on the CPU.
 """
 import os
 
-os.environ.setdefault("TRITON_INTERPRET", "1")
+import torch
+
+GPU = torch.cuda.is_available()
+if not GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import tarfile  # noqa: E402
 import zlib  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
-import torch  # noqa: E402
 
 import part_fast  # noqa: E402
 from part_fast import ops, reference  # noqa: E402
+from part_fast.check.inputs import same_strides_on  # noqa: E402
 
 # Every backend usable for CPU tensors here, except the reference they are all compared against.
 BACKENDS = [name for name in ops.available_backends("cpu") if name != "reference"]
 # The same plus the reference, for checks every backend must pass on its own (errors, invariants).
 ALL_BACKENDS = ops.available_backends("cpu")
+
+
+class Target(str):
+    """A backend on the device its tensors live on. It is the backend's name (what ops.use_backend takes,
+    what the messages print) and carries `.device`; the tests' run() helpers move their CPU inputs there
+    with the same strides and bring the result back, so a test reads the same on any device."""
+
+    def __new__(cls, backend: str, device: str = "cpu"):
+        target = super().__new__(cls, backend)
+        target.device = torch.device(device)
+        return target
+
+    @property
+    def on_gpu(self) -> bool:
+        return self.device.type != "cpu"
+
+    def to_device(self, t):
+        return same_strides_on(t, self.device) if self.on_gpu else t
+
+
+# The backends usable for CUDA tensors when there is a GPU (cuda, triton compiled for it, the reference).
+GPU_ALL_BACKENDS = [Target(name, "cuda") for name in ops.available_backends("cuda")] if GPU else []
+# The comparison tests' parametrisation: every backend on the CPU, and on the GPU where there is one.
+DEVICE_BACKENDS = [Target(name) for name in BACKENDS] + [t for t in GPU_ALL_BACKENDS if t != "reference"]
+DEVICE_ALL_BACKENDS = [Target(name) for name in ALL_BACKENDS] + GPU_ALL_BACKENDS
+
+
+def target_id(backend) -> str:
+    """'cpu', 'triton' on the CPU; 'cuda-on-cuda', 'triton-on-cuda' on the GPU (`-k on-cuda` selects them)."""
+    device = getattr(backend, "device", torch.device("cpu"))
+    return str(backend) if device.type == "cpu" else f"{backend}-on-{device.type}"
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -64,9 +102,17 @@ def one_thread():
 CPU_DTYPES = {name: DTYPES for name in ops.BACKENDS if name != "cuda"}
 
 
+# On CUDA tensors: float64 is CPU-only for the compiled backends (the reference runs it anywhere).
+GPU_DTYPES = {name: (DTYPES if name == "reference" else DTYPES[:3]) for name in ops.BACKENDS}
+
+
 def skip_unsupported(backend: str, dtype: torch.dtype | None = None, numel: int = 0) -> None:
-    """Skip, with a reason, the cases a backend does not cover on CPU tensors: a dtype it does not support
-    there, or (interpreted Triton) a tensor too large to run in reasonable time."""
+    """Skip, with a reason, the cases a backend does not cover on its device: a dtype it does not support
+    there, or (interpreted Triton on CPU tensors) a tensor too large to run in reasonable time."""
+    if getattr(backend, "on_gpu", False):
+        if dtype is not None and dtype not in GPU_DTYPES[backend]:
+            pytest.skip(f"backend {backend!r} does not support {dtype} on CUDA tensors (float64 is CPU-only)")
+        return
     if dtype is not None and dtype not in CPU_DTYPES.get(backend, ()):
         supported = ", ".join(str(d).replace("torch.", "") for d in CPU_DTYPES.get(backend, ())) or "none"
         pytest.skip(f"backend {backend!r} does not support {dtype} on CPU tensors (supported: {supported})")
@@ -147,7 +193,11 @@ __all__ = [
     "ALL_BACKENDS",
     "BACKENDS",
     "CPU_DTYPES",
+    "DEVICE_ALL_BACKENDS",
+    "DEVICE_BACKENDS",
     "DTYPES",
+    "GPU",
+    "GPU_ALL_BACKENDS",
     "HALF_DTYPES",
     "assert_same_attack_result",
     "attack_inputs",
@@ -157,6 +207,8 @@ __all__ = [
     "reference",
     "seed_of",
     "skip_unsupported",
+    "Target",
+    "target_id",
     "to_layout",
 ]
 

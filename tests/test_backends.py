@@ -509,3 +509,17 @@ def test_missing_extension_warns_once_with_default_filters():
     assert proc.returncode == 0, proc.stderr
     assert proc.stderr.count("could not be loaded") == 1, proc.stderr
     assert "RuntimeWarning" in proc.stderr
+
+
+def test_op_tests_run_on_the_gpu_where_there_is_one():
+    """The comparison tests of test_pgd_step.py and test_cam_eps_map.py are parametrised over
+    conftest.DEVICE_BACKENDS: on a GPU machine that adds the cuda and triton backends on CUDA tensors (and the
+    Triton interpreter is off, so Triton is compiled for the GPU)."""
+    from conftest import DEVICE_BACKENDS, GPU, target_id
+
+    if not GPU:
+        pytest.skip("no GPU here: the op tests ran every backend on CPU tensors (Triton interpreted); on a GPU "
+                    "machine the same tests also run cuda and triton on CUDA tensors (ids ending -on-cuda)")
+    ids = [target_id(t) for t in DEVICE_BACKENDS]
+    assert {"cuda-on-cuda", "triton-on-cuda"} <= set(ids), ids
+    assert os.environ.get("TRITON_INTERPRET") != "1", "Triton must compile for the GPU, not run interpreted"

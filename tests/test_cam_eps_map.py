@@ -1,5 +1,7 @@
 """cam_eps_map: every backend against the reference (exactly: the output is a choice between two values),
-degenerate CAMs, hand-made value checks of both modes, property tests and bad inputs."""
+degenerate CAMs, hand-made value checks of both modes, property tests and bad inputs. The comparison and value
+tests run each backend on every device the machine has (conftest.DEVICE_BACKENDS: CUDA tensors too where
+there is a GPU); the bad-input tests run on CPU tensors."""
 import math
 
 import numpy as np
@@ -8,7 +10,18 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import ALL_BACKENDS, BACKENDS, DTYPES, rand, randn, skip_unsupported
+from conftest import (
+    ALL_BACKENDS,
+    BACKENDS,
+    DEVICE_ALL_BACKENDS,
+    DEVICE_BACKENDS,
+    DTYPES,
+    Target,
+    rand,
+    randn,
+    skip_unsupported,
+    target_id,
+)
 from part_fast import ops, reference
 
 EPS, EPS_LOW = 8 / 255, 7 / 255
@@ -36,8 +49,13 @@ def case_id(c):
 
 
 def run(backend, cam, size, eps=EPS, eps_low=EPS_LOW, mode="jet"):
+    """The op on `backend`; a GPU target (conftest.Target) runs on a copy of the CAM on its device, with the
+    same strides, and returns the map on the CPU."""
+    target = backend if isinstance(backend, Target) else Target(backend)
     with ops.use_backend(backend):
-        return ops.cam_eps_map(cam, size, eps, eps_low, mode)
+        out = ops.cam_eps_map(target.to_device(cam), size, eps, eps_low, mode)
+    assert out.device.type == target.device.type, "the map is made on the CAM's device"
+    return out.cpu()
 
 
 def check_values(out, cam_shape, size, eps, eps_low, mode):
@@ -61,7 +79,7 @@ def random_cam(shape, gen, dtype, kind):
 
 
 # ------------------------------------------------------------------------------------ vs reference
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("kind", ["randn", "peaked"])
@@ -78,7 +96,7 @@ def test_matches_reference(backend, mode, dtype, kind, case, gen):
     assert torch.equal(cam, cam_before), "cam is read-only"
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("budget", [(EPS, EPS_LOW), (1, 0), (0.03, 0.03), (0.0, 0.0), (16 / 255, 0.0)])
 def test_matches_reference_budget_forms(backend, mode, budget, gen):
@@ -90,7 +108,7 @@ def test_matches_reference_budget_forms(backend, mode, budget, gen):
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("mode", MODES)
 def test_non_contiguous_cam(backend, mode, gen):
     cam = random_cam((3, 5, 7), gen, torch.float32, "randn").transpose(1, 2)
@@ -99,7 +117,7 @@ def test_non_contiguous_cam(backend, mode, gen):
     assert torch.equal(run(backend, cam, (32, 32), mode=mode), expected)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("size", [32, (32, 32), [32, 32], torch.Size([32, 32])], ids=["int", "tuple", "list", "Size"])
 def test_size_forms(backend, size, gen):
     cam = random_cam((2, 4, 4), gen, torch.float32, "randn")
@@ -107,7 +125,7 @@ def test_size_forms(backend, size, gen):
     assert torch.equal(run(backend, cam, size), expected)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("mode", MODES)
 def test_empty_batch(backend, mode):
     out = run(backend, torch.empty((0, 4, 4)), (32, 32), mode=mode)
@@ -141,7 +159,7 @@ def _degenerate(name, h=4, w=4):
 DEGENERATE = ["all_zero", "all_equal", "all_negative", "one_by_one", "nan", "posinf", "all_nan"]
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("name", DEGENERATE)
@@ -160,7 +178,7 @@ def test_degenerate_cam_gives_eps_low_everywhere(backend, mode, dtype, name, gen
     assert torch.equal(out[[0, 2]], alone)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("mode", MODES)
 def test_float64_cam_overflowing_float32_is_degenerate(backend, mode):
     """The CAM is rounded to float32 as the release's PIL "F" image was: 1e300 becomes inf."""
@@ -172,7 +190,7 @@ def test_float64_cam_overflowing_float32_is_degenerate(backend, mode):
     assert torch.equal(out, reference.cam_eps_map(cam, (32, 32), EPS, EPS_LOW, mode))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("mode", MODES)
 def test_negative_infinity_matches_reference(backend, mode):
     """-inf in a raw CAM: the reference applies ReLU first (-inf -> 0, an ordinary map); every backend must
@@ -183,7 +201,7 @@ def test_negative_infinity_matches_reference(backend, mode):
     assert torch.equal(run(backend, cam, (32, 32), mode=mode), expected)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("mode", MODES)
 def test_negative_infinity_is_relu_zero(backend, mode):
     """ReLU(-inf) = 0: -inf is not degenerate; a CAM with -inf where it had a negative value gives the
@@ -198,7 +216,7 @@ def test_negative_infinity_is_relu_zero(backend, mode):
 
 
 # ------------------------------------------------------------------------------ value semantics
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 def test_cam_mode_known_region_identity_resize(backend):
     """mode "cam", output size = map size (PIL's bicubic resize is then the identity): a 3x3 block at
     CAM 1 over a floor of 0.1 normalises to {1, 0}; its z-score is (1 - 9/64) / sqrt(9/64 * 55/64) = 2.47 > 1
@@ -211,7 +229,7 @@ def test_cam_mode_known_region_identity_resize(backend):
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 def test_cam_mode_known_region_upsampled(backend):
     """mode "cam", 4x4 -> 32x32: a high central 2x2 block of the map gives eps in the centre of the image
     and eps_low along every border."""
@@ -255,7 +273,7 @@ def _hand_jet(x):
     return r, g, b
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 def test_jet_mode_per_channel_budget_hand_made(backend):
     """mode "jet", identity resize, a hand-made CAM: left half 0.9 (squared 0.81 -> jet entry 207, red 1,
     green 0.36, blue 0), right half 0.45 (squared 0.2025 -> entry 51, red 0, green 0.3, blue 1), one pixel
@@ -287,7 +305,7 @@ def test_jet_mode_per_channel_budget_hand_made(backend):
     assert (green == 0.25).all()
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 def test_jet_mode_upsampled_channels_differ(backend, gen):
     """The jet budget is per colour channel: on a real-looking CAM the three channels differ, and the red
     channel's eps region lies where the upsampled CAM is high, the blue channel's where it is low."""
@@ -303,7 +321,7 @@ def test_jet_mode_upsampled_channels_differ(backend, gen):
     assert float(up[red].min()) > float(up[blue].max()), "red keeps eps on higher CAM values than blue"
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("mode", MODES)
 def test_batch_independent(backend, mode, gen):
     """Results do not change with the batch an image is in (docs/method.md §7)."""
@@ -314,7 +332,7 @@ def test_batch_independent(backend, mode, gen):
     assert torch.equal(full.flip(0), run(backend, cam.flip(0), (32, 32), mode=mode))
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("mode", MODES)
 def test_invariant_to_power_of_two_scale_and_negative_part(backend, mode, gen):
     """Min-max normalisation after ReLU: scaling by 2**k is exact, and negative values are all ReLU'd away."""
@@ -348,7 +366,7 @@ def cam_case(draw):
     return cam, size, eps, eps_low, mode
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 def test_property_values_are_eps_or_eps_low(backend):
     @PROPERTY
     @given(cam_case())
@@ -362,7 +380,7 @@ def test_property_values_are_eps_or_eps_low(backend):
     check()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS, ids=target_id)
 def test_property_matches_reference(backend):
     @PROPERTY
     @given(cam_case())

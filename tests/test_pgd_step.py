@@ -1,4 +1,6 @@
-"""pgd_step_ and project_: every backend against the reference, invariants, and every bad input."""
+"""pgd_step_ and project_: every backend against the reference, invariants, and every bad input. The
+comparison and invariant tests run each backend on every device the machine has (conftest.DEVICE_BACKENDS:
+CUDA tensors too where there is a GPU); the bad-input tests run on CPU tensors."""
 import math
 
 import pytest
@@ -9,12 +11,16 @@ from hypothesis import strategies as st
 from conftest import (
     ALL_BACKENDS,
     BACKENDS,
+    DEVICE_ALL_BACKENDS,
+    DEVICE_BACKENDS,
     DTYPES,
+    Target,
     assert_same_attack_result,
     attack_inputs,
     rand,
     randn,
     skip_unsupported,
+    target_id,
     to_layout,
 )
 from part_fast import ops, reference
@@ -92,13 +98,23 @@ def make_eps(form, shape, dtype, layout, gen):
 
 
 def run(op, backend, x_adv, grad, x_nat, eps, step=STEP, lo=0.0, hi=1.0):
+    """The op on `backend`, in place on x_adv. A GPU target (conftest.Target) runs on copies of the inputs on
+    its device, with the same strides, and writes the result back into x_adv."""
+    target = backend if isinstance(backend, Target) else Target(backend)
+    d_adv, d_grad, d_nat, d_eps = (target.to_device(t) for t in (x_adv, grad, x_nat, eps))
     with ops.use_backend(backend):
         if op == "pgd_step_":
-            out = ops.pgd_step_(x_adv, grad, x_nat, eps, step, lo, hi)
+            out = ops.pgd_step_(d_adv, d_grad, d_nat, d_eps, step, lo, hi)
         else:
-            out = ops.project_(x_adv, x_nat, eps, lo, hi)
-    assert out is x_adv, "the in-place ops return x_adv itself"
-    return out
+            out = ops.project_(d_adv, d_nat, d_eps, lo, hi)
+    assert out is d_adv, "the in-place ops return x_adv itself"
+    if target.on_gpu:
+        assert out.device == target.device and out.stride() == x_adv.stride(), "x_adv keeps its device and layout"
+        for name, moved, given in (("grad", d_grad, grad), ("x_nat", d_nat, x_nat), ("eps", d_eps, eps)):
+            if isinstance(given, torch.Tensor):
+                assert torch.equal(moved.cpu().nan_to_num(7.0), given.nan_to_num(7.0)), f"{name} is read-only"
+        x_adv.copy_(out.cpu())
+    return x_adv
 
 
 def run_reference(op, x_adv, grad, x_nat, eps, step=STEP, lo=0.0, hi=1.0):
@@ -128,7 +144,7 @@ def assert_in_ball_and_box(out, x_nat, eps, lo, hi):
 
 
 # ------------------------------------------------------------------------------------ vs reference
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("eps_form", EPS_FORMS)
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -154,7 +170,7 @@ def test_matches_reference(backend, op, eps_form, layout, dtype, shape, gen):
     assert_in_ball_and_box(out, x_nat, eps, 0.0, 1.0)
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("box", [(0.25, 0.75), (0.5, 0.5), (-1.0, 2.0), (-math.inf, math.inf), (0.0, 0.0)])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -207,7 +223,7 @@ def test_assert_same_attack_result_checks_the_backend():
 
 
 # ------------------------------------------------------------------------------ value semantics
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_step_is_step_size_times_sign(backend, dtype, gen):
     """Inside a box and ball too large to bind, the update is exactly x + step * sign(grad) (computed in
@@ -223,7 +239,7 @@ def test_step_is_step_size_times_sign(backend, dtype, gen):
     assert torch.equal(out, expected)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 def test_matches_release_update(backend, gen):
     """float32 with finite gradients: the released eager update (delta clamped, then added to x_nat) gives
     the same values up to the rounding of x_nat + (x_adv - x_nat)."""
@@ -240,7 +256,7 @@ def test_matches_release_update(backend, gen):
         grad = randn(shape, gen)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("fill", [7.0, -7.0, 0.5])
 @pytest.mark.parametrize("layout", LAYOUTS)
@@ -263,7 +279,7 @@ def test_every_element_written(backend, op, fill, layout, dtype, gen):
         assert torch.equal(out, edge.to(dtype))
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("eps", [0.0, 0, "tensor", "tensor_xdtype"])
 @pytest.mark.parametrize("box", [(0.0, 1.0), (0.25, 0.75)])
@@ -283,7 +299,7 @@ def test_eps_zero_returns_clipped_input(backend, op, eps, box, dtype, gen):
     assert torch.equal(out, x_nat.clamp(lo, hi))
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_nan_gradient_takes_no_step(backend, dtype, gen):
     """sign(NaN) = 0: a NaN gradient element leaves x_adv where projection puts it, and x_adv stays finite."""
@@ -302,7 +318,7 @@ def test_nan_gradient_takes_no_step(backend, dtype, gen):
     assert torch.equal(out, reference.project_(x_adv.clone(), x_nat, EPS))
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("op", OPS)
 def test_nan_in_x_adv_matches_reference(backend, op, gen):
     """A NaN already in x_adv is not hidden by the clamps (it stays NaN, as torch.clamp does)."""
@@ -315,7 +331,7 @@ def test_nan_in_x_adv_matches_reference(backend, op, gen):
     assert out[0, 1, 2, 3].isnan() and int(out.isnan().sum()) == 1
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("where", ["x_nat", "eps"])
 def test_nan_bound_matches_reference(backend, op, where, gen):
@@ -334,7 +350,7 @@ def test_nan_bound_matches_reference(backend, op, where, gen):
     assert int(out.isnan().sum()) == 1
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_subnormals_match_reference(backend, op, dtype):
@@ -352,7 +368,7 @@ def test_subnormals_match_reference(backend, op, dtype):
         assert_same_attack_result(out, expected, backend)
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("op", OPS)
 def test_empty_batch(backend, op):
     z = torch.empty((0, 3, 4, 4))
@@ -408,7 +424,7 @@ PROPERTY = settings(
 )
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", OPS)
 def test_property_ball_and_box(backend, dtype, op):
@@ -426,7 +442,7 @@ def test_property_ball_and_box(backend, dtype, op):
     check()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("backend", DEVICE_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("op", OPS)
 def test_property_matches_reference(backend, dtype, op):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
+from .eps_text import check_budget
 from .errors import ConfigError
 from .modes import check_grad_possible, eval_mode
 
@@ -55,7 +56,10 @@ class PGD:
             raise ConfigError(f"start must be one of {PGD_STARTS}, got {start!r}")
         if loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES}, got {loss!r}")
-        if not eps >= 0 or not alpha >= 0:
+        if (lo, hi) == (0.0, 1.0):  # inputs in [0, 1]: a budget or step above 1 is a typo for k/255
+            check_budget("eps", eps)
+            check_budget("alpha", alpha)
+        elif not eps >= 0 or not alpha >= 0:
             raise ConfigError(f"eps and alpha must be >= 0, got eps={eps}, alpha={alpha}")
         if not isinstance(steps, int) or steps < 0:
             raise ConfigError(f"steps must be an int >= 0, got {steps!r}")

@@ -5,8 +5,9 @@ import torch
 from torch import nn
 
 from . import ops
-from .errors import ConfigError
 from .cam import CAM_METHODS, compute_cam
+from .eps_text import check_budgets
+from .errors import ConfigError
 
 MASKS = ("jet", "cam")
 
@@ -18,16 +19,22 @@ class PixelBudget:
     the same CAM (a batched forward can move a CAM by ~1e-6 from a per-image one, enough to flip a rare
     pixel at a colour-bin edge); mask="cam" is the channel-shared (B, 1, H, W) variant that follows the paper's
     prose. The map is computed from `x` itself, so it always belongs to the images it will attack
-    (after augmentation): the release's mask/image misalignment cannot happen."""
+    (after augmentation): the release's mask/image misalignment cannot happen.
+
+    layer: the module (or its name) whose (B, K, h, w) output the CAM reads; None finds it on known
+    architectures (`layer4`, `block3`, `features`), and on any other model the error lists the modules
+    with a 4-D output, deepest first."""
 
     def __init__(self, eps: float = 8 / 255, eps_low: float = 7 / 255, method: str = "gradcam", mask: str = "jet",
                  layer: str | nn.Module | None = None):
-        if not 0 <= eps_low <= eps:
-            raise ConfigError(f"need 0 <= eps_low <= eps, got eps_low={eps_low}, eps={eps}")
+        check_budgets(eps, eps_low)
         if method not in CAM_METHODS:
             raise ConfigError(f"method must be one of {CAM_METHODS}, got {method!r}")
         if mask not in MASKS:
             raise ConfigError(f"mask must be one of {MASKS}, got {mask!r}")
+        if layer is not None and not isinstance(layer, (str, nn.Module)):
+            raise ConfigError(f"layer must be None, a module name or an nn.Module, "
+                              f"got {type(layer).__name__} {layer!r}")
         self.eps, self.eps_low, self.method, self.mask, self.layer = float(eps), float(eps_low), method, mask, layer
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:

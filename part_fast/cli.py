@@ -1,7 +1,10 @@
-"""The `part-fast` command: train, eval, demo, show-cam. The only module that parses arguments."""
+"""The `part-fast` command: train, eval, demo, show-cam, plot, check, bench. The only module that parses arguments.
+
+Every option's --help ends with its default; every command that computes prints the device it uses first."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import math
@@ -10,10 +13,15 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import EXIT_DIVERGED, EXIT_USER_ERROR, USER_ERRORS, ConfigError, Interrupted, TrainingDiverged, report
+from .devices import AUTO, describe_device, parse_device, resolve_device
+from .errors import (EXIT_DIVERGED, EXIT_USER_ERROR, USER_ERRORS, ConfigError, Interrupted, OutputWriteError,
+                     TrainingDiverged, report)
 from .evaluate import MissingExtraError
 from .train import RESUMABLE_CHANGES, TrainConfig
+from .eps_text import check_budget
 from .train.config import flag_of
+
+DEVICE_HELP = "auto (cuda when there is a GPU, else cpu) | cpu | cuda | cuda:N"
 
 
 def fraction(text: str) -> float:
@@ -36,6 +44,11 @@ def int_list(text: str) -> tuple[int, ...]:
         return tuple(int(v) for v in text.split(",") if v.strip())
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 60,90, got {text!r}") from None
+
+
+def with_default(help: str, default) -> str:
+    """Help text ending in argparse's "(default: ...)", for every option that has one."""
+    return f"{help} (default: {default})"
 
 
 def _shown_default(f: dataclasses.Field) -> str:
@@ -88,11 +101,12 @@ def _train_parser(sub) -> None:
                    help="run directory: created by a new run; with --resume / --auto-resume, the run to continue")
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--resume", action="store_true",
-                      help="continue the run in RUN_DIR from its newest intact checkpoint, with the settings of its "
-                           f"config.json; flags given may change only {changeable}")
+                      help=with_default("continue the run in RUN_DIR from its newest intact checkpoint, with the "
+                                        f"settings of its config.json; flags given may change only {changeable}",
+                                        "off"))
     mode.add_argument("--auto-resume", action="store_true",
-                      help="resume when RUN_DIR holds a run, else start one: the same command line can be re-run by "
-                           "`torchrun --max-restarts` or a job scheduler")
+                      help=with_default("resume when RUN_DIR holds a run, else start one: the same command line can "
+                                        "be re-run by `torchrun --max-restarts` or a job scheduler", "off"))
     for f in dataclasses.fields(TrainConfig):
         if f.name != "out":
             _add_config_flag(p, f)
@@ -116,7 +130,13 @@ def config_from_args(args) -> TrainConfig:
             raise RunDirMissing(f"--resume: run directory {args.out} does not exist")
         raise RunDirError(f"--resume: {args.out} holds no part_fast run (no {CONFIG})")
     if saved is not None:
-        return TrainConfig.from_json({**saved, **given, "out": args.out})
+        config = TrainConfig.from_json({**saved, **given, "out": args.out})
+        warmup = saved.get("warmup")
+        if config.is_part and isinstance(warmup, int) and isinstance(config.epochs, int) and config.epochs < warmup:
+            # The warm-up is fixed by the run (not a resumable change): only --epochs can give.
+            raise ConfigError(f"--epochs {config.epochs}: this run warms up for {warmup} epochs (its {CONFIG}); "
+                              f"a resumed run's --epochs must be at least {warmup}")
+        return config
     return TrainConfig(out=args.out, **given)
 
 
@@ -124,31 +144,57 @@ def _eval_parser(sub) -> None:
     p = sub.add_parser("eval", help="robust accuracy of a checkpoint (table + JSON)")
     p.add_argument("checkpoint", help="RUN_DIR/last.pt")
     p.add_argument("--attacks", default="natural,pgd20,mma,aa",
-                   help="comma-separated: natural, pgd20, mma, aa (original AutoAttack), aa-release (torchattacks)")
-    p.add_argument("--data-dir", default=None, help="default: the run's")
-    p.add_argument("--test-subset", type=int, default=None, help="first N test examples (default: the run's)")
-    p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--eps", type=fraction, default=8 / 255)
-    p.add_argument("--step-size", type=fraction, default=None, help="PGD/MMA step (default: the run's)")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", default=None, help="where to write the JSON (default: next to the checkpoint)")
+                   help=with_default("comma-separated: natural, pgd20, mma, aa (original AutoAttack), aa-release "
+                                     "(torchattacks)", "natural,pgd20,mma,aa"))
+    p.add_argument("--data-dir", default=None, help=with_default("dataset folder", "the run's"))
+    p.add_argument("--test-subset", type=int, default=None,
+                   help=with_default("first N test examples", "the run's"))
+    p.add_argument("--batch-size", type=int, default=256, help=with_default("evaluation batch", 256))
+    p.add_argument("--eps", type=fraction, default=8 / 255, help=with_default("L-inf budget, e.g. 8/255", "8/255"))
+    p.add_argument("--step-size", type=fraction, default=None, help=with_default("PGD/MMA step", "the run's"))
+    p.add_argument("--device", default=AUTO, help=with_default(DEVICE_HELP, AUTO))
+    p.add_argument("--seed", type=int, default=0, help=with_default("seed of the attacks' random starts", 0))
+    p.add_argument("--json", default=None, help=with_default("where to write the JSON (its folder is created)",
+                                                             "eval.json next to the checkpoint"))
 
 
 def _demo_parser(sub) -> None:
-    p = sub.add_parser("demo", help="AT vs PART on built-in data, CPU, a few minutes")
-    p.add_argument("--out", default=None, help="output folder (default: runs/demo-<time>)")
-    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("demo", help="AT vs PART on built-in data, a few minutes on a laptop CPU")
+    p.add_argument("--out", default=None, help=with_default("output folder", "runs/demo-<time>"))
+    p.add_argument("--seed", type=int, default=0, help=with_default("seed of both runs", 0))
+    p.add_argument("--device", default=AUTO, help=with_default(DEVICE_HELP, AUTO))
 
 
 def _show_cam_parser(sub) -> None:
     p = sub.add_parser("show-cam", help="budget-map overlays for a few test images (PNG)")
     p.add_argument("checkpoint", help="RUN_DIR/last.pt")
-    p.add_argument("--out", default="cams.png")
-    p.add_argument("--n", type=int, default=8, help="number of test images")
-    p.add_argument("--data-dir", default=None, help="default: the run's")
-    p.add_argument("--mask", default=None, choices=("jet", "cam"), help="default: the run's")
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--out", default="cams.png", help=with_default("the PNG to write (its folder is created)",
+                                                                  "cams.png"))
+    p.add_argument("--n", type=int, default=8, help=with_default("number of test images", 8))
+    p.add_argument("--data-dir", default=None, help=with_default("dataset folder", "the run's"))
+    p.add_argument("--mask", default=None, choices=("jet", "cam"), help=with_default("budget mask", "the run's"))
+    p.add_argument("--device", default=AUTO, help=with_default(DEVICE_HELP, AUTO))
+
+
+def _plot_parser(sub) -> None:
+    p = sub.add_parser("plot", help="training curves of a run (PNG): loss, natural and PGD-20 accuracy, epoch time",
+                       description="Draw RUN_DIR/metrics.jsonl: the training loss, the natural and PGD-20 "
+                                   "accuracies, and each epoch's time split by stage (with --time-stages).")
+    p.add_argument("run_dir", metavar="RUN_DIR", help="a part-fast train --out folder")
+    p.add_argument("--out", default=None, help=with_default("the PNG to write (its folder is created)",
+                                                            "RUN_DIR/curves.png"))
+
+
+def _check_parser(sub) -> None:
+    p = sub.add_parser(
+        "check", help="prove and measure the GPU path (or the CPU's): correctness, a training step, timings",
+        description="Four sections, each check with the figure it measured: the environment; every usable "
+                    "backend on the device against the reference, opcheck and torch.compile; a CAM and a PART "
+                    "training step on the device; timings side by side. Exit 1 when any check fails, else 0.")
+    p.add_argument("--device", default=AUTO, help=with_default(DEVICE_HELP, AUTO))
+    p.add_argument("--out", default=None, metavar="DIR",
+                   help=with_default("also write check-<date>-<machine>.json and .md into DIR", "no files"))
+    p.add_argument("--quick", action="store_true", help=with_default("smaller cases and models: about a minute", "off"))
 
 
 def _bench_parser(sub) -> None:
@@ -164,6 +210,8 @@ def build_parser() -> argparse.ArgumentParser:
     _eval_parser(sub)
     _demo_parser(sub)
     _show_cam_parser(sub)
+    _plot_parser(sub)
+    _check_parser(sub)
     _bench_parser(sub)
     return parser
 
@@ -185,6 +233,31 @@ def _test_loader(config: TrainConfig, data_dir, test_subset, batch_size):
     return DataLoader(test_set, batch_size=batch_size), test_set, info
 
 
+def _start(command: str, device_name: str):
+    """The device a command runs on, announced in one line before the work starts."""
+    device = resolve_device(device_name)
+    print(f"part-fast {command}: device {describe_device(device)}", flush=True)
+    return device
+
+
+def _create_folder_of(path: Path, flag: str) -> None:
+    """Create the folder `path` goes into, so that a missing folder is never an error naming the writer's
+    temporary file."""
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OutputWriteError(f"{flag}: cannot create the folder {path.parent}: {err.strerror or err}") from None
+
+
+@contextlib.contextmanager
+def _writing(path: Path, flag: str):
+    """An OSError of the write inside becomes a one-line error naming the user's path."""
+    try:
+        yield
+    except OSError as err:
+        raise OutputWriteError(f"{flag}: cannot write {path}: {err.strerror or err}") from None
+
+
 def cmd_eval(args) -> int:
     from .evaluate import ATTACKS, evaluate
     from .files import atomic_write_text
@@ -194,19 +267,26 @@ def cmd_eval(args) -> int:
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise ConfigError(f"--attacks: unknown {unknown}; choose from {', '.join(ATTACKS)}")
-    model, config = load_model(args.checkpoint, args.device)
+    parse_device(args.device)  # names before numbers
+    check_budget("--eps", args.eps)
+    if args.step_size is not None:
+        check_budget("--step-size", args.step_size)
+    device = _start("eval", args.device)
+    model, config = load_model(args.checkpoint, device)
     loader, _, _ = _test_loader(config, args.data_dir, args.test_subset, args.batch_size)
     step = args.step_size if args.step_size is not None else config.resolved().step_size
-    result = evaluate(model, loader, attacks=attacks, eps=args.eps, alpha=step, device=args.device, seed=args.seed,
+    result = evaluate(model, loader, attacks=attacks, eps=args.eps, alpha=step, device=device, seed=args.seed,
                       progress=sys.stderr.isatty())
-    result.update({"checkpoint": str(args.checkpoint), "eps": args.eps, "step_size": step,
+    result.update({"checkpoint": str(args.checkpoint), "eps": args.eps, "step_size": step, "device": str(device),
                    "date": time.strftime("%Y-%m-%d %H:%M:%S")})
     lines = ["| attack | accuracy | seconds |", "|---|---|---|"]
     lines += [f"| {a} | {result[a]:.2f}% | {result['seconds'][a]:.1f} |" for a in attacks]
     print("\n".join(lines))
     print(f"({result['examples']} test examples)")
     path = Path(args.json) if args.json else Path(args.checkpoint).with_name("eval.json")
-    atomic_write_text(path, json.dumps(result, indent=2) + "\n")
+    _create_folder_of(path, "--json")
+    with _writing(path, "--json"):
+        atomic_write_text(path, json.dumps(result, indent=2) + "\n")
     print(f"wrote {path}")
     return 0
 
@@ -214,8 +294,9 @@ def cmd_eval(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import DemoSettings, run_demo
 
+    resolve_device(args.device)  # a bad name fails here; run_demo says the device it uses as its first line
     out = args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
-    run_demo(out, DemoSettings(seed=args.seed))
+    run_demo(out, DemoSettings(seed=args.seed), device=args.device)
     return 0
 
 
@@ -224,15 +305,17 @@ def cmd_show_cam(args) -> int:
 
     from .budget import PixelBudget
     from .models import CAM_LAYERS
-    from .plots import budget_overlay_png
+    from .plots import budget_overlay_png, budget_title
     from .train import load_model
 
+    parse_device(args.device)  # names before numbers
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
-    model, config = load_model(args.checkpoint, args.device)
+    device = _start("show-cam", args.device)
+    model, config = load_model(args.checkpoint, device)
     _, test_set, info = _test_loader(config, args.data_dir, args.n, args.n)
     n = min(args.n, len(test_set))
-    images = torch.stack([test_set[i][0] for i in range(n)]).to(args.device)
+    images = torch.stack([test_set[i][0] for i in range(n)]).to(device)
     cfg = config.resolved()
     budget = PixelBudget(cfg.eps, cfg.eps_low, cfg.cam, args.mask or cfg.mask, layer=CAM_LAYERS.get(cfg.arch))
     eps_maps = budget(model, images)
@@ -242,9 +325,61 @@ def cmd_show_cam(args) -> int:
     from . import data as data_mod
 
     masks = data_mod.object_mask_of(test_set)
-    path = budget_overlay_png(args.out, images, eps_maps, cfg.eps, titles, None if masks is None else masks[:n])
+    out = Path(args.out)
+    _create_folder_of(out, "--out")
+    with _writing(out, "--out"):
+        path = budget_overlay_png(out, images, eps_maps, cfg.eps, titles, None if masks is None else masks[:n],
+                                  suptitle=budget_title(cfg.arch, cfg.cam, args.mask or cfg.mask, cfg.eps, cfg.eps_low))
     print(f"wrote {path}")
     return 0
+
+
+def _run_title(config: dict, where: Path) -> str:
+    """'part, cifar10, resnet18, eps 8/255 (0.0314)': what a run's figure is of."""
+    from .eps_text import eps_text
+    from .train.rundir import RunDirError
+
+    missing = [k for k in ("method", "dataset", "arch", "eps") if k not in config]
+    if missing:
+        raise RunDirError(f"{where} is damaged (no {', '.join(missing)})")
+    if not isinstance(config["eps"], (int, float)) or isinstance(config["eps"], bool):
+        raise RunDirError(f"{where} is damaged (eps is {config['eps']!r}, not a number)")
+    return f"{config['method']}, {config['dataset']}, {config['arch']}, eps {eps_text(config['eps'])}"
+
+
+def cmd_plot(args) -> int:
+    from . import plots
+    from .train.rundir import CONFIG, RunDirError, RunDirMissing, read_metrics, saved_config
+
+    run = Path(args.run_dir)
+    if not run.is_dir():
+        raise RunDirMissing(f"run directory {run} does not exist")
+    saved = saved_config(run)
+    if saved is None:
+        raise RunDirError(f"{run} holds no part_fast run (no {CONFIG})")
+    title = _run_title(saved, run / CONFIG)
+    records = read_metrics(run)
+    out = Path(args.out) if args.out else run / "curves.png"
+    _create_folder_of(out, "--out")
+    with _writing(out, "--out"):
+        path = plots.training_curves_png(records, out, title)
+    print(f"wrote {path}")
+    return 0
+
+
+def cmd_check(args) -> int:
+    from .check import run_check
+
+    if args.out is not None:
+        out = Path(args.out)
+        _create_folder_of(out / "check.json", "--out")
+        with _writing(out, "--out"):  # the checks catch their own errors: an OSError here is the report's write
+            report = run_check(args.device, quick=args.quick, out=out)
+    else:
+        report = run_check(args.device, quick=args.quick)
+    failed = "; ".join(f"{o.section}: {o.name}" for o in report.failed)
+    print(f"part-fast check: {'passed' if report.passed else 'FAILED (' + failed + ')'} in {report.seconds:.0f} s")
+    return 0 if report.passed else 1
 
 
 def cmd_bench(args) -> int:
@@ -258,7 +393,8 @@ def cmd_bench(args) -> int:
     return subprocess.run([sys.executable, "-m", "bench.run", *args.bench_args], cwd=root).returncode
 
 
-COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "show-cam": cmd_show_cam, "bench": cmd_bench}
+COMMANDS = {"train": cmd_train, "eval": cmd_eval, "demo": cmd_demo, "show-cam": cmd_show_cam, "plot": cmd_plot,
+            "check": cmd_check, "bench": cmd_bench}
 
 
 def main(argv=None) -> int:
@@ -276,7 +412,7 @@ def main(argv=None) -> int:
         return COMMANDS[args.command](args)
     except Interrupted as err:
         if _is_rank0():
-            report(f"{name}: {err}; resume with: part-fast train --out {args.out} --resume")
+            report(f"{name}: {err}; resume with: {_resume_command(args.out)}")
         return err.exit_code
     except (*USER_ERRORS, MissingExtraError) as err:
         # A user error: one clear line, no traceback.
@@ -287,9 +423,30 @@ def main(argv=None) -> int:
         return EXIT_DIVERGED
     except KeyboardInterrupt:
         if _is_rank0():
-            kept = f"; the checkpoints already in {args.out} are kept" if args.command == "train" else ""
-            report(f"{name}: interrupted at once, nothing more saved{kept}")
+            after = _after_train_interrupt(args.out) if args.command == "train" else ""
+            report(f"{name}: interrupted at once, nothing more saved{after}")
         return 130
+
+
+def _after_train_interrupt(out: str) -> str:
+    """What a run stopped at once (a second Ctrl-C) left, and how to go on from it."""
+    from .train.checkpoint import LAST, PREVIOUS
+    from .train.rundir import holds_run
+
+    resume = _resume_command(out)
+    if any((Path(out) / name).is_file() for name in (LAST, PREVIOUS)):
+        return f"; the checkpoints in {out} are kept; resume with: {resume}"
+    if holds_run(out):
+        return f"; no checkpoint was written yet: {resume} starts the run again from its first step"
+    return ""
+
+
+def _resume_command(out: str) -> str:
+    """How to go on: one process resumes with part-fast; a torchrun job with its own launch line, else it would
+    come back as a single process."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return f"the same torchrun command with --resume (or --auto-resume), e.g. torchrun ... -m part_fast train --out {out} --resume"
+    return f"part-fast train --out {out} --resume"
 
 
 def _is_rank0() -> bool:

@@ -9,25 +9,39 @@ from .errors import ConfigError
 AUTO = "auto"
 
 
-def resolve_device(name: str | torch.device) -> torch.device:
-    """'auto' -> cuda when available, else cpu; 'cpu', 'cuda', 'cuda:N' and 'meta' as torch reads them,
-    checked: a CUDA device on a machine without one is a ConfigError naming it."""
+DEVICE_FORMS = "'auto', 'cpu', 'cuda' or 'cuda:N'"
+
+
+def parse_device(name: str | torch.device) -> torch.device | None:
+    """The device a setting names, checked for its form only (None for 'auto', which is resolved where the
+    work starts): 'cpu', 'cuda', 'cuda:N'. Any other name or device type is a ConfigError naming the forms."""
     if isinstance(name, torch.device):
         device = name
-    elif not isinstance(name, str):
-        raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}")
     elif name == AUTO:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return None
+    elif not isinstance(name, str):
+        raise ConfigError(f"device must be {DEVICE_FORMS}, got {name!r}")
     else:
         try:
             device = torch.device(name)
         except RuntimeError:
-            raise ConfigError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {name!r}") from None
+            raise ConfigError(f"device must be {DEVICE_FORMS}, got {name!r}") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ConfigError(f"device must be {DEVICE_FORMS}, got {str(name)!r} (part_fast runs on CPUs and CUDA GPUs)")
+    return device
+
+
+def resolve_device(name: str | torch.device) -> torch.device:
+    """'auto' -> cuda when available, else cpu; 'cpu', 'cuda', 'cuda:N' checked against this machine: a CUDA
+    device on a machine without one is a ConfigError naming it."""
+    device = parse_device(name)
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ConfigError(f"device {name!r} requested but CUDA is not available here; use --device cpu or auto")
+            raise ConfigError(f"device {str(name)!r} requested but CUDA is not available here; use --device cpu or auto")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ConfigError(f"device {name!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
+            raise ConfigError(f"device {str(name)!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return device
 
 

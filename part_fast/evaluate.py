@@ -19,6 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .attacks import MMA, PGD
+from .devices import resolve_device
 from .errors import ConfigError
 from .modes import eval_mode
 
@@ -124,11 +125,11 @@ def evaluate(model: nn.Module, loader, attacks=("natural", "pgd20", "mma", "aa")
     """Accuracy (%) of `model` on `loader` under each attack, plus per-attack seconds in result["seconds"].
 
     Every attack sees the same examples; inputs are in [0, 1]. The model is evaluated in eval mode and its
-    mode restored."""
+    mode restored. device: 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device (None: the model's)."""
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise ConfigError(f"unknown attacks {unknown}; choose from {ATTACKS}")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    device = resolve_device(device) if device is not None else next(model.parameters()).device
     runners = {name: make_attack(name, model, eps, alpha, device, seed) for name in attacks}
     correct = dict.fromkeys(attacks, 0)
     seconds = dict.fromkeys(attacks, 0.0)

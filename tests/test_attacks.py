@@ -485,3 +485,21 @@ def test_pgd_runs_inside_no_grad_and_refuses_inference_mode():
     assert torch.equal(got, expected) and not torch.equal(got, x)
     with torch.inference_mode(), pytest.raises(RuntimeError, match="inference_mode"):
         atk(x, y)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(eps=8), "eps must be in [0, 1], got eps=2040/255 (8.0000); inputs are in [0, 1], so a budget above 1 is "
+                  "never meant: did you mean 8/255 (0.0314)?"),
+    (dict(alpha=2), "alpha must be in [0, 1], got alpha=510/255 (2.0000)"),
+    (dict(eps=-1 / 255), "eps must be in [0, 1], got eps=-1/255 (-0.0039)"),
+])
+def test_budgets_of_an_attack_on_unit_inputs_are_checked(kwargs, message):
+    """PGD / MMA on inputs in [0, 1] (the default box) refuse a budget above 1 with the k/255 hint."""
+    from part_fast.errors import ConfigError
+
+    model = torch.nn.Linear(3, 2)
+    for attack in (PGD, MMA):
+        with pytest.raises(ConfigError) as info:
+            attack(model, **kwargs)
+        assert str(info.value).startswith(message), str(info.value)
+    assert PGD(model, eps=3.0, lo=-5.0, hi=5.0).eps == 3.0  # another box: its own scale

@@ -1,6 +1,7 @@
 """PixelBudget: the per-pixel eps map of the exact batch being attacked."""
 import copy
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -8,6 +9,7 @@ from torch import nn
 from part_fast import ops
 from part_fast.budget import MASKS, PixelBudget
 from part_fast.cam import CAM_METHODS, compute_cam
+from part_fast.errors import ConfigError
 
 EPS, EPS_LOW = 8 / 255, 7 / 255
 
@@ -187,6 +189,54 @@ def test_model_left_as_it_was(bnnet):
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         PixelBudget(**kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(eps=4 / 255, eps_low=8 / 255),
+         "need 0 <= eps_low <= eps <= 1, got eps_low=8/255 (0.0314) > eps=4/255 (0.0157)"),
+        (dict(eps_low=-1 / 255), "eps_low must be in [0, 1], got eps_low=-1/255 (-0.0039)"),
+        (dict(eps=8, eps_low=7),
+         "eps must be in [0, 1], got eps=2040/255 (8.0000); inputs are in [0, 1], so a budget above 1 "
+         "is never meant: did you mean 8/255 (0.0314)?"),
+        (dict(eps=8 / 255, eps_low=7),
+         "eps_low must be in [0, 1], got eps_low=1785/255 (7.0000); inputs are in [0, 1], "
+         "so a budget above 1 is never meant: did you mean 7/255 (0.0275)?"),
+        (dict(eps="8/255"), "eps must be a number such as 8/255, got str '8/255'"),
+        (dict(eps_low=True), "eps_low must be a number such as 8/255, got bool True"),
+        (dict(eps=float("nan")), "eps must be a finite number such as 8/255, got eps=nan"),
+        (dict(eps=float("inf")), "eps must be a finite number such as 8/255, got eps=inf"),
+        (dict(layer=4), "layer must be None, a module name or an nn.Module, got int 4"),
+    ],
+)
+def test_bad_budget_messages(kwargs, message):
+    with pytest.raises(ConfigError) as info:
+        PixelBudget(**kwargs)
+    assert str(info.value) == message
+
+
+def test_budget_edges_are_accepted():
+    # The bounds themselves, ints and numpy scalars are budgets; the map holds them as floats.
+    assert (PixelBudget(1, 0).eps, PixelBudget(1, 0).eps_low) == (1.0, 0.0)
+    budget = PixelBudget(np.float32(0.5), np.float64(0.25))
+    assert (budget.eps, budget.eps_low) == (0.5, 0.25) and type(budget.eps) is float
+
+
+def test_model_without_a_known_layer_lists_its_layers():
+    # Bring your own model: no layer4 / block3 / features. The error lists real layers; one of them works.
+    torch.manual_seed(4)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=4, padding=1),
+                          nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 5)).eval()
+    x = images(3, seed=8)
+    with pytest.raises(ConfigError) as info:
+        PixelBudget(EPS, EPS_LOW)(model, x)
+    assert str(info.value) == ("could not find the CAM layer of Sequential: pass layer= (a module or its name); "
+                               "modules with a 4-D output, deepest first: 3 (16x8x8), 1 (8x32x32)")
+    eps_map = PixelBudget(EPS, EPS_LOW, layer="3")(model, x)
+    assert eps_map.shape == (3, 3, 32, 32)
+    assert assert_two_valued(eps_map) == {torch.tensor(EPS).item(), torch.tensor(EPS_LOW).item()}
+    assert all(not m._forward_hooks for m in model.modules())
 
 
 def test_bad_call_arguments(bnnet):

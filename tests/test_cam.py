@@ -15,7 +15,8 @@ import torch
 import torchvision
 from torch import nn
 
-from part_fast.cam import CAM_METHODS, cam_from_gradients, compute_cam, find_layer
+from part_fast.cam import CAM_METHODS, cam_from_gradients, compute_cam, feature_map_layers, find_layer
+from part_fast.errors import ConfigError
 from part_fast.models import preact_resnet18, resnet18, with_normalization, wrn34_10
 
 RTOL = 1e-5
@@ -590,11 +591,124 @@ def test_unknown_layer_name_lists_candidates(r18):
 def test_no_known_layer_lists_candidates():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Sequential(nn.Conv2d(4, 4, 3), nn.ReLU()),
                           nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-    with pytest.raises(ValueError, match="layer=") as info:
+    with pytest.raises(ConfigError) as info:
         compute_cam(model, torch.rand(1, 3, 8, 8))
-    assert "1" in str(info.value).split("candidates:")[-1]
+    # The block "1" and its layers share one shape (one entry); the 1x1 global pool is left out.
+    assert str(info.value) == ("could not find the CAM layer of Sequential: pass layer= (a module or its name); "
+                               "modules with a 4-D output, deepest first: 1 (4x4x4), 0 (4x6x6)")
     # Naming it works.
     assert compute_cam(model, torch.rand(1, 3, 8, 8), layer="1").shape == (1, 4, 4)
+
+
+class BringYourOwnNet(nn.Module):
+    """A model find_layer does not know: no layer4 / block3 / features."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU())
+        self.body = nn.Sequential(nn.Sequential(nn.Conv2d(16, 32, 3, stride=2, padding=1), nn.ReLU()),
+                                  nn.Sequential(nn.Conv2d(32, 64, 3, stride=2, padding=1), nn.ReLU(inplace=True)))
+        self.fc = nn.Linear(64, 3)
+
+    def forward(self, x):
+        return self.fc(self.body(self.stem(x)).mean((2, 3)))
+
+
+BYO_LAYERS = "body (64x8x8), body.0 (32x16x16), stem (16x32x32)"
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_unknown_architecture_lists_its_feature_map_layers(train):
+    torch.manual_seed(9)
+    model = calibrated(BringYourOwnNet(), (4, 3, 32, 32)).train(train)
+    state = bn_state(model)
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ConfigError) as info:
+        compute_cam(model, x)
+    assert str(info.value) == ("could not find the CAM layer of BringYourOwnNet: pass layer= (a module or its name); "
+                               f"modules with a 4-D output, deepest first: {BYO_LAYERS}")
+    # The listing's forward left nothing behind: no hooks, no grads, modes and BatchNorm statistics kept.
+    assert no_hooks(model) and no_param_grads(model)
+    assert all(m.training == train for m in model.modules())
+    assert all(torch.equal(v, bn_state(model)[k]) for k, v in state.items())
+    assert feature_map_layers(model, x) == [("body", (64, 8, 8)), ("body.0", (32, 16, 16)), ("stem", (16, 32, 32))]
+    # Each layer listed works as layer=, by name and as a module.
+    for name, shape in feature_map_layers(model, x):
+        cam = compute_cam(model, x, "layercam", layer=name)
+        assert cam.shape == (2, *shape[1:])
+        assert torch.equal(cam, compute_cam(model, x, "layercam", layer=dict(model.named_modules())[name]))
+
+
+def test_unknown_architecture_behind_a_wrapper_lists_its_own_names():
+    model = nn.DataParallel(BringYourOwnNet())
+    with pytest.raises(ConfigError, match="BringYourOwnNet") as info:
+        compute_cam(model, torch.rand(2, 3, 32, 32))
+    assert str(info.value).endswith(f"deepest first: {BYO_LAYERS}")
+    assert no_hooks(model)
+
+
+def test_layer_list_is_capped():
+    convs = [nn.Conv2d(3 + i, 4 + i, 1) for i in range(12)]  # 12 feature maps of different shapes
+    model = nn.Sequential(*convs, nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(15, 2))
+    with pytest.raises(ConfigError) as info:
+        compute_cam(model, torch.rand(1, 3, 4, 4))
+    assert str(info.value).endswith("deepest first: 11 (15x4x4), 10 (14x4x4), 9 (13x4x4), 8 (12x4x4), 7 (11x4x4), "
+                                    "6 (10x4x4), 5 (9x4x4), 4 (8x4x4), and 4 more")
+
+
+def test_layer_that_runs_twice_is_not_listed():
+    class Shared(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3, padding=1)
+            self.shared = nn.Conv2d(4, 4, 3, padding=1)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.shared(self.shared(self.stem(x))).mean((2, 3)))
+
+    with pytest.raises(ConfigError) as info:
+        compute_cam(Shared(), torch.rand(1, 3, 8, 8))
+    assert str(info.value).endswith("deepest first: stem (4x8x8)")
+
+
+def test_no_feature_map_at_all():
+    class MLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.fc2 = nn.Linear(3 * 8 * 8, 16), nn.Linear(16, 2)
+
+        def forward(self, x):
+            return self.fc2(torch.relu(self.fc1(x.flatten(1))))
+
+    with pytest.raises(ConfigError) as info:
+        compute_cam(MLP(), torch.rand(2, 3, 8, 8))
+    assert str(info.value) == ("could not find the CAM layer of MLP: no module outputs a 4-D feature map: "
+                               "a CAM needs one")
+    with pytest.raises(ConfigError) as info:
+        find_layer(MLP())
+    assert str(info.value) == ("could not find the CAM layer of MLP: it has no convolution and no block: a CAM needs "
+                               "a module with a 4-D (B, K, h, w) output")
+
+
+def test_find_layer_without_an_input_lists_convolutions_and_blocks():
+    with pytest.raises(ConfigError) as info:
+        find_layer(BringYourOwnNet())
+    assert str(info.value) == (
+        "could not find the CAM layer of BringYourOwnNet: pass layer= (a module or its name); its convolutions and "
+        "blocks, last first: body, body.1, body.1.0, body.0, body.0.0, stem, stem.0")
+
+
+def test_listing_falls_back_when_the_model_fails_on_the_input():
+    class Picky(BringYourOwnNet):
+        def forward(self, x):
+            if x.shape[0] < 2:
+                raise RuntimeError("needs two examples")
+            return super().forward(x)
+
+    # The listing's forward (one example) fails: the error still lists layers, from the module tree.
+    with pytest.raises(ConfigError, match="could not find the CAM layer of Picky: pass layer=.*last first: body, "):
+        compute_cam(Picky(), torch.rand(2, 3, 32, 32))
 
 
 def test_bad_arguments(tiny):
@@ -620,6 +734,40 @@ def test_bad_arguments(tiny):
     with pytest.raises(ValueError, match=r"\(B, K, h, w\)"):
         compute_cam(tiny, x, layer="head.4")  # the Linear: a 2-D output
     assert no_hooks(tiny) and no_param_grads(tiny)
+
+
+@pytest.mark.parametrize("by", ["name", "module"])
+def test_layer_without_a_feature_map_output_is_named(by):
+    torch.manual_seed(10)
+    model = BringYourOwnNet().train()
+    x = torch.rand(2, 3, 32, 32)
+    with pytest.raises(ConfigError) as info:
+        compute_cam(model, x, layer="fc" if by == "name" else model.fc)
+    assert str(info.value) == (
+        "the CAM layer 'fc' (Linear) outputs a 2-D tensor (2, 3), not a (B, K, h, w) feature map; "
+        f"pass layer= (a module or its name); modules with a 4-D output, deepest first: {BYO_LAYERS}")
+    assert no_hooks(model) and no_param_grads(model) and all(m.training for m in model.modules())
+    assert torch.is_grad_enabled()
+
+
+def test_layer_with_a_tuple_output_is_named():
+    class Pair(nn.Module):
+        def forward(self, x):
+            return x, x
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv, self.pair, self.fc = nn.Conv2d(3, 4, 1), Pair(), nn.Linear(4, 2)
+
+        def forward(self, x):
+            return self.fc(self.pair(self.conv(x))[0].mean((2, 3)))
+
+    with pytest.raises(ConfigError) as info:
+        compute_cam(Net(), torch.rand(1, 3, 4, 4), layer="pair")
+    assert str(info.value) == ("the CAM layer 'pair' (Pair) outputs a tuple, not a (B, K, h, w) "
+                               "feature map; pass layer= (a module or its name); modules with a 4-D output, "
+                               "deepest first: conv (4x4x4)")
 
 
 def test_compute_cam_refuses_inference_mode_clearly():

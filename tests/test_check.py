@@ -2,6 +2,9 @@
 or a wrong training step fails it; the report names what failed. (On a GPU machine the same command is the
 proof of the GPU path: bench/README.md gives the command.)"""
 import json
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -22,6 +25,10 @@ def _no_triton_interpreter(monkeypatch):
     assert "triton" not in ops.available_backends("cpu")
 
 
+def by_name_status(saved: dict, status: str = SKIP) -> dict:
+    return {o["name"]: o["status"] for o in saved["outcomes"] if o["status"] == status}
+
+
 @pytest.fixture
 def ctx():
     return Context(torch.device("cpu"), quick=True, log=lambda line: None)  # quick: 3 shapes, 2 of them odd
@@ -30,7 +37,7 @@ def ctx():
 def test_correctness_section_passes_on_the_cpu(ctx):
     report = run_check("cpu", quick=True, sections=("environment", "correctness"), log=lambda line: None)
     statuses = {o.name: o.status for o in report.outcomes}
-    assert statuses == {"versions": INFO, "GPU": INFO, "backends loaded": PASS,
+    assert statuses == {"versions": INFO, "GPU": INFO, "backends loaded": PASS, "fast backends to check": PASS,
                         "cpu: pgd_step_ / project_ vs reference": PASS, "cpu: cam_eps_map vs reference": PASS,
                         "cpu: torch.library.opcheck": PASS, "cpu: torch.compile(fullgraph=True)": PASS}, statuses
     attack = next(o for o in report.outcomes if o.name == "cpu: pgd_step_ / project_ vs reference")
@@ -102,15 +109,23 @@ def test_report_file_names():
     assert SKIP == "skip"
 
 
+@pytest.mark.slow
 def test_whole_check_on_the_cpu_writes_its_report(tmp_path):
-    """Every section that applies on the CPU, as `part-fast check --device cpu --quick` runs it."""
-    report = run_check("cpu", quick=True, out=tmp_path, log=lambda line: None)
-    assert report.passed, [(o.name, o.figure) for o in report.failed]
-    files = sorted(p.name for p in tmp_path.iterdir())
-    stem = report_stem(report.machine) + "-quick"
-    assert files == [f"{stem}.json", f"{stem}.md"]
+    """Every section that applies on the CPU, as a user runs it: `python -m part_fast.check --device cpu
+    --quick --out DIR` (= `part-fast check ...`), exit 0, its two files."""
+    env = {k: v for k, v in os.environ.items() if k not in ("TRITON_INTERPRET", "PART_FAST_BACKEND")}
+    proc = subprocess.run([sys.executable, "-m", "part_fast.check", "--device", "cpu", "--quick", "--out", str(tmp_path)],
+                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stdout.splitlines()[0] == f"part-fast check: device cpu ({torch.get_num_threads()} threads) (quick)"
+    assert proc.stdout.splitlines()[-1].startswith("part-fast check: passed in ")
+    stems = {p.name.rsplit(".", 1)[0] for p in tmp_path.iterdir()}
+    assert len(stems) == 1 and sorted(p.suffix for p in tmp_path.iterdir()) == [".json", ".md"]
+    stem = stems.pop()
+    assert stem.startswith("check-") and stem.endswith("-quick")
     saved = json.loads((tmp_path / f"{stem}.json").read_text())
-    assert saved["passed"] is True and saved["device"] == "cpu" and saved["quick"] is True
+    assert saved["passed"] is True and saved["device"] == "cpu" and saved["quick"] is True and saved["failed"] == []
+    assert by_name_status(saved) == {"CAM on the device vs the CPU": SKIP, "release chain, torch.compile": SKIP}
     by_name = {o["name"]: o for o in saved["outcomes"]}
     assert by_name["CAM on the device vs the CPU"]["status"] == SKIP
     assert by_name["PART training step (AMP bf16, channels_last)"]["status"] == PASS
@@ -120,3 +135,33 @@ def test_whole_check_on_the_cpu_writes_its_report(tmp_path):
     assert launches["update_fused"] == 1 and launches["update_release"] > 5
     markdown = (tmp_path / f"{stem}.md").read_text()
     assert markdown.startswith("# part_fast check: PASSED") and "## 4. timings" in markdown
+
+
+def test_a_failed_check_exits_1(monkeypatch, capsys):
+    from part_fast import cli
+    from part_fast.check import runner
+
+    def failing(device, *, quick, out=None):
+        report = CheckReport(runner.machine_info(torch.device("cpu")), "cpu", quick)
+        Recorder(report, log=lambda line: None).check("correctness", "cpu: cam_eps_map vs reference",
+                                                      lambda: (False, "3 cases differ", {}))
+        return report
+
+    monkeypatch.setattr("part_fast.check.run_check", failing)
+    assert cli.main(["check", "--device", "cpu", "--quick"]) == 1
+    assert capsys.readouterr().out.splitlines()[-1].startswith(
+        "part-fast check: FAILED (correctness: cpu: cam_eps_map vs reference) in ")
+
+
+def test_no_fast_backend_fails_without_ending_the_run(monkeypatch):
+    monkeypatch.setattr(correctness, "device_backends", lambda ctx: [])
+    report = run_check("cpu", quick=True, sections=("correctness",), log=lambda line: None)
+    assert [(o.name, o.status, o.figure) for o in report.outcomes] == [
+        ("fast backends to check", FAIL, "no fast backend usable on cpu: only the reference")]
+
+
+def test_out_folder_that_cannot_be_made_fails_before_the_work(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(OSError):
+        run_check("cpu", quick=True, out=blocker / "sub", sections=("environment",), log=lambda line: None)

@@ -38,3 +38,20 @@ def test_bad_device_names_the_forms(bad):
 
 def test_describe_cpu():
     assert describe_device(torch.device("cpu")) == f"cpu ({torch.get_num_threads()} threads)"
+
+
+@pytest.mark.parametrize("other", ["mps", "xpu", "meta"])
+def test_only_cpu_and_cuda_are_accepted(other):
+    with pytest.raises(ConfigError, match=rf"got '{other}' \(part_fast runs on CPUs and CUDA GPUs\)"):
+        resolve_device(other)
+
+
+def test_budget_checks_are_one_rule():
+    from part_fast.eps_text import check_budget, check_budgets
+
+    check_budgets(8 / 255, 7 / 255)
+    check_budget("eps", 1)
+    with pytest.raises(ConfigError, match=r"^need 0 <= eps_low <= eps <= 1, got eps_low=8/255 \(0.0314\) > eps=4/255"):
+        check_budgets(4 / 255, 8 / 255)
+    with pytest.raises(ConfigError, match=r"^--eps must be in \[0, 1\], got --eps=2040/255 \(8.0000\); .*8/255"):
+        check_budget("--eps", 8)

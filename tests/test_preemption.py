@@ -193,7 +193,8 @@ def test_auto_resume_starts_fresh_then_continues(tmp_path, one_thread):
     assert len(first) == 1
     lines = []
     again = train(tiny(out, epochs=2), resume="auto", log=lines.append)  # a run there: continue it
-    assert lines[0] == f"resumed {out} at step 3, after epoch 1"
+    assert lines[0].startswith("part-fast train: device cpu")  # said first, before the set-up
+    assert lines[1] == f"resumed {out} at step 3, after epoch 1"
     assert without_timings(again) == without_timings(straight)
     assert_same_weights(weights(tmp_path / "straight"), weights(out))
     # Re-running a finished run (a scheduler's requeue after completion) does nothing, and says so.

@@ -49,8 +49,14 @@ def test_release_defaults_per_dataset(tmp_path):
     ({"amp": "bf16", "method": "part-trades", "device": "cuda", "sync_bn": False}, None),
     ({"amp": "fp16", "method": "trades", "device": "cuda"}, "stall the trades attack"),
     ({"amp": "fp8"}, "amp must be one of"),
-    ({"amp": "fp16"}, "fp16 needs a GPU"),
-    ({"sync_bn": True}, "sync_bn needs CUDA"),
+    ({"amp": "fp16", "device": "cpu"}, "fp16 needs a GPU"),
+    ({"sync_bn": True, "device": "cpu"}, "sync_bn needs CUDA"),
+    ({"device": "gpu"}, "device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got 'gpu'"),
+    ({"eps": 8}, r"eps must be in \[0, 1\], got eps=2040/255 \(8\.0000\); inputs are in \[0, 1\], so a budget "
+                 r"above 1 is never meant: did you mean 8/255 \(0\.0314\)\?"),
+    ({"eps_low": 8 / 255, "eps": 4 / 255}, r"eps_low=8/255 \(0\.0314\) > eps=4/255 \(0\.0157\)"),
+    ({"step_size": 2.0}, r"step_size must be in \[0, 1\], got step_size=510/255 \(2\.0000\).*did you mean 2/255"),
+    ({"eps_low": -1 / 255}, r"eps_low must be in \[0, 1\], got eps_low=-1/255 \(-0\.0039\)$"),
     ({"mask": "heat"}, "mask must be one of"),
     ({"cam": "scorecam"}, "cam must be one of"),
     ({"batch_size": 1}, "batch_size"),
@@ -61,6 +67,32 @@ def test_bad_config_is_a_clear_error(tmp_path, change, match):
         return
     with pytest.raises(ValueError, match=match):
         tiny(tmp_path / "run", **change).resolved()
+
+
+@pytest.mark.parametrize("epochs, warmup", [(80, 20), (100, 25), (10, 2), (4, 1), (3, 0), (1, 0)])
+def test_an_unset_warmup_is_a_quarter_of_the_epochs(tmp_path, epochs, warmup):
+    assert tiny(tmp_path / "run", epochs=epochs, warmup=None).resolved().warmup == warmup
+    assert TrainConfig(out="r", epochs=epochs).resolved().warmup == warmup  # None is the default
+
+
+def test_the_resolved_warmup_is_saved_and_kept_by_a_longer_resume(tmp_path):
+    """config.json holds the number the run trained with: --resume --epochs 8 on a 4-epoch run keeps its
+    1 warm-up epoch (a quarter of 8 would be 2, a change of what was trained)."""
+    out = tmp_path / "run"
+    train(tiny(out, epochs=4, warmup=None, train_subset=64), log=quiet)
+    assert json.loads((out / "config.json").read_text())["warmup"] == 1
+    saved = json.loads((out / "config.json").read_text())
+    history = train(TrainConfig.from_json({**saved, "epochs": 5}), resume=True, log=quiet)
+    assert [r["phase"] for r in history] == ["warmup", "part", "part", "part", "part"]
+    assert json.loads((out / "config.json").read_text())["warmup"] == 1
+
+
+def test_a_name_is_checked_before_the_numbers(tmp_path):
+    # The warm-up is longer than the run and the architecture misspelt: the misspelling is what is reported.
+    with pytest.raises(ValueError, match=r"^unknown architecture 'resnet-nope'; bundled: cnn-small, preact-resnet18, "
+                                         r"resnet-small, resnet18, wrn34-10; any torchvision classification model"):
+        tiny(tmp_path / "run", arch="resnet-nope", epochs=1, warmup=20).resolved()
+    assert tiny(tmp_path / "run", arch="resnet50").resolved().arch == "resnet50"  # torchvision's, not built
 
 
 def test_base_methods_ignore_warmup_beyond_epochs(tmp_path):
@@ -79,6 +111,89 @@ def test_global_batch_must_split_evenly_across_processes(tmp_path):
 def test_unknown_arch_fails_before_the_run_dir_exists(tmp_path):
     with pytest.raises(ValueError, match="unknown architecture"):
         train(tiny(tmp_path / "run", arch="resnet-nope"), log=quiet)
+    assert not (tmp_path / "run").exists()
+
+
+def test_auto_device_is_resolved_where_the_run_starts_and_kept_auto_in_config_json(tmp_path):
+    from part_fast.devices import describe_device, resolve_device
+
+    out = tmp_path / "run"
+    lines = []
+    train(tiny(out, epochs=1, train_subset=64), log=lines.append)
+    assert json.loads((out / "config.json").read_text())["device"] == "auto"
+    assert lines[0] == f"part-fast train: device {describe_device(resolve_device('auto'))}"
+    assert lines[0].startswith("part-fast train: device cuda:" if torch.cuda.is_available() else
+                               "part-fast train: device cpu (")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU resolution of 'auto'; this machine has CUDA")
+def test_device_dependent_settings_are_checked_against_the_resolved_device(tmp_path):
+    with pytest.raises(ValueError, match="amp fp16 needs a GPU"):
+        train(tiny(tmp_path / "fp16", amp="fp16"), log=quiet)
+    with pytest.raises(ValueError, match="sync_bn needs CUDA"):
+        train(tiny(tmp_path / "sync", sync_bn=True), log=quiet)
+    with pytest.raises(ValueError, match="device 'cuda' requested but CUDA is not available here"):
+        train(tiny(tmp_path / "cuda", device="cuda"), log=quiet)
+    assert not any(tmp_path.iterdir()), "a refused run leaves no directory behind"
+
+
+def test_a_dropped_partial_batch_is_said_once(tmp_path):
+    lines = []
+    history = train(tiny(tmp_path / "odd", epochs=2, train_subset=100), log=lines.append)
+    dropped = [line for line in lines if "left out" in line]
+    assert dropped == ["part-fast train: 4 of the 100 training examples are left out of each epoch: only whole "
+                       "batches of 32 are trained (the last partial batch is dropped), and which examples are left "
+                       "out changes with each epoch's shuffle"]
+    assert [r["train_examples"] for r in history] == [96, 96]
+    lines.clear()
+    train(tiny(tmp_path / "even", epochs=1, train_subset=64), log=lines.append)
+    assert not [line for line in lines if "left out" in line]
+
+
+# ------------------------------------------------------------------------------------------ TensorBoard
+def _tensorboard_scalars(run_dir) -> dict:
+    """{tag: [(step, value), ...]} as TensorBoard reads RUN_DIR/tensorboard (restart purges applied)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    acc = EventAccumulator(str(run_dir / "tensorboard"), size_guidance={"scalars": 0})
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+def _expected_scalars(run_dir) -> dict:
+    """The numeric fields of metrics.jsonl per epoch, as TensorBoard should hold them."""
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    expected: dict = {}
+    for r in records:
+        for k, v in r.items():
+            if k != "epoch" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                expected.setdefault(k, []).append((r["epoch"], v))
+    return expected
+
+
+def test_tensorboard_holds_the_metrics_also_after_a_resume(tmp_path, one_thread):
+    pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'part_fast[tensorboard]')")
+    out = tmp_path / "run"
+    settings = dict(method="part-trades", train_subset=64, eval_examples=16, time_stages=True, tensorboard=True)
+    train(tiny(out, epochs=1, **settings), log=quiet)
+    # A resume writes a second event file; TensorBoard shows each epoch once, as metrics.jsonl has it.
+    train(tiny(out, epochs=2, **settings), resume=True, log=quiet)
+    assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2
+    expected, got = _expected_scalars(out), _tensorboard_scalars(out)
+    assert {"train_loss", "test_pgd20_acc", "train_nat_acc", "attack_seconds", "lr"} <= set(expected)
+    assert sorted(got) == sorted(expected)
+    for tag, points in expected.items():
+        assert [s for s, _ in got[tag]] == [1, 2], tag
+        assert [v for _, v in got[tag]] == pytest.approx([v for _, v in points], rel=1e-6), tag  # float32 in TB
+
+
+def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # what `import` sees when it is missing
+    with pytest.raises(ValueError, match=r'^tensorboard needs the tensorboard package, which is not installed: '
+                                         r'pip install "part_fast\[tensorboard\]"$'):
+        train(tiny(tmp_path / "run", tensorboard=True), log=quiet)
     assert not (tmp_path / "run").exists()
 
 

@@ -55,7 +55,7 @@ class Context:
 @dataclass
 class CheckReport:
     machine: dict
-    device: str
+    device: str  # the device checked, e.g. "cuda" or "cuda:1" ("auto" resolved)
     quick: bool
     outcomes: list[Outcome] = field(default_factory=list)
     seconds: float = 0.0
@@ -143,8 +143,10 @@ def run_check(device: str | torch.device = "auto", *, quick: bool = False, out: 
     from . import correctness, environment, timing, training
 
     device = resolve_device(device)
+    if out is not None:  # before minutes of work, not after: a folder that cannot be made fails now
+        Path(out).mkdir(parents=True, exist_ok=True)
     ctx = Context(device, quick, log)
-    report = CheckReport(machine_info(device), device.type, quick)
+    report = CheckReport(machine_info(device), str(device), quick)
     recorder = Recorder(report, log)
     started = time.perf_counter()
     modules = {"environment": environment, "correctness": correctness, "models": training, "timings": timing}
@@ -155,7 +157,6 @@ def run_check(device: str | torch.device = "auto", *, quick: bool = False, out: 
     report.seconds = time.perf_counter() - started
     if out is not None:
         folder = Path(out)
-        folder.mkdir(parents=True, exist_ok=True)
         stem = report_stem(report.machine) + ("-quick" if quick else "")
         atomic_write_text(folder / f"{stem}.json", json.dumps(report.to_json(), indent=2, default=str) + "\n")
         atomic_write_text(folder / f"{stem}.md", report.markdown())

@@ -25,13 +25,25 @@ MASK_FLIP_LIMIT = 1e-3
 
 @contextlib.contextmanager
 def exact_float32():
-    """No TF32 in convolutions or matmuls inside the block (the CAM comparison needs float32 products)."""
-    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
-    torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = False
+    """No TF32 in convolutions or matmuls inside the block (the CAM comparison needs float32 products).
+    torch.set_float32_matmul_precision("highest") covers matmuls in every torch; cuDNN's convolutions have
+    their own switch (allow_tf32, which newer torch also exposes as conv.fp32_precision)."""
+    matmul = torch.get_float32_matmul_precision()
+    conv = getattr(getattr(torch.backends.cudnn, "conv", None), "fp32_precision", None)
+    torch.set_float32_matmul_precision("highest")
+    if conv is not None:
+        torch.backends.cudnn.conv.fp32_precision = "ieee"
+    else:
+        allow = torch.backends.cudnn.allow_tf32
+        torch.backends.cudnn.allow_tf32 = False
     try:
         yield
     finally:
-        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+        torch.set_float32_matmul_precision(matmul)
+        if conv is not None:
+            torch.backends.cudnn.conv.fp32_precision = conv
+        else:
+            torch.backends.cudnn.allow_tf32 = allow
 
 
 def _seeded_model(arch: str = "resnet18"):

@@ -35,19 +35,29 @@ def with_normalization(model: nn.Module, mean, std) -> nn.Sequential:
     return nn.Sequential(Normalize(mean, std), model)
 
 
+def check_arch(name) -> None:
+    """`name` is an architecture get_model builds (checked without building it); else a ConfigError listing
+    the bundled names."""
+    if isinstance(name, str) and name in BUNDLED:
+        return
+    if isinstance(name, str):
+        import torchvision
+
+        if name in torchvision.models.list_models(module=torchvision.models):
+            return
+    raise ConfigError(f"unknown architecture {name!r}; bundled: {', '.join(sorted(BUNDLED))}; any torchvision "
+                      "classification model name works too (e.g. resnet50)")
+
+
 def get_model(name: str, num_classes: int = 10) -> nn.Module:
     """A bundled architecture, or a torchvision classification model (untrained) by its builder name."""
+    check_arch(name)
     if name in BUNDLED:
         return BUNDLED[name](num_classes=num_classes)
     import torchvision
 
-    if name in torchvision.models.list_models(module=torchvision.models):
-        return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
-    raise ConfigError(
-        f"unknown architecture {name!r}; bundled: {sorted(BUNDLED)}, or a torchvision classification model "
-        "name such as 'resnet50'"
-    )
+    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 
-__all__ = ["BUNDLED", "CAM_LAYERS", "Normalize", "cnn_small", "get_model", "preact_resnet18", "resnet18", "resnet_small",
+__all__ = ["BUNDLED", "CAM_LAYERS", "Normalize", "check_arch", "cnn_small", "get_model", "preact_resnet18", "resnet18", "resnet_small",
            "with_normalization", "wrn34_10"]

@@ -5,7 +5,7 @@
     step.py          one optimiser step: augment -> budget -> attack -> outer loss -> update
     loop.py          train(): epochs, evaluation, metrics, checkpoints, resume, preemption
     checkpoint.py    checked, atomic checkpoints (last.pt + previous.pt)
-    rundir.py        the run directory: new, resumed, auto-resumed
+    rundir.py        the run directory: new, resumed, auto-resumed; its metrics and TensorBoard logs
     distributed.py   torchrun / DDP: collectives and a clean process-group teardown
     preemption.py    SIGTERM / SIGINT: stop after the step, checkpoint, exit
     sampler.py       the data order, resumable mid-epoch

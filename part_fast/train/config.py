@@ -10,7 +10,10 @@ import torch
 from .. import data as data_mod
 from ..budget import MASKS
 from ..cam import CAM_METHODS
+from ..devices import AUTO, parse_device
+from ..eps_text import check_budget, check_budgets
 from ..errors import ConfigError
+from ..models import BUNDLED, check_arch
 from .methods import METHOD, METHODS, Method
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -28,7 +31,11 @@ _OTHER_DEFAULTS = DATASET_DEFAULTS["cifar10"]  # TinyImageNet, ImageFolder, shap
 # what it logs and how often it saves. None changes what is trained; a resume on the same device is
 # bit-exact, one on another device computes with that device's kernels and random streams.
 RESUMABLE_CHANGES = ("out", "epochs", "device", "workers", "progress", "eval_examples", "download", "data_dir",
-                     "log_steps", "time_stages", "save_every_steps", "save_every_minutes")
+                     "log_steps", "time_stages", "tensorboard", "save_every_steps", "save_every_minutes")
+
+# An unset warm-up is this share of the epochs, rounded down: the release's 20 of 80, and a short run
+# (--epochs 1 .. 3) gets none instead of failing on a warm-up longer than itself.
+WARMUP_SHARE = 4
 
 
 def setting(default, help: str, *, kind: str, choices=None, flag: str | None = None, shown: str | None = None):
@@ -45,12 +52,15 @@ class TrainConfig:
     dataset: str = setting("cifar10", "training data", kind="str", choices=data_mod.DATASETS)
     data_dir: str | None = setting(None, "dataset folder (not needed for shapes)", kind="str", shown="none")
     download: bool = setting(False, "download CIFAR-10 / SVHN into --data-dir if missing", kind="switch")
-    arch: str = setting("resnet18", "resnet18 | preact-resnet18 | wrn34-10 | cnn-small | resnet-small | a "
-                        "torchvision model name", kind="str")
+    arch: str = setting("resnet18", f"{' | '.join(BUNDLED)} | a torchvision classification model name "
+                        "(e.g. resnet50)", kind="str")
     method: str = setting("part", "training method", kind="str", choices=METHODS)
     epochs: int = setting(80, "epochs in all, warm-up included", kind="int")
-    warmup: int = setting(20, "epochs of the base method before PART (PART methods; for the others the origin "
-                          "of --milestones)", kind="int")
+    # None: a quarter of the epochs, fixed when the run starts (config.json holds the number, so a resume
+    # with more --epochs keeps the warm-up it trained with).
+    warmup: int | None = setting(None, "epochs of the base method before PART (PART methods; for the others the "
+                                 "origin of --milestones); at most --epochs", kind="int",
+                                 shown="a quarter of --epochs, rounded down: 20 of 80, 0 below 4")
     lr: float | None = setting(None, "learning rate", kind="float", shown="the dataset's released value: 0.01")
     momentum: float = setting(0.9, "SGD momentum", kind="float")
     weight_decay: float | None = setting(None, "weight decay", kind="float", shown="2e-4; SVHN 0.0035")
@@ -76,7 +86,9 @@ class TrainConfig:
     seed: int = setting(0, "seed of everything random: init, data order, augmentation, attack noise", kind="int")
     train_subset: int | None = setting(None, "train on the first N examples", kind="int", shown="all")
     test_subset: int | None = setting(None, "test on the first N examples", kind="int", shown="all")
-    device: str = setting("cpu", "cpu | cuda (under torchrun: one GPU per process)", kind="str")
+    # "auto" stays "auto" in config.json: a run resumed on another machine picks that machine's device.
+    device: str = setting(AUTO, "auto (cuda when there is a GPU, else cpu) | cpu | cuda | cuda:N (under torchrun: "
+                          "cuda is one GPU per process)", kind="str")
     workers: int = setting(0, "data-loader worker processes", kind="int")
     amp: str | None = setting(None, "autocast the model (the budget and x_adv stay float32)", kind="str",
                               choices=tuple(AMP_DTYPES), shown="off")
@@ -89,16 +101,22 @@ class TrainConfig:
                               "loss every step: one device synchronisation per step)", kind="switch")
     time_stages: bool = setting(False, "time the budget, attack and update stages of every step into the "
                                 "metrics (synchronises the device four times per step)", kind="switch")
+    tensorboard: bool = setting(False, "also write the per-epoch metrics as TensorBoard scalars into "
+                                "RUN_DIR/tensorboard/ (needs pip install \"part_fast[tensorboard]\")", kind="switch")
     progress: bool | None = setting(None, "progress bars", kind="tristate", shown="on a terminal only")
     save_every_steps: int = setting(0, "also checkpoint every N optimiser steps (0: off)", kind="int")
     save_every_minutes: float = setting(10.0, "also checkpoint when this many minutes passed since the last "
                                         "checkpoint (0: off); bounds what a SIGKILL loses", kind="float")
 
     def resolved(self) -> "TrainConfig":
-        """A copy with the dataset's released defaults filled in, validated."""
+        """A copy with the dataset's released defaults and the warm-up filled in, validated."""
         defaults = DATASET_DEFAULTS.get(self.dataset, _OTHER_DEFAULTS)
+        warmup = self.warmup
+        if warmup is None and isinstance(self.epochs, int):
+            warmup = self.epochs // WARMUP_SHARE
         cfg = dataclasses.replace(
             self,
+            warmup=warmup,
             lr=defaults["lr"] if self.lr is None else float(self.lr),
             weight_decay=defaults["weight_decay"] if self.weight_decay is None else float(self.weight_decay),
             step_size=defaults["step_size"] if self.step_size is None else float(self.step_size),
@@ -108,30 +126,36 @@ class TrainConfig:
         cfg.validate()
         return cfg
 
-    def validate(self) -> None:
-        def need(ok, msg):
-            if not ok:
-                raise ConfigError(msg)
-
+    def validate_names(self) -> None:
+        """The named settings (method, dataset, arch, cam, mask, start, amp, device), checked before any
+        number: a misspelt name is the error a user sees, not a range error it would have caused."""
         need(isinstance(self.out, str) and self.out != "", f"out must name the run directory, got {self.out!r}")
         need(self.method in METHOD, f"method must be one of {tuple(METHOD)}, got {self.method!r}")
         need(self.dataset in data_mod.DATASETS, f"dataset must be one of {data_mod.DATASETS}, got {self.dataset!r}")
+        check_arch(self.arch)
         need(self.cam in CAM_METHODS, f"cam must be one of {CAM_METHODS}, got {self.cam!r}")
         need(self.mask in MASKS, f"mask must be one of {MASKS}, got {self.mask!r}")
         need(self.start in AT_PART_STARTS, f"start must be one of {AT_PART_STARTS}, got {self.start!r}")
         need(self.amp in (None, *AMP_DTYPES), f"amp must be one of {tuple(AMP_DTYPES)} or None, got {self.amp!r}")
+        parse_device(self.device)
+
+    def validate(self) -> None:
+        self.validate_names()
         need(isinstance(self.epochs, int) and self.epochs >= 1, f"epochs must be an int >= 1, got {self.epochs!r}")
         need(isinstance(self.warmup, int) and self.warmup >= 0, f"warmup must be an int >= 0, got {self.warmup!r}")
         # Base methods keep `warmup` only as the origin of the LR milestones (so AT and PART share a schedule).
         need(not self.is_part or self.warmup <= self.epochs,
-             f"warmup ({self.warmup}) must not exceed epochs ({self.epochs}) for {self.method}")
+             f"warmup ({self.warmup}) must not exceed epochs ({self.epochs}) for {self.method}: the warm-up epochs "
+             f"are part of the epochs; lower warmup, or leave it unset for a quarter of the epochs "
+             f"({self.epochs // WARMUP_SHARE} here)")
         need(isinstance(self.seed, int) and self.seed >= 0, f"seed must be an int >= 0, got {self.seed!r}")
         need(self.momentum >= 0, f"momentum must be >= 0, got {self.momentum}")
         need(self.weight_decay is None or self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(isinstance(self.batch_size, int) and self.batch_size >= 2, f"batch_size must be an int >= 2, got {self.batch_size!r}")
         need(isinstance(self.steps, int) and self.steps >= 0, f"steps must be an int >= 0, got {self.steps!r}")
-        need(0 <= self.eps_low <= self.eps <= 1, f"need 0 <= eps_low <= eps <= 1, got eps_low={self.eps_low}, eps={self.eps}")
-        need(self.step_size is None or self.step_size >= 0, f"step_size must be >= 0, got {self.step_size}")
+        check_budgets(self.eps, self.eps_low)
+        if self.step_size is not None:
+            check_budget("step_size", self.step_size)
         need(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(all(m >= 1 for m in self.milestones), f"milestones must be epochs >= 1 after warm-up, got {self.milestones}")
@@ -140,12 +164,19 @@ class TrainConfig:
         need(isinstance(self.save_every_steps, int) and self.save_every_steps >= 0,
              f"save_every_steps must be an int >= 0, got {self.save_every_steps!r}")
         need(self.save_every_minutes >= 0, f"save_every_minutes must be >= 0, got {self.save_every_minutes}")
-        need(not (self.amp == "fp16" and self.device == "cpu"), "amp fp16 needs a GPU; use --amp bf16 on the CPU")
         # TRADES' KL ascent starts 0.001 from x: its input gradients (~1e-10) flush to zero in fp16, so the
         # attack would never move. bf16 has float32's range.
         need(not (self.amp == "fp16" and self.base == "trades"),
              f"amp fp16 would stall the {self.method} attack (its KL gradients underflow in fp16); use --amp bf16")
-        need(not (self.sync_bn and not self.device.startswith("cuda")),
+        # "auto" is checked by the trainer once the device is known (check_device).
+        device = parse_device(self.device)
+        if device is not None:
+            self.check_device(device.type)
+
+    def check_device(self, kind: str) -> None:
+        """The settings that need a kind of device, against the one the run uses ('cpu', 'cuda', ...)."""
+        need(not (self.amp == "fp16" and kind == "cpu"), "amp fp16 needs a GPU; use --amp bf16 on the CPU")
+        need(not (self.sync_bn and kind != "cuda"),
              "sync_bn needs CUDA devices (torch's SyncBatchNorm has no CPU kernel); use plain BatchNorm on the CPU")
 
     def to_json(self) -> dict:
@@ -172,6 +203,11 @@ class TrainConfig:
     @property
     def base(self) -> str:
         return METHOD[self.method].base
+
+
+def need(ok: bool, message: str) -> None:
+    if not ok:
+        raise ConfigError(message)
 
 
 def flag_of(name: str) -> str:

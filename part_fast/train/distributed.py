@@ -26,7 +26,8 @@ from typing import Iterator
 import torch
 import torch.distributed as dist
 
-from ..errors import USER_ERRORS, Interrupted, TrainingDiverged, UserError
+from ..devices import resolve_device
+from ..errors import USER_ERRORS, Interrupted, TrainingDiverged
 
 # Stops every rank reaches at the same point, having agreed on them in a collective: the peers are alive and
 # idle, so the ranks can wait for each other and tear the group down in order.
@@ -127,10 +128,10 @@ class Distributed:
 
 
 def _device_for(name: str, info: Distributed) -> torch.device:
-    device = torch.device(name)
+    """The device this rank trains on: part_fast.devices' reading of `name` ('auto' is the GPU when there is
+    one), and under torchrun a CUDA device is this process's own GPU, cuda:LOCAL_RANK."""
+    device = resolve_device(name)
     if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise UserError(f"device {name!r} requested but CUDA is not available")
         if info.enabled:
             device = torch.device("cuda", info.local_rank)  # one GPU per process
         if device.index is not None:
@@ -141,7 +142,7 @@ def _device_for(name: str, info: Distributed) -> torch.device:
 @contextlib.contextmanager
 def session(device_name: str) -> Iterator[Distributed]:
     """The process group for the life of a run (none when WORLD_SIZE is 1); yields this rank's
-    Distributed, whose .device is the device to train on."""
+    Distributed, whose .device is the device to train on ('auto', 'cpu', 'cuda' or 'cuda:N', resolved here)."""
     info = Distributed.from_env()
     device = _device_for(device_name, info)
     info.device = device

@@ -28,6 +28,7 @@ from tqdm.auto import tqdm
 
 from .. import __version__
 from .. import data as data_mod
+from ..devices import describe_device, resolve_device
 from ..errors import (CheckpointError, CheckpointWriteError, ConfigError, Interrupted, OutputWriteError,
                       TrainingDiverged, UserError, report)
 from ..evaluate import evaluate
@@ -184,10 +185,15 @@ class _Trainer:
         # Rank 0 alone writes the logs; a failed write is kept here and told to every rank by the next
         # collective (the step's, or the epoch end's), so all stop together.
         self.write_failure: tuple[Path, OSError] | None = None
+        self.tensorboard: rundir.TensorBoardLog | None = None  # rank 0, with config.tensorboard
 
     # -------------------------------------------------------------------------------------- set-up
     def run(self, resume) -> list[dict]:
         cfg, info = self.config, self.info
+        cfg.check_device(info.device.type)  # "auto" became a device only now
+        self.log(f"part-fast train: device {describe_device(info.device)}")  # first, before minutes of set-up
+        if cfg.tensorboard:
+            rundir.summary_writer_class()  # every rank: a missing package stops them all, before any work
         # Data and model first: a missing dataset or an unknown architecture is reported before RUN_DIR
         # exists, so a corrected rerun needs no --resume.
         self.train_loader, self.sampler, self.eval_loader, data_info = _loaders(cfg, info)
@@ -199,6 +205,11 @@ class _Trainer:
             self._restore(ckpt)
         elif resume:  # stopped before the first checkpoint: its steps are redone
             self._write(self.out / rundir.STEPS, lambda: rundir.trim_steps_log(self.out, 0))
+        unused = len(self.train_loader.dataset) - self.steps_per_epoch * cfg.batch_size
+        if unused:
+            self.log(f"part-fast train: {unused} of the {len(self.train_loader.dataset)} training examples are left "
+                     f"out of each epoch: only whole batches of {cfg.batch_size} are trained (the last partial batch "
+                     "is dropped), and which examples are left out changes with each epoch's shuffle")
         if self.state.epoch >= cfg.epochs:
             self._agree(None)
             self.log(f"{self.out} has already trained {self.state.epoch}/{cfg.epochs} epochs; nothing to do")
@@ -206,6 +217,9 @@ class _Trainer:
         steps_log = None
         if cfg.log_steps and info.is_main:
             steps_log = self._write(self.out / rundir.STEPS, lambda: open(self.out / rundir.STEPS, "a"))
+        if cfg.tensorboard and info.is_main:
+            self.tensorboard = self._write(self.out / rundir.TENSORBOARD,
+                                           lambda: rundir.TensorBoardLog(self.out, self.history))
         try:
             with preemption.stop_requests(announce=info.is_main) as stop:
                 self.last_save = _clock()
@@ -216,6 +230,8 @@ class _Trainer:
         finally:
             if steps_log is not None:
                 steps_log.close()
+            if self.tensorboard is not None:
+                self.tensorboard.close()
         return self.history
 
     def _warn(self, line: str) -> None:
@@ -380,6 +396,8 @@ class _Trainer:
         self.history.append(record)
         self._save(None)  # first the checkpoint, then the log that cites it
         self._write(self.out / rundir.METRICS, lambda: rundir.write_metrics(self.out, self.history))
+        if self.tensorboard is not None:
+            self._write(self.out / rundir.TENSORBOARD, lambda: self.tensorboard.add(record))
         self.log(_summary_line(record, cfg))
         # A signal that came during the evaluation: the epoch's checkpoint is already written.
         if self._agree(stop):
@@ -468,7 +486,9 @@ def load_checkpoint(path) -> dict:
 
 
 def load_model(path, device="cpu") -> tuple[nn.Module, TrainConfig]:
-    """The trained model (eval mode) and its config from a RUN_DIR/last.pt (or previous.pt)."""
+    """The trained model (eval mode) on `device` ('auto', 'cpu', 'cuda', 'cuda:N' or a torch.device) and its
+    config, from a RUN_DIR/last.pt (or previous.pt)."""
+    device = resolve_device(device)
     ckpt = checkpoint.read(path)
     config = TrainConfig.from_json(ckpt["config"])
     model = build_model(config, ckpt["num_classes"])

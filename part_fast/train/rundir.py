@@ -4,17 +4,20 @@
     RUN_DIR/last.pt          the newest checkpoint; previous.pt the one before (checkpoint.py)
     RUN_DIR/metrics.jsonl    one line per completed epoch, rewritten from the checkpoint's history
     RUN_DIR/steps.jsonl      with log_steps: one line per optimiser step
+    RUN_DIR/tensorboard/     with tensorboard: the per-epoch metrics as TensorBoard scalars
 
 Only rank 0 writes. Every file is replaced atomically, except steps.jsonl, which is appended to and, on
-resume, cut back to the steps the checkpoint holds (a torn last line included).
+resume, cut back to the steps the checkpoint holds (a torn last line included), and TensorBoard's event
+files, which TensorBoard itself appends to (its reader skips a torn last record).
 """
 from __future__ import annotations
 
 import json
+import numbers
 from pathlib import Path
 from typing import Callable
 
-from ..errors import CheckpointError, UserError
+from ..errors import CheckpointError, ConfigError, UserError
 from ..files import atomic_write_json, atomic_write_text, remove_stale_temp_files
 from . import checkpoint
 from .config import RESUMABLE_CHANGES, TrainConfig, flag_of
@@ -23,6 +26,7 @@ from .distributed import Distributed
 CONFIG = "config.json"
 METRICS = "metrics.jsonl"
 STEPS = "steps.jsonl"
+TENSORBOARD = "tensorboard"
 
 
 class RunDirError(UserError):
@@ -141,6 +145,71 @@ def prepare_on_all_ranks(config: TrainConfig, info: Distributed, resume: bool | 
 
 def write_metrics(out: Path, history: list) -> None:
     atomic_write_text(out / METRICS, "".join(json.dumps(m) + "\n" for m in history))
+
+
+def read_metrics(out: str | Path) -> list[dict]:
+    """RUN_DIR/metrics.jsonl, one record per completed epoch; RunDirError for a missing or empty file and for
+    a damaged line (named by its number)."""
+    path = Path(out) / METRICS
+    if not path.is_file():
+        raise RunDirError(f"{path} does not exist: no epoch of this run has finished yet")
+    try:
+        lines = path.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise RunDirError(f"cannot read {path}: {getattr(err, 'strerror', None) or err}") from None
+    if not lines:
+        raise RunDirError(f"{path} is empty: no epoch of this run has finished yet")
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise RunDirError(f"{path} line {number} is damaged ({err.msg}); every line is one epoch's JSON "
+                              "record") from None
+        if not isinstance(record, dict):
+            raise RunDirError(f"{path} line {number} is damaged (not a JSON object); every line is one epoch's "
+                              "JSON record")
+        records.append(record)
+    return records
+
+
+def summary_writer_class():
+    """torch.utils.tensorboard.SummaryWriter; a ConfigError saying what to install when tensorboard is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise ConfigError('tensorboard needs the tensorboard package, which is not installed: '
+                          'pip install "part_fast[tensorboard]"') from None
+    return SummaryWriter
+
+
+class TensorBoardLog:
+    """RUN_DIR/tensorboard/: every numeric field of each epoch's metrics record as a scalar of the same name at
+    step = the epoch (1-based, as in metrics.jsonl), flushed when written.
+
+    A resumed run writes the records its checkpoint holds again, into a new event file that starts with
+    TensorBoard's restart marker at step 1 (purge_step): TensorBoard then hides what earlier processes wrote,
+    epochs they logged after the checkpoint included, and shows exactly what metrics.jsonl holds."""
+
+    def __init__(self, out: Path, history: list[dict]):
+        writer_class = summary_writer_class()
+        self.writer = writer_class(str(Path(out) / TENSORBOARD), purge_step=1)
+        for record in history:
+            self._add_scalars(record)
+        self.writer.flush()
+
+    def _add_scalars(self, record: dict) -> None:
+        epoch = record["epoch"]
+        for name, value in record.items():
+            if name != "epoch" and isinstance(value, numbers.Real) and not isinstance(value, bool):
+                self.writer.add_scalar(name, value, global_step=epoch)
+
+    def add(self, record: dict) -> None:
+        self._add_scalars(record)
+        self.writer.flush()
+
+    def close(self) -> None:
+        self.writer.close()
 
 
 def trim_steps_log(out: Path, global_step: int) -> None:

@@ -27,6 +27,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import part_fast
 from part_fast import ops
+from part_fast.check.environment import cpu_model, triton_version
 from part_fast.files import (
     MarkersMissing,
     atomic_write_text,
@@ -48,21 +49,7 @@ def timed_backends(device: torch.device) -> list[str]:
     return [b for b in ops.available_backends(device) if not (b == "triton" and interpreted)]
 
 
-def cpu_model() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        return platform.processor() or "unknown"
-
-
 def machine_info(device: torch.device) -> dict:
-    try:
-        import triton
-
-        triton_version = triton.__version__
-    except Exception:  # noqa: BLE001 (a broken Triton install raises anything; the record then says None)
-        triton_version = None
     return {
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "cpu": cpu_model(),
@@ -75,7 +62,7 @@ def machine_info(device: torch.device) -> dict:
         "device": str(device),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "cuda_available": torch.cuda.is_available(),
-        "triton": triton_version,
+        "triton": triton_version(),
         "backends_available": ops.available_backends(),
         "backends_timed": timed_backends(device),
         "dtype": "float32",

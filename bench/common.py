@@ -3,8 +3,8 @@
 - the machine a run measured (machine_info) and the backends worth timing there;
 - timing: blocks of back-to-back calls (time_blocks), the CPU other processes used meanwhile (Interference),
   glibc's malloc set to keep freed memory (keep_freed_memory);
-- kernel launches, counted as the aten ops a call dispatches (kernels_per_call);
-- inputs: the op sections' seeded attack tensors (attack_tensors), the CIFAR-10 subset (load_cifar_subset);
+- kernel launches (kernels_per_call) and the op sections' seeded inputs (update_inputs), both from
+  part_fast.check, which measures the same things on a GPU; the CIFAR-10 subset (load_cifar_subset);
 - output: JSON written atomically (write_json), generated blocks in a README (readme_text,
   write_readme_blocks), "—" for a missing table cell (cell).
 """
@@ -23,11 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import part_fast
-from part_fast import ops
+from part_fast import cpu_load, ops
 from part_fast.check.environment import cpu_model, triton_version
+from part_fast.check import inputs
+from part_fast.check.inputs import update_inputs  # noqa: F401 (the sections take it from here)
+from part_fast.check.timing import kernels_per_call  # noqa: F401 (idem)
 from part_fast.files import (
     MarkersMissing,
     atomic_write_text,
@@ -37,7 +39,7 @@ from part_fast.files import (
 
 # The op sections' budget and step (ops_report, gpu_evidence): a mix of two eps values, so every clamp of
 # the step does real work.
-EPS, EPS_LOW, STEP_SIZE = 8 / 255, 2 / 255, 2 / 255
+EPS, EPS_LOW, STEP_SIZE = inputs.EPS, inputs.EPS_LOW, inputs.STEP  # one home: part_fast.check.inputs
 DEFAULT_DATA = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "cifar10-subset.tar")
 
 
@@ -99,38 +101,22 @@ def time_blocks(fn, device, run_time: float, min_blocks=3, block_time=2e-3, warm
     return block_means
 
 
-_HZ = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-
-
-def _cpu_jiffies():
-    """(busy jiffies of the whole machine, jiffies of this process), or None off Linux."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(v) for v in f.readline().split()[1:]]
-        with open("/proc/self/stat") as f:
-            own = f.read().rsplit(")", 1)[1].split()
-        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-        return sum(fields[:8]) - idle, int(own[11]) + int(own[12])  # utime + stime (all threads)
-    except (OSError, ValueError, IndexError):
-        return None
 
 
 class Interference:
     """CPU time other processes used while the block ran, in cores (0 = we had the machine; 1 = another
-    process kept one of the 2 cores busy the whole time). From /proc/stat minus this process's own time."""
+    process kept one of the 2 cores busy the whole time; NaN where /proc/stat cannot be read):
+    part_fast.cpu_load's reading."""
 
     def __enter__(self):
-        self.t0, self.j0 = time.perf_counter(), _cpu_jiffies()
+        self.start = cpu_load.sample()
         return self
 
     def __exit__(self, *exc):
-        self.seconds = time.perf_counter() - self.t0
-        j1 = _cpu_jiffies()
-        if self.j0 is None or j1 is None:
-            self.others = float("nan")
-        else:
-            others = (j1[0] - self.j0[0]) - (j1[1] - self.j0[1])
-            self.others = max(0.0, others / _HZ / max(self.seconds, 1e-9))
+        end = cpu_load.sample()
+        self.seconds = end.wall - self.start.wall
+        others = cpu_load.other_cores(self.start, end)
+        self.others = float("nan") if others is None else others
         return False
 
 
@@ -148,48 +134,6 @@ def keep_freed_memory() -> bool:
         return False
     m_trim_threshold, m_mmap_max = -1, -4
     return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 1 << 30))
-
-
-# ----------------------------------------------------------------------------------- kernel launches
-class _OpCounter(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:  # views (detach, ...) launch nothing
-            self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
-def kernels_per_call(fn, device) -> list[str]:
-    """The kernels one call launches. On a GPU, the CUDA kernels the profiler records (Triton ones too);
-    on the CPU, the aten ops that compute (each is one kernel launch when the tensors are on a GPU)."""
-    fn()
-    if device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-
-        torch.cuda.synchronize()
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize()
-        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    with _OpCounter() as counter:
-        fn()
-    return counter.names
-
-
-# -------------------------------------------------------------------------------------------- inputs
-def attack_tensors(shape: tuple, eps_channels: int, device: torch.device, seed: int = 0, dtype=torch.float32):
-    """x_adv, grad, x_nat, eps (float32): x_adv inside the eps ball around x_nat in [0, 1], a mixed
-    EPS / EPS_LOW budget, a dense random gradient, so every clamp of the step does real work."""
-    gen = torch.Generator().manual_seed(seed)
-    batch, _, height, width = shape
-    x_nat = torch.rand(shape, generator=gen)
-    eps = torch.where(torch.rand((batch, eps_channels, height, width), generator=gen) < 0.5, EPS, EPS_LOW)
-    x_adv = (x_nat + (2 * torch.rand(shape, generator=gen) - 1) * eps).clamp(0, 1)
-    grad = torch.randn(shape, generator=gen)
-    return [t.to(device, dtype) for t in (x_adv, grad, x_nat)] + [eps.to(device)]
 
 
 def load_cifar_subset(tar_path: str, split: str, n: int):

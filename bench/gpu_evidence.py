@@ -41,8 +41,8 @@ from bench.common import (
     EPS,
     EPS_LOW,
     STEP_SIZE,
-    attack_tensors,
     kernels_per_call,
+    update_inputs,
     write_json,
 )
 from part_fast import ops, reference
@@ -437,7 +437,7 @@ def projections(log=print) -> tuple[list[dict], dict]:
     # The byte tally runs on meta tensors: check it sees the op sequence the CPU dispatches.
     consistent = {}
     for (dtype_name, form), names in release_ops_checked.items():
-        x_adv, grad, x_nat, _ = attack_tensors(SMALL_SHAPE, 3, torch.device("cpu"))
+        x_adv, grad, x_nat, _ = update_inputs(SMALL_SHAPE, 3, torch.device("cpu"))
         x_adv, grad, x_nat = (t.to(DTYPES[dtype_name]) for t in (x_adv, grad, x_nat))
         eps = _eps_for(form, SMALL_SHAPE)
         cpu_names = kernels_per_call(functools.partial(reference.pgd_step_release, x_adv, grad, x_nat, eps, STEP_SIZE),
@@ -465,14 +465,14 @@ def launches(log=print) -> tuple[list[dict], list[str]]:
                      "launch_floor_us": LAUNCH_US * len(names), "ops": names})
 
     for form in EPS_FORMS:
-        x_adv, grad, x_nat, _ = attack_tensors(SMALL_SHAPE, 3, device)
+        x_adv, grad, x_nat, _ = update_inputs(SMALL_SHAPE, 3, device)
         step = (x_adv, grad, x_nat, _eps_for(form, SMALL_SHAPE), STEP_SIZE)
         count("pgd_step_", "release", form, None, reference.pgd_step_release, *step)
         count("pgd_step_", "reference", form, "reference", ops.pgd_step_, *step)
         if ours:
             count("pgd_step_", f"ours ({ours})", form, ours, ops.pgd_step_, *step)
     for form in EPS_FORMS:
-        x_adv, _, x_nat, _ = attack_tensors(SMALL_SHAPE, 3, device)
+        x_adv, _, x_nat, _ = update_inputs(SMALL_SHAPE, 3, device)
         projection = (x_adv, x_nat, _eps_for(form, SMALL_SHAPE))
         count("project_", "reference", form, "reference", ops.project_, *projection)
         if ours:

@@ -23,7 +23,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader
 
+from . import cpu_load
 from . import data as data_mod
+from .cpu_load import busy_elsewhere
 from .budget import PixelBudget
 from .devices import describe_device, resolve_device
 from .evaluate import evaluate
@@ -151,53 +153,25 @@ _SHARED_CORES_ADVICE = ("torch's threads wait for each other at every operation,
 _EPOCH_LINE = re.compile(r"epoch (\d+)/\d+ \[")
 
 
-def machine_busy_seconds() -> float | None:
-    """CPU seconds all the machine's cores have spent busy since boot (Linux /proc/stat; steal time counts:
-    a core the hypervisor gave to someone else is as lost); None where that cannot be read."""
-    try:
-        fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()
-    except OSError:
-        return None
-    if len(fields) < 9 or fields[0] != "cpu":
-        return None
-    user, nice, system, idle, iowait, irq, softirq, steal = (int(v) for v in fields[1:9])
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def busy_elsewhere(seconds: float = 0.5) -> float | None:
-    """How many cores other processes keep busy, sampled over `seconds` while this process sleeps."""
-    before, own = machine_busy_seconds(), time.process_time()
-    start = time.perf_counter()
-    time.sleep(seconds)
-    after, own_after = machine_busy_seconds(), time.process_time()
-    if before is None or after is None:
-        return None
-    return max(0.0, (after - before) - (own_after - own)) / (time.perf_counter() - start)
-
-
 class EpochLoad:
     """What else ran during each epoch. `observe` sees every line the trainer logs and samples the machine's
     busy CPU time and this process's at each epoch line; between two samples, the busy time this process
     did not spend is other processes', and `other_cores[epoch]` is that over the epoch's wall time (the
     first epoch's interval includes the trainer's set-up)."""
 
+    _sample = staticmethod(cpu_load.sample)
+
     def __init__(self):
         self.other_cores: dict[int, float | None] = {}
         self._last = self._sample()
-
-    @staticmethod
-    def _sample():
-        return time.perf_counter(), time.process_time(), machine_busy_seconds()
 
     def observe(self, line: str) -> None:
         match = _EPOCH_LINE.match(line)
         if not match:
             return
-        (wall0, own0, busy0), (wall1, own1, busy1) = self._last, self._sample()
-        self._last = (wall1, own1, busy1)
-        measurable = busy0 is not None and busy1 is not None and wall1 > wall0
-        self.other_cores[int(match.group(1))] = (max(0.0, (busy1 - busy0) - (own1 - own0)) / (wall1 - wall0)
-                                                 if measurable else None)
+        now = self._sample()
+        self.other_cores[int(match.group(1))] = cpu_load.other_cores(self._last, now)
+        self._last = now
 
 
 def outlier_epochs(epoch_seconds: list[float], factor: float = OUTLIER_FACTOR) -> list[int]:

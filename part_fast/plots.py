@@ -191,9 +191,9 @@ def _epochs(records) -> list[float]:
 
 def part_start(records, epochs: list[float]) -> float | None:
     """The epoch the PART phase starts at, when the records show a warm-up before it (else None)."""
-    for before, (r, e) in zip(records, list(zip(records, epochs))[1:]):
-        if before.get("phase") == "warmup" and r.get("phase") == "part":
-            return e
+    for i in range(1, len(records)):
+        if records[i - 1].get("phase") == "warmup" and records[i].get("phase") == "part":
+            return epochs[i]
     return None
 
 

@@ -22,6 +22,7 @@ import pytest  # noqa: E402
 
 import part_fast  # noqa: E402
 from part_fast import ops, reference  # noqa: E402
+from part_fast.check.correctness import same_attack_result  # noqa: E402
 from part_fast.check.inputs import same_strides_on  # noqa: E402
 
 # Every backend usable for CPU tensors here, except the reference they are all compared against.
@@ -176,7 +177,7 @@ def assert_same_attack_result(out: torch.Tensor, expected: torch.Tensor, backend
     assert out.dtype == expected.dtype and out.shape == expected.shape, (
         f"backend {backend!r}: {out.dtype} {tuple(out.shape)}, reference {expected.dtype} {tuple(expected.shape)}"
     )
-    same = (out == expected) | (out.isnan() & expected.isnan())
+    same = same_attack_result(out, expected)
     if not bool(same.all()):
         first = tuple(int(i) for i in (~same).nonzero()[0])
         raise AssertionError(

@@ -12,7 +12,6 @@ from hypothesis import strategies as st
 
 from conftest import (
     ALL_BACKENDS,
-    BACKENDS,
     DEVICE_ALL_BACKENDS,
     DEVICE_BACKENDS,
     DTYPES,

@@ -7,7 +7,7 @@ import types
 import pytest
 import torch
 
-from part_fast import demo
+from part_fast import cpu_load, demo
 from part_fast.devices import describe_device
 from part_fast.errors import ConfigError
 from part_fast.train.loop import _summary_line
@@ -101,7 +101,7 @@ def test_epoch_load_counts_the_cpu_other_processes_used_per_epoch(monkeypatch):
 
 
 def test_epoch_load_without_proc_stat_is_none(monkeypatch):
-    monkeypatch.setattr(demo, "machine_busy_seconds", lambda: None)
+    monkeypatch.setattr(cpu_load, "machine_busy_seconds", lambda: None)
     load = demo.EpochLoad()
     load.observe("epoch 1/2 [at] | loss 2.3 | train adv 10.0% | 1.0s")
     assert load.other_cores == {1: None}
@@ -113,9 +113,9 @@ def test_machine_busy_seconds_reads_proc_stat():
 
     if not os.path.exists("/proc/stat"):
         pytest.skip("no /proc/stat on this system: machine_busy_seconds returns None there (tested above)")
-    first = demo.machine_busy_seconds()
+    first = cpu_load.machine_busy_seconds()
     sum(i * i for i in range(2_000_000))  # keep a core busy for a moment
-    assert isinstance(first, float) and demo.machine_busy_seconds() > first
+    assert isinstance(first, float) and cpu_load.machine_busy_seconds() > first
 
 
 class _Stop(Exception):

@@ -67,6 +67,19 @@ def make_eps(form: str, shape, layout: str, gen: torch.Generator):
     raise ValueError(f"unknown eps form {form!r}")
 
 
+def update_inputs(shape: tuple, eps_channels: int, device, seed: int = 0, dtype=torch.float32):
+    """[x_adv, grad, x_nat, eps] for timing an update (the benchmark harness's and the check's): x_adv inside
+    the eps ball around x_nat in [0, 1], a mixed EPS / EPS_LOW float32 budget (B, eps_channels, H, W), a dense
+    random gradient, so every clamp of the step does real work."""
+    gen = torch.Generator().manual_seed(seed)
+    batch, _, height, width = shape
+    x_nat = torch.rand(shape, generator=gen)
+    eps = torch.where(torch.rand((batch, eps_channels, height, width), generator=gen) < 0.5, EPS, EPS_LOW)
+    x_adv = (x_nat + (2 * torch.rand(shape, generator=gen) - 1) * eps).clamp(0, 1)
+    grad = torch.randn(shape, generator=gen)
+    return [t.to(device, dtype) for t in (x_adv, grad, x_nat)] + [eps.to(device)]
+
+
 def cam_inputs(shape, dtype, gen: torch.Generator) -> torch.Tensor:
     """Raw CAMs (B, h, w) with the degenerate images every batch can hold: a constant map and one with a
     NaN (both give eps_low everywhere), next to ordinary ones."""

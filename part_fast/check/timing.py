@@ -18,13 +18,14 @@ import time
 
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import ops, reference
 from ..attacks import PGD
 from ..budget import PixelBudget
 from ..models import CAM_LAYERS
 from ..release import release_eps_map, release_update_pgd
-from .inputs import EPS, EPS_LOW, STEP
+from .inputs import EPS, EPS_LOW, STEP, update_inputs
 from .runner import Context, Skipped
 
 
@@ -70,45 +71,39 @@ def wall_seconds(ctx: Context, fn, reps: int) -> list[float]:
     return out
 
 
-def kernels_in(ctx: Context, fn) -> int:
-    """Kernels one call of fn launches: CUDA kernels in the profiler on a GPU; on the CPU, the aten ops that
-    compute (each one kernel launch on a GPU)."""
+class _ComputingOps(TorchDispatchMode):
+    """The aten ops a call dispatches, views (detach, ...) left out: they launch nothing."""
+
+    def __init__(self):
+        super().__init__()
+        self.names = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if not func.is_view:
+            self.names.append(str(func.overloadpacket))
+        return func(*args, **(kwargs or {}))
+
+
+def kernels_per_call(fn, device: torch.device) -> list[str]:
+    """The kernels one call of fn launches (after one call to warm up). On a GPU, the CUDA kernels the
+    profiler records, Triton ones included, memcpy / memset activity left out; on the CPU, the aten ops that
+    compute (each one kernel launch on a GPU). The benchmark harness counts launches with it too."""
     fn()
-    if ctx.cuda:
+    if device.type == "cuda":
         from torch.profiler import ProfilerActivity, profile
 
-        ctx.sync()
+        torch.cuda.synchronize(device)
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             fn()
-            ctx.sync()
-        # Kernels only: the profiler also lists memcpy / memset activity on the device.
-        return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                   and not e.name.lower().startswith(("memcpy", "memset")))
-    from torch.utils._python_dispatch import TorchDispatchMode
-
-    class Count(TorchDispatchMode):
-        n = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if not func.is_view:
-                Count.n += 1
-            return func(*args, **(kwargs or {}))
-
-    with Count():
+            torch.cuda.synchronize(device)
+        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
+                and not e.name.lower().startswith(("memcpy", "memset"))]
+    with _ComputingOps() as counter:
         fn()
-    return Count.n
+    return counter.names
 
 
 # ----------------------------------------------------------------------------------------- the update
-def _update_inputs(shape, dtype, device):
-    gen = torch.Generator().manual_seed(8)
-    x_nat = torch.rand(shape, generator=gen)
-    eps = torch.where(torch.rand(shape, generator=gen) < 0.5, EPS, EPS_LOW)  # the release's (B, 3, H, W) map
-    x_adv = (x_nat + (2 * torch.rand(shape, generator=gen) - 1) * eps).clamp(0, 1)
-    grad = torch.randn(shape, generator=gen)
-    return [t.to(device, dtype) for t in (x_adv, grad, x_nat)] + [eps.to(device)]
-
-
 def update_shapes(ctx: Context):
     if not ctx.cuda:
         return [(128, 3, 32, 32)]
@@ -116,7 +111,7 @@ def update_shapes(ctx: Context):
 
 
 def time_update(ctx: Context, shape, dtype):
-    x_adv, grad, x_nat, eps = _update_inputs(shape, dtype, ctx.device)
+    x_adv, grad, x_nat, eps = update_inputs(shape, 3, ctx.device, dtype=dtype)  # the release's (B, 3, H, W) map
     moved = x_adv.numel() * x_adv.element_size() * 4 + eps.numel() * eps.element_size()  # x_adv r+w, grad, x_nat, eps
     rows = {"copy (device to device)": median_seconds(ctx, lambda: x_adv.clone())}
     copy_gbs = 2 * x_adv.numel() * x_adv.element_size() / rows["copy (device to device)"] / 1e9
@@ -150,14 +145,18 @@ def count_launches(ctx: Context):
     from ..models import get_model
 
     shape = (128, 3, 32, 32) if ctx.cuda else (16, 3, 32, 32)
-    x_adv, grad, x_nat, eps = _update_inputs(shape, torch.float32, ctx.device)
-    fused = kernels_in(ctx, lambda: ops.pgd_step_(x_adv, grad, x_nat, eps, STEP))
-    eager = kernels_in(ctx, lambda: reference.pgd_step_release(x_adv, grad, x_nat, eps, STEP))
+
+    def count(fn) -> int:
+        return len(kernels_per_call(fn, ctx.device))
+
+    x_adv, grad, x_nat, eps = update_inputs(shape, 3, ctx.device)
+    fused = count(lambda: ops.pgd_step_(x_adv, grad, x_nat, eps, STEP))
+    eager = count(lambda: reference.pgd_step_release(x_adv, grad, x_nat, eps, STEP))
     model = get_model("resnet18").to(ctx.device).eval()
     y = torch.zeros(shape[0], dtype=torch.long, device=ctx.device)
     ours = PGD(model, eps=EPS, alpha=STEP, steps=1, start=None)
-    pgd_fused = kernels_in(ctx, lambda: ours(x_nat, y, eps_map=eps))
-    pgd_release = kernels_in(ctx, lambda: release_update_pgd(ours, x_nat, y, eps))
+    pgd_fused = count(lambda: ours(x_nat, y, eps_map=eps))
+    pgd_release = count(lambda: release_update_pgd(ours, x_nat, y, eps))
     unit = "CUDA kernels" if ctx.cuda else "aten ops (= kernel launches on a GPU)"
     return None, (f"{unit}: one update {fused} fused vs {eager} release chain; one PGD iteration of ResNet-18 "
                   f"(forward + backward + update) {pgd_fused} vs {pgd_release}"), {

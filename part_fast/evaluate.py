@@ -18,12 +18,22 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .aa_checks import check_model
 from .attacks import MMA, PGD
 from .devices import resolve_device
 from .errors import ConfigError
 from .modes import eval_mode
 
 ATTACKS = ("natural", "pgd20", "mma", "aa", "aa-release")
+AUTOATTACKS = ("aa", "aa-release")
+# What every table prints: "aa-release" is never mistaken for the original AutoAttack.
+ATTACK_LABELS = {
+    "natural": "natural",
+    "pgd20": "PGD-20",
+    "mma": "MMA (3 targets, 20 steps)",
+    "aa": "AutoAttack (original, standard)",
+    "aa-release": "aa-release (torchattacks AA as released: 10 iterations, weaker)",
+}
 # The torchattacks release the project is tested with (.ci/run installs this one; tests/test_packaging.py
 # checks the two agree).
 TORCHATTACKS_VERSION = "3.5.1"
@@ -77,28 +87,42 @@ def load_torchattacks():
         ) from None
 
 
+def autoattack_source(aa_cls) -> str:
+    """'<distribution> <version>' of the AutoAttack class in use, for the records."""
+    from importlib import metadata
+
+    package = aa_cls.__module__.split(".")[0]
+    try:
+        return f"{package} {metadata.version(package)}"
+    except metadata.PackageNotFoundError:
+        return f"{package} (version unknown)"
+
+
+def run_standard_evaluation(adversary, x: torch.Tensor, y: torch.Tensor, batch_size: int) -> torch.Tensor:
+    """x_adv from AutoAttack's run_standard_evaluation, whichever packaging: the original takes `bs=` and
+    returns x_adv; pyautoattack takes `batch_size=` and returns (x_adv, y_adv)."""
+    params = inspect.signature(adversary.run_standard_evaluation).parameters
+    batch_kw = "batch_size" if "batch_size" in params else "bs"
+    out = adversary.run_standard_evaluation(x, y, **{batch_kw: batch_size})
+    return out[0] if isinstance(out, tuple) else out
+
+
 def _autoattack_runner(model, eps, device, seed):
     aa_cls = load_autoattack()
     adversary = aa_cls(model, norm="Linf", eps=eps, version="standard", device=device, seed=seed)
     if hasattr(adversary, "verbose"):
         adversary.verbose = False
-    params = inspect.signature(adversary.run_standard_evaluation).parameters
-    batch_kw = "batch_size" if "batch_size" in params else "bs"
-
-    def run(x, y):
-        out = adversary.run_standard_evaluation(x, y, **{batch_kw: x.shape[0]})
-        return out[0] if isinstance(out, tuple) else out  # pyautoattack returns (x_adv, y_adv)
-
-    return run
+    return lambda x, y: run_standard_evaluation(adversary, x, y, x.shape[0])
 
 
 def _torchattacks_runner(model, eps, seed):
     ta = load_torchattacks()
-    attack = ta.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=_num_classes(model), seed=seed)
+    attack = ta.AutoAttack(model, norm="Linf", eps=eps, version="standard", n_classes=num_classes_of(model), seed=seed)
     return lambda x, y: attack(x, y)
 
 
-def _num_classes(model) -> int:
+def num_classes_of(model) -> int:
+    """The output width of the model's last Linear layer (10 when it has none)."""
     last = [m for m in model.modules() if isinstance(m, nn.Linear)]
     return last[-1].out_features if last else 10
 
@@ -121,11 +145,14 @@ def make_attack(name: str, model: nn.Module, eps: float, alpha: float, device, s
 
 
 def evaluate(model: nn.Module, loader, attacks=("natural", "pgd20", "mma", "aa"), eps: float = 8 / 255,
-             alpha: float = 2 / 255, device=None, seed: int = 0, progress: bool = True) -> dict:
+             alpha: float = 2 / 255, device=None, seed: int = 0, progress: bool = True, on_checks=None) -> dict:
     """Accuracy (%) of `model` on `loader` under each attack, plus per-attack seconds in result["seconds"].
 
     Every attack sees the same examples; inputs are in [0, 1]. The model is evaluated in eval mode and its
-    mode restored. device: 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device (None: the model's)."""
+    mode restored. device: 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device (None: the model's).
+    When an AutoAttack runs ("aa" or "aa-release"), result["autoattack_checks"] holds the verdicts of
+    `aa_checks.check_model` on the first batch, checked before any attack (a failed check is reported, and
+    the attacks still run, as AutoAttack itself does); `on_checks`, if given, is called with them then."""
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise ConfigError(f"unknown attacks {unknown}; choose from {ATTACKS}")
@@ -134,12 +161,17 @@ def evaluate(model: nn.Module, loader, attacks=("natural", "pgd20", "mma", "aa")
     correct = dict.fromkeys(attacks, 0)
     seconds = dict.fromkeys(attacks, 0.0)
     total = 0
+    verdicts = None
     # The attacks' random starts come from a fixed seed; the caller's CPU and CUDA generators are untouched.
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         with eval_mode(model):
             for x, y in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
                 x, y = x.to(device), y.to(device)
+                if verdicts is None and any(a in AUTOATTACKS for a in attacks):
+                    verdicts = check_model(model, x, y)
+                    if on_checks is not None:
+                        on_checks(verdicts)
                 total += y.shape[0]
                 for name, run in runners.items():
                     start = time.perf_counter()
@@ -152,4 +184,6 @@ def evaluate(model: nn.Module, loader, attacks=("natural", "pgd20", "mma", "aa")
     result = {name: 100.0 * correct[name] / total for name in attacks}
     result["seconds"] = seconds
     result["examples"] = total
+    if verdicts is not None:
+        result["autoattack_checks"] = [v.to_json() for v in verdicts]
     return result

@@ -98,11 +98,28 @@ def test_eval_writes_table_and_json(trained_run, capsys, tmp_path):
     path = tmp_path / "e.json"
     assert cli.main(["eval", str(trained_run / "last.pt"), "--attacks", "natural,pgd20", "--json", str(path)]) == 0
     printed = capsys.readouterr().out
-    assert "| natural |" in printed and "| pgd20 |" in printed
+    assert "| natural |" in printed and "| PGD-20 |" in printed
+    assert "AutoAttack check" not in printed  # no AutoAttack, no checks
     result = json.loads(path.read_text())
     assert result["examples"] == 32 and 0 <= result["pgd20"] <= result["natural"] <= 100
     assert result["step_size"] == 2 / 255
     assert cli.main(["eval", str(trained_run / "last.pt"), "--attacks", "natural,fgsm"]) == 2
+
+
+def test_eval_labels_the_release_autoattack_and_checks_the_model_first(trained_run, capsys, tmp_path):
+    path = tmp_path / "e.json"
+    assert cli.main(["eval", str(trained_run / "last.pt"), "--attacks", "natural,aa-release", "--test-subset", "8",
+                     "--json", str(path)]) == 0
+    printed = capsys.readouterr().out
+    assert "| aa-release (torchattacks AA as released: 10 iterations, weaker) |" in printed
+    result = json.loads(path.read_text())
+    assert result["labels"]["aa-release"] == "aa-release (torchattacks AA as released: 10 iterations, weaker)"
+    checks = [c["check"] for c in result["autoattack_checks"]]
+    assert checks == ["logits", "deterministic", "eval mode", "input gradients"]
+    for check in result["autoattack_checks"]:
+        assert f"AutoAttack check {check['check']}: {'pass' if check['passed'] else 'FAIL'}" in printed
+    assert printed.index("AutoAttack check logits") < printed.index("| attack |")
+    assert 0 <= result["aa-release"] <= result["natural"]
 
 
 def test_show_cam_writes_a_png(trained_run, tmp_path):

@@ -1,48 +1,22 @@
 """evaluate(): accuracies under natural / PGD-20 / MMA / AutoAttack, errors, the AutoAttack import path
 and its zero_gradients shim.
 
-The attacked model is a one-layer CNN whose filters are +-1 templates T_c covering the whole 16x16 image
-(logit_c = <T_c, x - 0.5>), and each example is x = 0.5 + a T_y. Its clean margin against class c is
-a ||T_y - T_c||_1 and an L-inf perturbation of size eps moves that margin by at most eps ||T_y - T_c||_1:
-an example is robust exactly when a > eps. With a = 3 eps for half the examples and a = 0.3 eps for the
-other half, the robust accuracy of every sound attack that finds the (easy) worst case is exactly 50%."""
+The attacked model is template_net.TemplateNet on 16x16 images: an example is robust exactly when its
+amplitude a > eps. With a = 3 eps for half the examples and a = 0.3 eps for the other half, the robust
+accuracy of every sound attack that finds the (easy) worst case is exactly 50%."""
 import sys
-import time
 import types
 
 import pytest
 import torch
-from torch import nn
 
 from part_fast.evaluate import ATTACKS, MissingExtraError, _install_zero_gradients_shim, evaluate, load_autoattack
+from template_net import TemplateNet, templates
 
 EPS, ALPHA = 8 / 255, 2 / 255
-H = 16
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-class TemplateNet(nn.Module):
-    def __init__(self, templates):
-        super().__init__()
-        self.conv = nn.Conv2d(3, templates.shape[0], H)
-        with torch.no_grad():
-            self.conv.weight.copy_(templates)
-            self.conv.bias.copy_(-0.5 * templates.sum((1, 2, 3)))  # logit_c = <T_c, x - 0.5>
-        self.calls = 0
-        self.scored = []  # the inputs of no-grad forwards (evaluate's accuracy counts)
-
-    def forward(self, x):
-        self.calls += 1
-        if not torch.is_grad_enabled():
-            self.scored.append(x.detach().clone())
-        return self.conv(x).flatten(1)
-
-
-def templates(num_classes=10, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return (torch.randint(0, 2, (num_classes, 3, H, H), generator=gen) * 2 - 1).float()
 
 
 @pytest.fixture
@@ -106,7 +80,7 @@ def test_random_start_follows_the_seed_not_the_global_rng(setup):
         return torch.cat(model.scored)
 
     first = adversarial_examples(1, seed=3)
-    assert first.shape == (8, 3, H, H)
+    assert first.shape == (8, 3, 16, 16)
     assert torch.equal(adversarial_examples(2, seed=3), first)
     assert not torch.equal(adversarial_examples(1, seed=4), first)
 
@@ -188,14 +162,12 @@ def test_aa_with_pyautoattack(setup):
     pytest.importorskip("pyautoattack")
     model, loader = setup
     loader = [(loader[0][0][:2], loader[0][1][:2]), (loader[1][0][1:3], loader[1][1][1:3])]  # 4 examples
-    start = time.perf_counter()
     result = evaluate(model, loader, attacks=("natural", "pgd20", "aa"), eps=EPS, alpha=ALPHA, progress=False)
-    elapsed = time.perf_counter() - start
     assert result["natural"] == 100.0
     assert result["aa"] == 50.0 and result["pgd20"] == 50.0
     assert result["aa"] <= result["natural"]
     assert result["seconds"]["aa"] > 0
-    assert elapsed < 120, f"AutoAttack took {elapsed:.0f} s"
+    assert [c["passed"] for c in result["autoattack_checks"]] == [True] * 4
 
 
 # ------------------------------------------------------------------------------ zero_gradients shim

@@ -1,0 +1,146 @@
+"""The model checks AutoAttack itself warns about, run before any AutoAttack evaluation and reported as verdicts.
+
+AutoAttack's guarantees hold for a deterministic classifier that returns logits and whose input gradients
+exist. When a model breaks one of these rules AutoAttack only logs a warning, and the number it prints can
+still look like robustness. So every check here returns a verdict with the figure it measured, one line in
+the eval output and one entry in its JSON:
+
+- logits: the outputs are not a probability distribution (AutoAttack's own test: every output in
+  (-1e-5, 1 + 1e-5) and every row summing to 1 within 1e-5 means softmax outputs, whose saturated gradients
+  hide adversarial examples);
+- deterministic: two forward passes on the same batch give the same predictions and outputs within
+  AutoAttack's tolerance (L2 distance of the L2-normalised outputs <= 1e-4); a randomised defence needs
+  AutoAttack's "rand" version, not "standard";
+- eval mode: no module is in training mode during the evaluation, and no BatchNorm normalises with batch
+  statistics (track_running_stats=False does so even in eval mode, so a prediction depends on the batch);
+- input gradients: the cross-entropy's gradient with respect to the input is finite and non-zero for every
+  example (a zero gradient, as from rounding or a detached input, defeats the gradient-based attacks).
+
+The checks see the model in eval mode (as the attacks do) and restore its modes afterwards.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from .modes import eval_mode
+
+# AutoAttack's tolerances (its checks.py): outputs count as probabilities within PROBABILITY_TOL, and two
+# passes agree when the normalised outputs are within DETERMINISM_TOL.
+PROBABILITY_TOL = 1e-5
+DETERMINISM_TOL = 1e-4
+CHECKS = ("logits", "deterministic", "eval mode", "input gradients")
+
+
+@dataclass(frozen=True)
+class Verdict:
+    check: str
+    passed: bool
+    detail: str  # what was measured, in words a reader can act on
+
+    def line(self) -> str:
+        return f"AutoAttack check {self.check}: {'pass' if self.passed else 'FAIL'} ({self.detail})"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def _check_logits(out: torch.Tensor) -> Verdict:
+    row_sums = out.sum(-1)
+    lo, hi = float(out.min()), float(out.max())
+    worst_sum = float((row_sums - 1).abs().max())
+    probabilities = hi < 1 + PROBABILITY_TOL and lo > -PROBABILITY_TOL and worst_sum < PROBABILITY_TOL
+    if probabilities:
+        return Verdict("logits", False, f"the outputs look like probabilities: all in [{lo:.3g}, {hi:.3g}] and "
+                                        f"every row sums to 1 within {worst_sum:.1e}; return the logits, not "
+                                        "softmax")
+    return Verdict("logits", True, f"outputs in [{lo:.3g}, {hi:.3g}], row sums up to {worst_sum:.3g} away from 1")
+
+
+def _normalised(out: torch.Tensor) -> torch.Tensor:
+    out = out.flatten(1).double()
+    return out / (out.norm(dim=1, keepdim=True) + 1e-10)
+
+
+def _check_deterministic(model: nn.Module, x: torch.Tensor, first: torch.Tensor) -> Verdict:
+    with torch.no_grad():
+        second = model(x)
+    changed = int((first.argmax(1) != second.argmax(1)).sum())
+    distance = float((_normalised(first) - _normalised(second)).norm(dim=1).max())
+    passed = changed == 0 and distance <= DETERMINISM_TOL
+    detail = (f"two passes: {changed} of {x.shape[0]} predictions differ, normalised outputs up to "
+              f"{distance:.2e} apart (tolerance {DETERMINISM_TOL:g})")
+    if not passed:
+        detail += "; a randomised model needs AutoAttack's version='rand'"
+    return Verdict("deterministic", passed, detail)
+
+
+def _check_eval_mode(model: nn.Module) -> Verdict:
+    training = [name or "(the model)" for name, m in model.named_modules() if m.training]
+    batch_stats = [name for name, m in model.named_modules()
+                   if isinstance(m, _BatchNorm) and m.running_mean is None]
+    problems = []
+    if training:
+        problems.append(f"{len(training)} module(s) stay in training mode after model.eval(): "
+                        + ", ".join(training[:5]) + (" ..." if len(training) > 5 else ""))
+    if batch_stats:
+        problems.append(f"{len(batch_stats)} BatchNorm(s) without running statistics normalise with the "
+                        "batch's statistics even in eval mode: " + ", ".join(batch_stats[:5])
+                        + (" ..." if len(batch_stats) > 5 else ""))
+    if problems:
+        return Verdict("eval mode", False, "; ".join(problems))
+    count = sum(1 for _ in model.modules())
+    return Verdict("eval mode", True, f"all {count} modules in eval mode, no BatchNorm uses batch statistics")
+
+
+def _check_input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Verdict:
+    x = x.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = F.cross_entropy(model(x), y, reduction="sum")
+        if not loss.requires_grad:
+            return Verdict("input gradients", False, "the loss does not depend on the input through autograd "
+                                                     "(is the input detached or the forward under no_grad?)")
+        (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
+    if grad is None:
+        return Verdict("input gradients", False, "the loss does not depend on the input through autograd "
+                                                 "(is the input detached?)")
+    per_example = grad.flatten(1).abs().sum(1)
+    zero = int((per_example == 0).sum())
+    non_finite = int((~torch.isfinite(grad.flatten(1))).any(1).sum())
+    passed = zero == 0 and non_finite == 0
+    detail = f"{zero} of {x.shape[0]} examples with an all-zero input gradient, {non_finite} non-finite"
+    if not passed:
+        detail += "; gradient-based attacks cannot be trusted on them (gradient masking)"
+    return Verdict("input gradients", passed, detail)
+
+
+def check_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[Verdict]:
+    """The four verdicts (in CHECKS order) for `model` on the batch (x, y), x in [0, 1] on the model's device.
+
+    Each check runs even when an earlier one failed; a check that raises is a failed verdict naming the
+    error, never the end of the evaluation. The caller's random streams are left as they were (a randomised
+    model draws from forked ones), so the attacks that follow start from the same random numbers."""
+    with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
+        return _check_model(model, x, y)
+
+
+def _check_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[Verdict]:
+    verdicts = []
+    with eval_mode(model):
+        try:
+            with torch.no_grad():
+                first = model(x)
+        except Exception as err:  # noqa: BLE001 - reported as the verdict of every check
+            return [Verdict(name, False, f"the forward pass raised {type(err).__name__}: {err}") for name in CHECKS]
+        steps = (lambda: _check_logits(first), lambda: _check_deterministic(model, x, first),
+                 lambda: _check_eval_mode(model), lambda: _check_input_gradients(model, x, y))
+        for name, step in zip(CHECKS, steps):
+            try:
+                verdicts.append(step())
+            except Exception as err:  # noqa: BLE001
+                verdicts.append(Verdict(name, False, f"the check raised {type(err).__name__}: {err}"))
+    return verdicts

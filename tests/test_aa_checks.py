@@ -1,0 +1,184 @@
+"""The checks AutoAttack warns about: a sound model passes all four; a model that breaks one rule fails
+exactly that check, with the figure that shows it; the checks leave the caller's random numbers and the
+model's modes as they were."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from part_fast import aa_checks
+from part_fast.aa_checks import CHECKS, check_model
+from template_net import TemplateNet, examples, templates
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+def batch(n=6, seed=0):
+    t = templates(size=8, seed=seed)
+    y = torch.arange(n) % 10
+    return t, examples(t, y, torch.full((n,), 0.05)), y
+
+
+def verdicts_of(model, x, y) -> dict:
+    out = check_model(model, x, y)
+    assert [v.check for v in out] == list(CHECKS)
+    return {v.check: v for v in out}
+
+
+def failed(verdicts: dict) -> set:
+    return {name for name, v in verdicts.items() if not v.passed}
+
+
+class Softmax(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x).softmax(1)
+
+
+class AlwaysDropout(nn.Module):
+    """A randomised defence: dropout on the input even in eval mode."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(F.dropout(x, 0.5, training=True))
+
+
+class StuckInTraining(nn.Module):
+    """A BatchNorm wrapper that ignores model.eval(): deterministic on one batch, but batch-dependent."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(3)
+        self.inner = inner
+
+    def train(self, mode=True):
+        return super().train(True)
+
+    def forward(self, x):
+        return self.inner(self.bn(x))
+
+
+class Rounding(nn.Module):
+    """Quantises its input: the input gradient is exactly zero."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(torch.round(x * 8) / 8)
+
+
+class Detached(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x.detach())
+
+
+class Broken(nn.Module):
+    def forward(self, x):
+        raise RuntimeError("shape mismatch")
+
+
+def test_a_sound_model_passes_every_check():
+    t, x, y = batch()
+    verdicts = verdicts_of(TemplateNet(t), x, y)
+    assert failed(verdicts) == set()
+    assert "0 of 6 predictions differ" in verdicts["deterministic"].detail
+    assert "0 of 6 examples with an all-zero input gradient" in verdicts["input gradients"].detail
+    assert verdicts["logits"].line().startswith("AutoAttack check logits: pass (outputs in [")
+
+
+def test_softmax_outputs_fail_the_logits_check_only():
+    t, x, y = batch()
+    verdicts = verdicts_of(Softmax(TemplateNet(t)), x, y)
+    assert failed(verdicts) == {"logits"}
+    assert "look like probabilities" in verdicts["logits"].detail
+    assert verdicts["logits"].line().startswith("AutoAttack check logits: FAIL")
+
+
+def test_log_softmax_is_accepted():
+    """Cross-entropy and DLR are unchanged by log_softmax (a per-row shift): only probabilities are refused."""
+    t, x, y = batch()
+    model = nn.Sequential(TemplateNet(t), nn.LogSoftmax(1))
+    assert failed(verdicts_of(model, x, y)) == set()
+
+
+def test_a_randomised_model_fails_determinism_only():
+    t, x, y = batch()
+    verdicts = verdicts_of(AlwaysDropout(TemplateNet(t)), x, y)
+    assert failed(verdicts) == {"deterministic"}
+    assert "version='rand'" in verdicts["deterministic"].detail
+
+
+def test_a_module_stuck_in_training_fails_eval_mode_only():
+    t, x, y = batch()
+    model = StuckInTraining(TemplateNet(t, scale=0.01))
+    verdicts = verdicts_of(model, x, y)
+    assert failed(verdicts) == {"eval mode"}
+    assert "4 module(s) stay in training mode after model.eval(): (the model), bn, inner, inner.conv" in \
+        verdicts["eval mode"].detail
+
+
+def test_batch_statistics_in_eval_mode_fail_the_eval_mode_check():
+    t, x, y = batch()
+    model = nn.Sequential(nn.BatchNorm2d(3, track_running_stats=False), TemplateNet(t, scale=0.01))
+    verdicts = verdicts_of(model, x, y)
+    assert failed(verdicts) == {"eval mode"}
+    assert "without running statistics" in verdicts["eval mode"].detail and ": 0" in verdicts["eval mode"].detail
+
+
+def test_zero_input_gradients_fail_the_gradient_check_only():
+    t, x, y = batch()
+    verdicts = verdicts_of(Rounding(TemplateNet(t)), x, y)
+    assert failed(verdicts) == {"input gradients"}
+    assert verdicts["input gradients"].detail.startswith("6 of 6 examples with an all-zero input gradient")
+
+
+def test_a_detached_input_fails_the_gradient_check():
+    t, x, y = batch()
+    verdicts = verdicts_of(Detached(TemplateNet(t)), x, y)
+    assert failed(verdicts) == {"input gradients"}
+    assert "does not depend on the input" in verdicts["input gradients"].detail
+
+
+def test_saturated_cross_entropy_is_reported_as_zero_gradient():
+    """Huge logits: softmax is exactly one-hot in float32, so CE's input gradient is exactly zero (AutoAttack's
+    APGD-CE then cannot move) - what AutoAttack's own check_zero_gradients warns about."""
+    t, x, y = batch()
+    verdicts = verdicts_of(TemplateNet(t, scale=1e4), x, y)
+    assert failed(verdicts) == {"input gradients"}
+
+
+def test_a_forward_that_raises_fails_every_check_with_the_error():
+    _, x, y = batch()
+    verdicts = verdicts_of(Broken(), x, y)
+    assert failed(verdicts) == set(CHECKS)
+    assert all("RuntimeError: shape mismatch" in v.detail for v in verdicts.values())
+
+
+def test_checks_leave_random_numbers_and_modes_alone():
+    t, x, y = batch()
+    model = AlwaysDropout(TemplateNet(t)).train()
+    model.inner.eval()
+    state = torch.random.get_rng_state()
+    check_model(model, x, y)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    assert model.training and not model.inner.training
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_verdict_json_round_trip():
+    verdict = aa_checks.Verdict("logits", True, "fine")
+    assert aa_checks.Verdict(**verdict.to_json()) == verdict

@@ -12,9 +12,12 @@ Sections:
 2. the CAM + budget stage against the release's per-image pipeline, emulated (bench/stage_report.py);
 3. one training step of AT, PART (ours), PART as released, TRADES, PART-T (bench/train_step.py);
 4. GPU evidence that needs no GPU: PTX widths and registers, CUDA registers and spills, projected H100
-   times, launches per PGD step (bench/gpu_evidence.py).
+   times, launches per PGD step (bench/gpu_evidence.py);
+5. memory and scaling: peak memory of one training step of AT, PART (ours), PART as released and of the
+   CAM + budget stage alone at batch 128 and 512; the budget stage's time and memory at 32, 64 and 224 px
+   (bench/memory_report.py).
 
-Writes <out>/<date>-<machine>.{json,md,png}. Figures are reported, never asserted; see bench/README.md.
+Writes <out>/<date>-<machine>.{json,md,png} and <date>-<machine>-memory.png. Figures are reported, never asserted; see bench/README.md.
 """
 from __future__ import annotations
 
@@ -28,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from bench import ops_report
+from bench import memory_report, ops_report
 from bench.common import machine_info, timed_backends, write_json, write_readme_blocks
 from part_fast.files import atomic_write_bytes, atomic_write_text
 
@@ -42,7 +45,8 @@ QUICK_CAM_CASES = (((128, 4, 4), (32, 32)),)
 DTYPES = ("float32", "bfloat16")
 
 README_BLOCKS = {"ops": ("<!-- bench:ops:start -->", "<!-- bench:ops:end -->"),
-                 "summary": ("<!-- bench:summary:start -->", "<!-- bench:summary:end -->")}
+                 "summary": ("<!-- bench:summary:start -->", "<!-- bench:summary:end -->"),
+                 "memory": memory_report.README_MARKERS}
 
 
 def machine_slug(machine: dict) -> str:
@@ -59,7 +63,7 @@ def section_ops(device: torch.device, quick: bool, log) -> dict:
     cams = QUICK_CAM_CASES if quick else FULL_CAM_CASES
     forms = ("(B,3,H,W)",) if quick else tuple(ops_report.EPS_FORMS)
     cases = ops_report.all_cases(timed_backends(device), shapes, DTYPES, forms, cams)
-    log(f"[1/4] ops: {len(cases)} cases")
+    log(f"[1/5] ops: {len(cases)} cases")
     run_time, rounds = (0.15, 2) if quick else (1.0, 3)
     rows = ops_report.measure(cases, device, run_time, rounds)
     return {"rows": rows, "targets": ops_report.check_targets(rows), "run_time": run_time, "rounds": rounds}
@@ -68,7 +72,7 @@ def section_ops(device: torch.device, quick: bool, log) -> dict:
 def section_stage(quick: bool, log) -> dict:
     from bench import stage_report
 
-    log("[2/4] CAM + budget stage and PGD-10 vs the release")
+    log("[2/5] CAM + budget stage and PGD-10 vs the release")
     argv = ["--out", ""]
     if quick:
         argv += ["--batch", "16", "--steps", "2", "--cam-reps", "1", "--release-reps", "1", "--pgd-reps", "1",
@@ -81,15 +85,22 @@ def section_stage(quick: bool, log) -> dict:
 def section_train_step(quick: bool, log) -> dict:
     from bench import train_step
 
-    log("[3/4] one training step: AT, PART (ours), PART (release), TRADES, PART-T")
+    log("[3/5] one training step: AT, PART (ours), PART (release), TRADES, PART-T")
     return train_step.run(quick=quick, log=lambda *a: None)
 
 
 def section_gpu(quick: bool, log) -> dict:
     from bench import gpu_evidence
 
-    log("[4/4] GPU evidence: PTX, CUDA resource usage, projections, launches")
+    log("[4/5] GPU evidence: PTX, CUDA resource usage, projections, launches")
     return gpu_evidence.run(quick=quick, log=lambda *a: None)
+
+
+def section_memory(quick: bool, device: torch.device, log) -> dict:
+    log("[5/5] memory of a training step and of the budget stage; the budget stage against the image size")
+    result = memory_report.run(quick=quick, device=device, log=lambda *a: None)
+    result["markdown"] = memory_report.markdown(result)
+    return result
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -134,12 +145,15 @@ def markdown(result: dict) -> str:
         "## 2. CAM + budget stage and PGD-10 against the release", s["stage"]["markdown"],
         "## 3. One training step", s["train_step"]["markdown"],
         "## 4. GPU evidence without a GPU", s["gpu"]["markdown"],
-    ]) + "\n"
+    ] + (["## 5. Memory and scaling", s["memory"]["markdown"]] if "memory" in s else [])) + "\n"
 
 
 def readme_blocks(result: dict) -> dict:
     summary = "\n\n".join([header(result), targets_table(result), result["sections"]["train_step"]["markdown"]])
-    return {"ops": ops_table(result), "summary": summary}
+    blocks = {"ops": ops_table(result), "summary": summary}
+    if "memory" in result["sections"]:
+        blocks["memory"] = "\n\n".join([header(result), memory_report.markdown(result["sections"]["memory"])])
+    return blocks
 
 
 def write_readme(path: str | os.PathLike, result: dict) -> None:
@@ -190,7 +204,7 @@ def plot(result: dict, path: Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------------ main
-SECTIONS = ("ops", "stage", "train_step", "gpu")
+SECTIONS = ("ops", "stage", "train_step", "gpu", "memory")
 
 
 def run(quick: bool, device: torch.device, log=print) -> dict:
@@ -202,6 +216,8 @@ def run(quick: bool, device: torch.device, log=print) -> dict:
         "stage": section_stage(quick, log),
         "train_step": section_train_step(quick, log),
         "gpu": section_gpu(quick, log),
+        # Memory is measured in a worker process with its own malloc settings (see bench/memory_report.py).
+        "memory": section_memory(quick, device, log),
     }
     machine["load_average_after"] = os.getloadavg()
     return {"quick": quick, "machine": machine, "sections": sections, "seconds": time.perf_counter() - start}
@@ -211,10 +227,13 @@ def write_outputs(result: dict, out: Path) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     date = result["machine"]["date"][:10]
     stem = f"{date}-{machine_slug(result['machine'])}" + ("-quick" if result["quick"] else "")
-    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png"}
+    paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png",
+             "memory_png": out / f"{stem}-memory.png"}
     write_json(paths["json"], result)
     atomic_write_text(paths["md"], markdown(result))
     plot(result, paths["png"])
+    if "memory" in result["sections"]:  # absent from runs before section 5 existed
+        memory_report.plot(result["sections"]["memory"], paths["memory_png"])
     return paths
 
 

@@ -3,6 +3,7 @@ from the JSON. Figures are not asserted (a test is no benchmark), only that they
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -25,12 +26,18 @@ def quick_run(tmp_path_factory):
 @pytest.mark.slow
 def test_quick_run_writes_json_markdown_png(quick_run):
     out, done = quick_run
-    stems = {p.suffix: p for p in out.iterdir()}
+    stems = {p.suffix: p for p in out.iterdir() if not p.stem.endswith("-memory")}
     assert set(stems) == {".json", ".md", ".png"}
+    assert {p.name for p in out.iterdir()} == {p.name for p in stems.values()} | {stems[".json"].stem + "-memory.png"}
     assert stems[".json"].stem.endswith("-quick") and stems[".json"].stem[:4].isdigit()
     result = json.loads(stems[".json"].read_text())
     assert result["quick"] is True
-    assert set(result["sections"]) == {"ops", "stage", "train_step", "gpu"}
+    assert set(result["sections"]) == {"ops", "stage", "train_step", "gpu", "memory"}
+    memory = result["sections"]["memory"]
+    assert {(r["method"], r["batch"]) for r in memory["steps"]} == {
+        (m, b) for m in ("AT", "PART (ours)", "PART (release)") for b in memory["config"]["batches"]}
+    assert all(r["peak_mb"] > 0 for r in memory["steps"] + memory["stage"] + memory["scaling"])
+    assert all(r["seconds"] > 0 for r in memory["scaling"])
     ops_rows = result["sections"]["ops"]["rows"]
     assert {r["dtype"] for r in ops_rows} == {"float32", "bfloat16"}
     assert {r["op"] for r in ops_rows} == {"clone", "pgd_step_", "project_", "cam_eps_map"}
@@ -38,7 +45,8 @@ def test_quick_run_writes_json_markdown_png(quick_run):
     assert any(r["impl"] == "release" for r in ops_rows)
     assert result["sections"]["train_step"]["rows"] and result["sections"]["gpu"]["markdown"]
     md = stems[".md"].read_text()
-    for heading in ("## 1. Ops", "## 2. CAM + budget stage", "## 3. One training step", "## 4. GPU evidence"):
+    for heading in ("## 1. Ops", "## 2. CAM + budget stage", "## 3. One training step", "## 4. GPU evidence",
+                    "## 5. Memory and scaling"):
         assert heading in md
     assert md.strip() in done.stdout
     with Image.open(stems[".png"]) as im:
@@ -51,7 +59,8 @@ def test_readme_blocks_are_regenerated_from_the_json(quick_run, tmp_path):
     json_path = next(out.glob("*.json"))
     readme = tmp_path / "README.md"
     readme.write_text("intro\n<!-- bench:ops:start -->\nold\n<!-- bench:ops:end -->\nmiddle\n"
-                      "<!-- bench:summary:start -->\nold\n<!-- bench:summary:end -->\nend\n")
+                      "<!-- bench:summary:start -->\nold\n<!-- bench:summary:end -->\n"
+                      "<!-- bench:memory:start -->\nold\n<!-- bench:memory:end -->\nend\n")
     done = subprocess.run([sys.executable, "-m", "bench.run", "--from-json", str(json_path), "--readme", str(readme)],
                           cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
@@ -59,6 +68,7 @@ def test_readme_blocks_are_regenerated_from_the_json(quick_run, tmp_path):
     assert "old" not in text and text.startswith("intro\n") and text.endswith("end\n")
     assert "| pgd_step_ | cpu | 128×3×32×32 |" in text
     assert "| section | target | measured | goal | met |" in text
+    assert "| batch | AT | PART (ours) | PART (release) |" in text and "| input | model | ours: ms / image |" in text
     # Rendering the same JSON twice gives the same README: nothing in it is typed by hand.
     again = subprocess.run([sys.executable, "-m", "bench.run", "--from-json", str(json_path), "--readme", str(readme)],
                            cwd=ROOT, capture_output=True, text=True)
@@ -67,5 +77,26 @@ def test_readme_blocks_are_regenerated_from_the_json(quick_run, tmp_path):
 
 def test_committed_readme_has_the_generated_blocks():
     text = (ROOT / "README.md").read_text()
-    for marker in ("bench:ops", "bench:summary"):
+    for marker in ("bench:ops", "bench:summary", "bench:memory"):
         assert f"<!-- {marker}:start -->" in text and f"<!-- {marker}:end -->" in text
+
+
+def test_cpu_peak_memory_sees_a_known_allocation():
+    """In a process set up as the memory worker is: a 64 MiB tensor allocated and freed inside the call is
+    its peak (within 4 MiB of process noise), and a call that allocates nothing measures near zero."""
+    code = ("import torch\n"
+            "from bench.memory_report import peak_memory\n"
+            "cpu = torch.device('cpu')\n"
+            "def big():\n"
+            "    t = torch.ones(16 * 2**20)\n"  # 64 MiB of float32, written so every page is resident
+            "    del t\n"
+            "big()\n"
+            "print(peak_memory(big, cpu), peak_memory(lambda: None, cpu))\n")
+    from bench.memory_report import WORKER_ENV
+
+    done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, **WORKER_ENV})
+    assert done.returncode == 0, done.stderr
+    big, nothing = (int(v) for v in done.stdout.split())
+    assert abs(big - 64 * 2**20) < 4 * 2**20, big
+    assert nothing < 2**20, nothing

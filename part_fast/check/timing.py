@@ -180,9 +180,18 @@ def time_budget_stage(ctx: Context):
         release = statistics.median(wall_seconds(ctx, lambda: release_eps_map(model, x), 2 if ctx.cuda else 1))
     for p in model.parameters():
         p.grad = None
-    return None, (f"ResNet-18, batch {batch}: PixelBudget {1e3 * ours:.1f} ms, the release's per-image pipeline "
-                  f"{1e3 * release:.0f} ms: ×{release / ours:.1f}"), {
-        "batch": batch, "ours_s": ours, "release_s": release, "ratio": release / ours}
+    detail = (f"ResNet-18, batch {batch}: PixelBudget {1e3 * ours:.1f} ms, the release's per-image pipeline "
+              f"{1e3 * release:.0f} ms: ×{release / ours:.1f}")
+    peaks = {}
+    if ctx.cuda:
+        peaks["ours"] = cuda_peak_bytes(lambda: budget(model, x), ctx.device)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            peaks["release"] = cuda_peak_bytes(lambda: release_eps_map(model, x), ctx.device)
+        for p in model.parameters():
+            p.grad = None
+        detail += f"; peak memory: ours {peaks['ours'] / 2**20:.0f} MB, release {peaks['release'] / 2**20:.0f} MB"
+    return None, detail, {"batch": batch, "ours_s": ours, "release_s": release, "ratio": release / ours,
+                          "peak_bytes": peaks}
 
 
 # ------------------------------------------------------------------------------------- a training step
@@ -208,38 +217,72 @@ class _ReleaseAttack:
         return release_update_pgd(self.attack, x, y, eps_map)
 
 
-def time_train_steps(ctx: Context):
+def cuda_peak_bytes(fn, device: torch.device) -> int:
+    """Bytes the caching allocator handed out during fn() above what was allocated before it."""
+    torch.cuda.synchronize(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    before = torch.cuda.memory_allocated(device)
+    fn()
+    torch.cuda.synchronize(device)
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+TRAIN_STEP_ROWS = (("AT", "at"), ("PART (ours)", "part"), ("PART (release)", "part"))
+
+
+def _train_step_fn(ctx: Context, name: str, method: str, batch: int, steps: int, amp):
+    """A closure that runs one training step of the row `name` on a fixed random batch."""
     from ..train import Distributed, TrainConfig, build_state, inner_attack, train_step
 
+    gen = torch.Generator().manual_seed(10)
+    x, y = torch.rand((batch, 3, 32, 32), generator=gen), torch.randint(0, 10, (batch,), generator=gen)
+    cfg = TrainConfig(out="(check: no run directory)", arch="resnet18", method=method, batch_size=batch,
+                      steps=steps, warmup=0, amp=amp, channels_last=ctx.cuda, device=str(ctx.device),
+                      augment=False, eval_examples=0, seed=0).resolved()
+    state = build_state(cfg, num_classes=10, device=ctx.device, dist_info=Distributed())
+    part_phase = method == "part"
+    attack = inner_attack(state, part_phase)
+    if name == "PART (release)":
+        state.budget = _ReleaseBudget(state.budget)
+        attack = _ReleaseAttack(PGD(state.attack_model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps,
+                                    start="release", loss="ce"))
+    attack_gen = torch.Generator(device=ctx.device).manual_seed(11)
+
+    def step():
+        train_step(state, x, y, part_phase=part_phase, attack=attack, attack_gen=attack_gen, augment_gen=None)
+
+    return step
+
+
+def time_train_steps(ctx: Context):
     big = ctx.cuda and not ctx.quick
     batch, steps = (128, 10) if big else ((32, 10) if ctx.cuda else (16, 2))
     amp = "bf16" if ctx.cuda else None
-    gen = torch.Generator().manual_seed(10)
-    x, y = torch.rand((batch, 3, 32, 32), generator=gen), torch.randint(0, 10, (batch,), generator=gen)
-    results = {}
-    for name, method in (("AT", "at"), ("PART (ours)", "part"), ("PART (release)", "part")):
-        cfg = TrainConfig(out="(check: no run directory)", arch="resnet18", method=method, batch_size=batch,
-                          steps=steps, warmup=0, amp=amp, channels_last=ctx.cuda, device=str(ctx.device),
-                          augment=False, eval_examples=0, seed=0).resolved()
-        state = build_state(cfg, num_classes=10, device=ctx.device, dist_info=Distributed())
-        part_phase = method == "part"
-        attack = inner_attack(state, part_phase)
-        if name == "PART (release)":
-            state.budget = _ReleaseBudget(state.budget)
-            attack = _ReleaseAttack(PGD(state.attack_model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps,
-                                        start="release", loss="ce"))
-        attack_gen = torch.Generator(device=ctx.device).manual_seed(11)
-
-        def step(state=state, attack=attack, part_phase=part_phase, attack_gen=attack_gen):
-            train_step(state, x, y, part_phase=part_phase, attack=attack, attack_gen=attack_gen, augment_gen=None)
-
+    results, peaks = {}, {}
+    for name, method in TRAIN_STEP_ROWS:
+        step = _train_step_fn(ctx, name, method, batch, steps, amp)
         times = wall_seconds(ctx, step, 4 if ctx.cuda else 2)[1:]  # the first step warms up
         results[name] = statistics.median(times)
+        if ctx.cuda:  # after warm-up steps: what every later step needs above the weights and optimiser state
+            peaks[name] = {batch: cuda_peak_bytes(step, ctx.device)}
+            del step
+            if big:
+                step = _train_step_fn(ctx, name, method, 512, steps, amp)
+                step()
+                peaks[name][512] = cuda_peak_bytes(step, ctx.device)
+                del step
+            torch.cuda.empty_cache()
     at, ours, release = results["AT"], results["PART (ours)"], results["PART (release)"]
     setting = f"ResNet-18, batch {batch}, PGD-{steps}" + (", AMP bf16, channels_last" if amp else ", float32")
-    return None, (f"{setting}: AT {at * 1e3:.0f} ms, PART (ours) {ours * 1e3:.0f} ms (×{ours / at:.3f} AT), "
-                  f"PART (release) {release * 1e3:.0f} ms (×{release / ours:.2f} ours)"), {
-        "setting": setting, "seconds": results, "part_over_at": ours / at, "release_over_part": release / ours}
+    detail = (f"{setting}: AT {at * 1e3:.0f} ms, PART (ours) {ours * 1e3:.0f} ms (×{ours / at:.3f} AT), "
+              f"PART (release) {release * 1e3:.0f} ms (×{release / ours:.2f} ours)")
+    for b in (peaks.get("AT") or {}):
+        mb = {name: peaks[name][b] / 2**20 for name in peaks}
+        detail += (f"; peak memory at batch {b}: AT {mb['AT']:.0f} MB, PART (ours) {mb['PART (ours)']:.0f} MB "
+                   f"({100 * (mb['PART (ours)'] / mb['AT'] - 1):+.1f}%), PART (release) {mb['PART (release)']:.0f} MB")
+    return None, detail, {"setting": setting, "seconds": results, "part_over_at": ours / at,
+                          "release_over_part": release / ours,
+                          "peak_bytes": {name: {str(b): v for b, v in by.items()} for name, by in peaks.items()}}
 
 
 def _compiled_release_on_cpu():

@@ -1,0 +1,147 @@
+"""One optimiser step of each method, as the benchmark sections run it (shared by train_step and
+memory_report; a shared piece, not a section).
+
+`Case` holds a RunState of its method loaded with shared initial weights and restores the same snapshot
+(weights, BatchNorm buffers, momentum) before every step, so that repeated steps do identical work;
+"release" is the released code's step, emulated by part_fast.release (per-image mask, eager update)."""
+from __future__ import annotations
+
+import copy
+import statistics
+import time
+
+import numpy as np
+import torch
+from torch import nn
+
+from bench.common import Interference
+from part_fast.attacks import PGD
+from part_fast.cam import find_layer
+from part_fast.losses import OUTER_LOSSES
+from part_fast.models import CAM_LAYERS
+from part_fast.modes import eval_mode
+from part_fast.release import release_eps_map, release_update_pgd
+from part_fast.train import (
+    Distributed,
+    TrainConfig,
+    build_state,
+    inner_attack,
+    train_step,
+)
+
+SEED = 0
+CPU = torch.device("cpu")
+SPLIT = ("data", "budget", "attack", "update")
+
+
+class Layer4Alias(nn.Module):
+    """`part_fast.release.release_eps_map` reads its CAM layer as `model.layer4` (the release's ResNet-18
+    choice); for another architecture this wrapper names the model's CAM layer `layer4`. It shares the
+    model's parameters, so the release's `model.zero_grad()` and full backward act on the model itself."""
+
+    def __init__(self, model: nn.Module, layer: nn.Module):
+        super().__init__()
+        self.net, self.layer4 = model, layer
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Case:
+    """One row: a RunState of its method loaded with the shared initial weights, restored to the same
+    snapshot (weights, BatchNorm buffers, momentum) before every timed step."""
+
+    def __init__(self, name: str, method: str, part_phase: bool, arch: str, batch: int, steps: int,
+                 init: dict, device=CPU):
+        self.name, self.part_phase, self.device = name, part_phase, device
+        self.release = method == "release"
+        cfg = TrainConfig(out="(unused: no run directory)", arch=arch, method="part" if self.release else method,
+                          batch_size=batch, steps=steps, augment=False, eval_examples=0, device=str(device),
+                          seed=SEED, time_stages=True).resolved()  # time_stages: the split columns
+        self.state = build_state(cfg, num_classes=10, device=device, dist_info=Distributed())
+        self.state.model.load_state_dict(copy.deepcopy(init))
+        if self.release:
+            # The release's PART-PGD: global-eps start, not clipped; the eager update is part_fast.release's loop.
+            self.attack = PGD(self.state.attack_model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps,
+                              start="release", loss="ce")
+            model = self.state.model
+            layer = find_layer(model, CAM_LAYERS.get(arch))
+            self.cam_model = model if getattr(model, "layer4", None) is layer else Layer4Alias(model, layer)
+        else:
+            self.attack = inner_attack(self.state, part_phase)
+        self.snapshot = None
+        self.runs, self.others, self.splits, self.eps_high, self.losses = [], [], [], [], []
+
+    def take_snapshot(self):
+        self.snapshot = (copy.deepcopy(self.state.model.state_dict()), copy.deepcopy(self.state.optimizer.state_dict()))
+
+    def restore(self):
+        if self.snapshot is not None:
+            self.state.model.load_state_dict(self.snapshot[0])
+            self.state.optimizer.load_state_dict(self.snapshot[1])
+        for p in self.state.model.parameters():
+            p.grad = None
+
+    def release_mask(self, x: torch.Tensor) -> tuple[torch.Tensor, float]:
+        """The release's per-image CAM + mask pipeline on these images, timed (eval mode, as the release)."""
+        model = self.state.model
+        with eval_mode(model), np.errstate(invalid="ignore", divide="ignore"):
+            t0 = time.perf_counter()
+            eps_map = release_eps_map(self.cam_model, x, self.state.config.eps, self.state.config.eps_low)
+            seconds = time.perf_counter() - t0
+        for p in model.parameters():  # the release's loop leaves a .grad on every parameter
+            p.grad = None
+        return eps_map, seconds
+
+    def release_step(self, x, y, eps_map, mask_seconds: float) -> dict:
+        """The release's step minus its mask (timed apart): eval-mode PGD-k with the global-eps unclipped
+        start and the eager update, then the same train-mode CE + SGD step as train_step."""
+        st = self.state
+        t0 = time.perf_counter()
+        x, y = x.to(self.device), y.to(self.device)
+        t1 = time.perf_counter()
+        x_adv = release_update_pgd(self.attack, x, y, eps_map)
+        t2 = time.perf_counter()
+        st.model.train()
+        st.optimizer.zero_grad(set_to_none=True)
+        (logits_adv,) = st.outer(x_adv)
+        loss = OUTER_LOSSES["at"](logits_adv, y)
+        loss_value = float(loss.detach())
+        loss.backward()
+        st.optimizer.step()
+        t3 = time.perf_counter()
+        self.eps_high.append(float((eps_map == st.config.eps).float().mean()))
+        self.losses.append(loss_value)
+        return {"data": t1 - t0, "budget": mask_seconds, "attack": t2 - t1, "update": t3 - t2}
+
+    def step(self, x, y, timed: bool = True):
+        """One optimiser step from the snapshot; records wall seconds (+ the amortised mask for the release)."""
+        self.restore()
+        if self.release:
+            eps_map, mask_s = self.release_mask(x)  # once per rep: per-image cost x batch = this loop's time
+            with Interference() as it:
+                split = self.release_step(x, y, eps_map, mask_s)
+            wall, others = it.seconds + mask_s, it.others
+        else:
+            gen = torch.Generator(device=self.device).manual_seed(SEED)  # the same random start every rep
+            with Interference() as it:
+                r = train_step(self.state, x, y, part_phase=self.part_phase, attack=self.attack, attack_gen=gen,
+                               augment_gen=None)
+            wall, others, split = it.seconds, it.others, dict(r.seconds)
+            self.eps_high.append(r.eps_high)
+            self.losses.append(r.loss)
+        if timed:
+            self.runs.append(wall)
+            self.others.append(others)
+            self.splits.append(split)
+
+    def summary(self, batch: int) -> dict:
+        best = min(range(len(self.runs)), key=self.runs.__getitem__)
+        median_split = {k: statistics.median(s[k] for s in self.splits) for k in SPLIT}
+        return {"name": self.name, "method": "part (release emulation)" if self.release else self.state.config.method,
+                "part_phase": self.part_phase, "min_s": self.runs[best], "median_s": statistics.median(self.runs),
+                "runs_s": self.runs, "images_per_s": batch / self.runs[best],
+                "images_per_s_median": batch / statistics.median(self.runs),
+                "seconds": self.splits[best], "seconds_median": median_split,
+                "others_cores_best": self.others[best], "others_cores_runs": self.others,
+                "eps_high_fraction": self.eps_high[-1], "loss": self.losses[-1]}

@@ -16,8 +16,8 @@ the CPU torch has no allocator statistics, so the peak resident set is read inst
 measured in a worker process whose glibc malloc gives freed memory straight back to the OS
 (MALLOC_MMAP_THRESHOLD_=65536, MALLOC_TRIM_THRESHOLD_=0), so its resident set follows the live tensors; the
 kernel's peak (VmHWM) is reset before the call (/proc/self/clear_refs) and the figure is the peak minus
-the resident set before it. Every call is made once first, so one-time allocations (parameter .grad,
-momentum buffers, oneDNN caches) are not counted. The figure is the memory the call needs above what
+the resident set before it. Every call is made once first, so one-time allocations (momentum buffers,
+oneDNN caches) are not counted. The figure is the memory the call needs above what
 stays allocated across steps (weights, optimiser state; the same for all three methods); a step starts with
 no parameter .grad (zero_grad(set_to_none=True)), so the gradients are part of every step's figure. Times are measured in the harness process (glibc's default malloc), the quickest of `reps`.
 Figures are reported, never asserted.
@@ -70,8 +70,12 @@ def peak_memory(fn, device: torch.device) -> int:
     if device.type == "cuda":
         return cuda_peak_bytes(fn, device)
     gc.collect()
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # resets VmHWM to the current resident set
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # resets VmHWM to the current resident set
+    except OSError as err:
+        raise RuntimeError(f"the CPU peak needs Linux's /proc/self/clear_refs, which cannot be written here "
+                           f"({err.strerror})") from None
     before = _proc_status("VmRSS")
     fn()
     return _proc_status("VmHWM") - before

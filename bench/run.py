@@ -15,7 +15,7 @@ Sections:
    times, launches per PGD step (bench/gpu_evidence.py);
 5. memory and scaling: peak memory of one training step of AT, PART (ours), PART as released and of the
    CAM + budget stage alone at batch 128 and 512; the budget stage's time and memory at 32, 64 and 224 px
-   (bench/memory_report.py).
+   (bench/memory_report.py; on the device of --device: with cuda, GPU memory and times).
 
 Writes <out>/<date>-<machine>.{json,md,png} and <date>-<machine>-memory.png. Figures are reported, never asserted; see bench/README.md.
 """

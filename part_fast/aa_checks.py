@@ -11,10 +11,13 @@ the eval output and one entry in its JSON:
 - deterministic: two forward passes on the same batch give the same predictions and outputs within
   AutoAttack's tolerance (L2 distance of the L2-normalised outputs <= 1e-4); a randomised defence needs
   AutoAttack's "rand" version, not "standard";
-- eval mode: no module is in training mode during the evaluation, and no BatchNorm normalises with batch
-  statistics (track_running_stats=False does so even in eval mode, so a prediction depends on the batch);
-- input gradients: the cross-entropy's gradient with respect to the input is finite and non-zero for every
-  example (a zero gradient, as from rounding or a detached input, defeats the gradient-based attacks).
+- eval mode (RobustBench's warning rather than AutoAttack's): no module is in training mode during the
+  evaluation, and no BatchNorm normalises with batch statistics (track_running_stats=False does so even in
+  eval mode, so a prediction depends on the batch);
+- input gradients: the gradient of AutoAttack's DLR loss with respect to the input is finite and non-zero
+  for every correctly classified example, the ones AutoAttack attacks (AutoAttack checks that loss; a zero gradient, as from rounding or a detached input,
+  defeats the gradient-based attacks). The cross-entropy's is reported beside it: where it is saturated,
+  APGD-CE has no signal, but the DLR-based APGD-T still has.
 
 The checks see the model in eval mode (as the attacks do) and restore its modes afterwards.
 """
@@ -50,10 +53,15 @@ class Verdict:
 
 
 def _check_logits(out: torch.Tensor) -> Verdict:
+    # AutoAttack's tolerance is for float32 outputs; a bf16 / fp16 softmax row is only within a few of its
+    # own rounding units of 1, so the tolerance widens to two of them there.
+    tol = PROBABILITY_TOL if out.dtype in (torch.float32, torch.float64) else \
+        max(PROBABILITY_TOL, 2 * torch.finfo(out.dtype).eps)
+    out = out.flatten(1).double()
     row_sums = out.sum(-1)
     lo, hi = float(out.min()), float(out.max())
     worst_sum = float((row_sums - 1).abs().max())
-    probabilities = hi < 1 + PROBABILITY_TOL and lo > -PROBABILITY_TOL and worst_sum < PROBABILITY_TOL
+    probabilities = hi < 1 + tol and lo > -tol and worst_sum < tol
     if probabilities:
         return Verdict("logits", False, f"the outputs look like probabilities: all in [{lo:.3g}, {hi:.3g}] and "
                                         f"every row sums to 1 within {worst_sum:.1e}; return the logits, not "
@@ -97,22 +105,59 @@ def _check_eval_mode(model: nn.Module) -> Verdict:
     return Verdict("eval mode", True, f"all {count} modules in eval mode, no BatchNorm uses batch statistics")
 
 
+def _dlr_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """AutoAttack's difference-of-logits-ratio loss (APGD-DLR / APGD-T), summed over the batch: scale
+    invariant, so it keeps a gradient where the cross-entropy has saturated."""
+    z, _ = logits.sort(dim=1)
+    z_y = logits.gather(1, y[:, None])[:, 0]
+    top_is_y = (logits.argmax(1) == y).float()
+    other = z[:, -2] * top_is_y + z[:, -1] * (1 - top_is_y)  # the best logit that is not y's
+    return (-(z_y - other) / (z[:, -1] - z[:, -3] + 1e-12)).sum()
+
+
+def _zero_and_non_finite(loss: torch.Tensor, x: torch.Tensor, attacked: torch.Tensor):
+    """(attacked examples whose input gradient is all zero, attacked examples with a non-finite one), or None
+    when the loss has no gradient with respect to x."""
+    (grad,) = torch.autograd.grad(loss, x, allow_unused=True, retain_graph=True)
+    if grad is None:
+        return None
+    flat = grad.flatten(1)[attacked]
+    return int((flat.abs().sum(1) == 0).sum()), int((~torch.isfinite(flat)).any(1).sum())
+
+
 def _check_input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Verdict:
+    """The gradient AutoAttack checks (its check_zero_gradients looks at the DLR loss) must be finite and
+    non-zero for every example AutoAttack attacks, i.e. every correctly classified one (on a misclassified
+    example whose label ranks third the DLR loss is constant, so its zero gradient means nothing). The
+    cross-entropy's (APGD-CE's) is reported beside it: where it is saturated (an exactly one-hot softmax) a
+    confident example gives APGD-CE no gradient, yet the DLR-based APGD-T still has one: a note, not a
+    failure. Fewer than 3 classes have no DLR loss: the cross-entropy's gradient decides."""
     x = x.detach().clone().requires_grad_(True)
     with torch.enable_grad():
-        loss = F.cross_entropy(model(x), y, reduction="sum")
-        if not loss.requires_grad:
+        logits = model(x)
+        if not logits.requires_grad:
             return Verdict("input gradients", False, "the loss does not depend on the input through autograd "
                                                      "(is the input detached or the forward under no_grad?)")
-        (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
-    if grad is None:
+        logits = logits.flatten(1).float()
+        attacked = logits.argmax(1) == y
+        n = int(attacked.sum())
+        if n == 0:
+            return Verdict("input gradients", True, f"none of the {x.shape[0]} examples is classified correctly: "
+                                                    "AutoAttack attacks none of them, nothing to check")
+        ce = _zero_and_non_finite(F.cross_entropy(logits, y, reduction="sum"), x, attacked)
+        dlr = _zero_and_non_finite(_dlr_loss(logits, y), x, attacked) if logits.shape[1] >= 3 else None
+    if ce is None:
         return Verdict("input gradients", False, "the loss does not depend on the input through autograd "
                                                  "(is the input detached?)")
-    per_example = grad.flatten(1).abs().sum(1)
-    zero = int((per_example == 0).sum())
-    non_finite = int((~torch.isfinite(grad.flatten(1))).any(1).sum())
+    decisive, name = (dlr, "DLR") if dlr is not None else (ce, "cross-entropy")
+    zero, non_finite = decisive
     passed = zero == 0 and non_finite == 0
-    detail = f"{zero} of {x.shape[0]} examples with an all-zero input gradient, {non_finite} non-finite"
+    detail = (f"{name} loss: {zero} of the {n} correctly classified examples with an all-zero input gradient, "
+              f"{non_finite} non-finite")
+    if dlr is not None:
+        detail += f"; cross-entropy: {ce[0]} all-zero, {ce[1]} non-finite"
+        if passed and ce[0]:
+            detail += " (saturated: APGD-CE gets no gradient there, APGD-T's DLR loss does)"
     if not passed:
         detail += "; gradient-based attacks cannot be trusted on them (gradient masking)"
     return Verdict("input gradients", passed, detail)

@@ -160,7 +160,8 @@ def _eval_parser(sub) -> None:
                                      "(torchattacks' AA as released: 10 iterations, weaker); --protocol attacks "
                                      "only", ",".join(DEFAULT_ATTACKS)))
     p.add_argument("--dataset", choices=tuple(RB_DATASETS), default=None,
-                   help=with_default("the test set of --protocol robustbench", "the run's, when it is cifar10"))
+                   help=with_default("the test set of --protocol robustbench (the model must have as many "
+                                     "classes)", "the run's dataset when it is one of these"))
     p.add_argument("--data-dir", default=None, help=with_default("dataset folder", "the run's"))
     p.add_argument("--test-subset", type=int, default=None,
                    help=with_default("first N test examples", f"the run's; {RB_N_EXAMPLES} with --protocol "

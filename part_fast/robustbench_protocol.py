@@ -117,16 +117,22 @@ class ProtocolResult:
 
 
 def evaluate_robustbench(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, dataset: str = "cifar10",
-                         eps: float = 8 / 255, batch_size: int = BATCH_SIZE, device="cpu", seed: int = 0,
+                         eps: float = 8 / 255, batch_size: int = BATCH_SIZE, device=None, seed: int = 0,
                          verbose: bool = True, on_checks=None) -> ProtocolResult:
     """RobustBench's benchmark() steps 2-4 on (x, y) (from `load_test_set`), with the model in eval mode and
-    AutoAttack seeded with `seed`. `verbose` lets AutoAttack print its per-attack progress; `on_checks`, if
-    given, is called with the verdicts of `aa_checks.check_model` (first batch) before AutoAttack starts."""
+    AutoAttack seeded with `seed`. device: where the model runs (None: where its parameters are; else the
+    model is moved there, as benchmark() does). `verbose` lets AutoAttack print its per-attack progress;
+    `on_checks`, if given, is called with the verdicts of `aa_checks.check_model` (first batch) before
+    AutoAttack starts."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
     if x.ndim != 4 or y.shape != (x.shape[0],):
         raise ConfigError(f"x must be (N, C, H, W) and y (N,); got {tuple(x.shape)} and {tuple(y.shape)}")
-    device = torch.device(device)
+    if device is None:
+        device = next(model.parameters()).device
+    else:
+        device = torch.device(device)
+        model.to(device)
     aa_cls = load_autoattack()
     seconds = {}
     with eval_mode(model):

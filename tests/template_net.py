@@ -11,20 +11,22 @@ from torch import nn
 
 
 class TemplateNet(nn.Module):
-    def __init__(self, templates, scale: float = 1.0):
+    def __init__(self, templates, scale: float = 1.0, record: bool = False):
         """scale multiplies every logit (no prediction or robustness changes): large images need it below 1,
-        or the cross-entropy saturates and its input gradient is exactly zero on the robust examples."""
+        or the cross-entropy saturates and its input gradient is exactly zero on the robust examples.
+        record: keep the input of every no-grad forward in .scored (AutoAttack's Square makes thousands)."""
         super().__init__()
         self.conv = nn.Conv2d(3, templates.shape[0], templates.shape[-1])
         with torch.no_grad():
             self.conv.weight.copy_(scale * templates)
             self.conv.bias.copy_(-0.5 * scale * templates.sum((1, 2, 3)))  # logit_c = scale <T_c, x - 0.5>
         self.calls = 0
-        self.scored = []  # the inputs of no-grad forwards (evaluate's accuracy counts)
+        self.record = record
+        self.scored = []  # with record: the inputs of no-grad forwards (evaluate's accuracy counts)
 
     def forward(self, x):
         self.calls += 1
-        if not torch.is_grad_enabled():
+        if self.record and not torch.is_grad_enabled():
             self.scored.append(x.detach().clone())
         return self.conv(x).flatten(1)
 

@@ -84,6 +84,11 @@ def test_committed_readme_has_the_generated_blocks():
 def test_cpu_peak_memory_sees_a_known_allocation():
     """In a process set up as the memory worker is: a 64 MiB tensor allocated and freed inside the call is
     its peak (within 4 MiB of process noise), and a call that allocates nothing measures near zero."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError as err:
+        pytest.skip(f"/proc/self/clear_refs cannot be written here ({err.strerror}): the CPU peak needs it")
     code = ("import torch\n"
             "from bench.memory_report import peak_memory\n"
             "cpu = torch.device('cpu')\n"

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 def setup():
     """(model, loader): 8 examples in batches of 3, 3, 2; robust exactly at odd indices (a = 3 eps)."""
     t = templates()
-    model = TemplateNet(t).eval()
+    model = TemplateNet(t, record=True).eval()
     y = torch.tensor([0, 1, 2, 3, 4, 5, 6, 7]) % 10
     a = torch.tensor([0.3, 3.0] * 4) * EPS
     x = 0.5 + a.view(-1, 1, 1, 1) * t[y]

@@ -6,6 +6,7 @@ The model is template_net.TemplateNet on 32x32 CIFAR-format files: an example is
 amplitude a > 0 and robust exactly when a > eps, so both accuracies are known before any attack runs."""
 from __future__ import annotations
 
+import functools
 import importlib
 import json
 import re
@@ -77,6 +78,7 @@ def test_cifar100_is_read_from_its_own_files(tmp_path, monkeypatch):
     assert torch.equal(got_x, stored(x)) and torch.equal(got_y, y)
 
 
+@pytest.mark.slow
 def test_the_protocol_finds_the_known_accuracies(cifar):
     data_dir, model = cifar
     x, y = rbp.load_test_set("cifar10", data_dir, N_EXAMPLES)
@@ -122,19 +124,23 @@ def _pyautoattack_as_autoattack():
     return module
 
 
+_SHIM = []  # the one stand-in module: robustbench.eval keeps the class it imported first
+
+
 @pytest.fixture
 def robustbench(monkeypatch):
     """The robustbench package, importable here: setuptools >= 81 has no pkg_resources, which
-    robustbench.loaders imports for ImageNet only; without the GitHub `autoattack`, pyautoattack stands in."""
+    robustbench.loaders imports for ImageNet only; without the GitHub `autoattack`, pyautoattack stands in
+    (for robustbench and for part_fast alike, so both run the same AutoAttack class)."""
     if importlib.util.find_spec("robustbench") is None:
-        pytest.skip("robustbench is not installed (.ci/run installs it: pip install --no-deps robustbench==1.1.1 "
-                    "and its import-time dependencies)")
+        pytest.skip("robustbench is not installed (it is in the test extra: pip install -e '.[test]')")
     if importlib.util.find_spec("pkg_resources") is None:
         monkeypatch.setitem(sys.modules, "pkg_resources", types.ModuleType("pkg_resources"))
-    if importlib.util.find_spec("autoattack") is None and "robustbench.eval" not in sys.modules:
-        shim = _pyautoattack_as_autoattack()
-        monkeypatch.setitem(sys.modules, "autoattack", shim)
-        monkeypatch.setitem(sys.modules, "autoattack.state", shim.state)
+    if importlib.util.find_spec("autoattack") is None:
+        if not _SHIM:
+            _SHIM.append(_pyautoattack_as_autoattack())
+        monkeypatch.setitem(sys.modules, "autoattack", _SHIM[0])
+        monkeypatch.setitem(sys.modules, "autoattack.state", _SHIM[0].state)
     module = importlib.import_module("robustbench")
     importlib.import_module("robustbench.eval")
     return module
@@ -151,13 +157,31 @@ def test_the_test_set_equals_robustbench_load_clean_dataset(cifar, robustbench):
         assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1]), n
 
 
+@pytest.mark.slow
 def test_agrees_exactly_with_robustbench_benchmark(cifar, robustbench, tmp_path, monkeypatch):
     """benchmark() seeds AutoAttack from the clock (it passes no seed); pinned here to the protocol's seed,
     everything else is robustbench's own code: its loader, batching, AutoAttack call and JSON writer."""
     import robustbench.eval as rb_eval
 
+    from part_fast.evaluate import load_autoattack
+
     data_dir, model = cifar
-    monkeypatch.setattr(rb_eval.AutoAttack, "get_seed", lambda self: 0 if self.seed is None else self.seed)
+    aa_cls = rb_eval.AutoAttack
+    assert load_autoattack() is aa_cls  # both sides run the same AutoAttack class
+    monkeypatch.setattr(aa_cls, "get_seed", lambda self: 0 if self.seed is None else self.seed)
+    # Record every AutoAttack run: the same inputs, batch size and seed must give the same adversarial
+    # examples on both sides (the accuracies alone could agree by luck on this model).
+    calls = []
+    original = aa_cls.run_standard_evaluation
+
+    @functools.wraps(original)
+    def recorded(self, x, y, *args, **kwargs):
+        x_adv = original(self, x, y, *args, **kwargs)
+        out = x_adv[0] if isinstance(x_adv, tuple) else x_adv
+        calls.append((x.clone(), y.clone(), args, kwargs, self.get_seed(), self.version, out.clone()))
+        return x_adv
+
+    monkeypatch.setattr(aa_cls, "run_standard_evaluation", recorded)
     monkeypatch.chdir(tmp_path)
     clean, robust = robustbench.benchmark(model, n_examples=N_EXAMPLES, dataset="cifar10", threat_model="Linf",
                                           to_disk=True, model_name="Template", data_dir=str(data_dir),
@@ -168,6 +192,13 @@ def test_agrees_exactly_with_robustbench_benchmark(cifar, robustbench, tmp_path,
     result = rbp.evaluate_robustbench(model, x, y, eps=EPS, batch_size=BATCH, seed=0, verbose=False)
     ours = rbp.model_info(result, name="Template", arch="template")
     assert (result.clean_acc, result.autoattack_acc) == (clean, robust) == (CLEAN, ROBUST)
+    assert len(calls) == 2
+    (x_rb, y_rb, a_rb, kw_rb, seed_rb, v_rb, adv_rb), (x_us, y_us, a_us, kw_us, seed_us, v_us, adv_us) = calls
+    assert torch.equal(x_rb, x_us) and torch.equal(y_rb, y_us) and x_us.shape[0] == N_EXAMPLES
+    assert a_rb == a_us == () and kw_rb.get("bs", kw_rb.get("batch_size")) == BATCH
+    assert kw_us.get("bs", kw_us.get("batch_size")) == BATCH
+    assert seed_rb == seed_us == 0 and v_rb == v_us == "standard"
+    assert torch.equal(adv_rb, adv_us)
     assert set(ours) == set(theirs)
     written_by_benchmark = {k: v for k, v in theirs.items() if v is not None}
     assert written_by_benchmark == {k: ours[k] for k in written_by_benchmark}
@@ -190,6 +221,7 @@ def small_run(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_cli_writes_the_model_info_beside_the_checkpoint(small_run, cifar, capsys):
     data_dir, _ = cifar
     assert cli.main(["eval", str(small_run / "last.pt"), "--protocol", "robustbench", "--dataset", "cifar10",
@@ -202,8 +234,7 @@ def test_cli_writes_the_model_info_beside_the_checkpoint(small_run, cifar, capsy
 
     model, _ = load_model(small_run / "last.pt")
     x, y = rbp.load_test_set("cifar10", data_dir, 24)
-    with torch.no_grad():
-        clean = int((model(x).argmax(1) == y).sum())
+    clean = rbp._accuracy(model, x, y, 10, "cpu")  # in the protocol's batches of 10, as the CLI counted
     robust = details["autoattack_correct"]
     assert 0 <= robust <= clean and details["clean_correct"] == clean
     assert info["clean_acc"] == str(round(100 * clean / 24, 2)) and info["autoattack_acc"] == str(round(100 * robust / 24, 2))

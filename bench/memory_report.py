@@ -37,12 +37,11 @@ import numpy as np
 import torch
 
 from bench.common import machine_info, synchronizer, write_json, write_readme_blocks
-from bench.step_cases import Layer4Alias
+from bench.step_cases import release_cam_model
 from part_fast.budget import PixelBudget
-from part_fast.cam import find_layer
 from part_fast.check.timing import cuda_peak_bytes
 from part_fast.files import atomic_write_bytes
-from part_fast.models import CAM_LAYERS, get_model
+from part_fast.models import get_model
 from part_fast.modes import eval_mode
 from part_fast.release import EPS, EPS_LOW, release_eps_map
 
@@ -92,8 +91,7 @@ def _budget_call(impl: str, model, x, arch: str):
         budget = PixelBudget(eps=EPS, eps_low=EPS_LOW, method="gradcam", mask="jet")
         return lambda: budget(model, x)
 
-    layer = find_layer(model, CAM_LAYERS.get(arch))
-    cam_model = model if getattr(model, "layer4", None) is layer else Layer4Alias(model, layer)
+    cam_model = release_cam_model(model, arch)
 
     def release():
         with eval_mode(model), np.errstate(invalid="ignore", divide="ignore"):

@@ -47,6 +47,12 @@ class Layer4Alias(nn.Module):
         return self.net(x)
 
 
+def release_cam_model(model: nn.Module, arch: str) -> nn.Module:
+    """What to hand `release_eps_map`: the model itself when its CAM layer is `layer4`, else a Layer4Alias."""
+    layer = find_layer(model, CAM_LAYERS.get(arch))
+    return model if getattr(model, "layer4", None) is layer else Layer4Alias(model, layer)
+
+
 class Case:
     """One row: a RunState of its method loaded with the shared initial weights, restored to the same
     snapshot (weights, BatchNorm buffers, momentum) before every timed step."""
@@ -65,8 +71,7 @@ class Case:
             self.attack = PGD(self.state.attack_model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps,
                               start="release", loss="ce")
             model = self.state.model
-            layer = find_layer(model, CAM_LAYERS.get(arch))
-            self.cam_model = model if getattr(model, "layer4", None) is layer else Layer4Alias(model, layer)
+            self.cam_model = release_cam_model(model, arch)
         else:
             self.attack = inner_attack(self.state, part_phase)
         self.snapshot = None

@@ -125,6 +125,10 @@ def _zero_and_non_finite(loss: torch.Tensor, x: torch.Tensor, attacked: torch.Te
     return int((flat.abs().sum(1) == 0).sum()), int((~torch.isfinite(flat)).any(1).sum())
 
 
+_NO_INPUT_GRADIENT = Verdict("input gradients", False, "the loss does not depend on the input through autograd "
+                                                       "(is the input detached or the forward under no_grad?)")
+
+
 def _check_input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Verdict:
     """The gradient AutoAttack checks (its check_zero_gradients looks at the DLR loss) must be finite and
     non-zero for every example AutoAttack attacks, i.e. every correctly classified one (on a misclassified
@@ -136,8 +140,7 @@ def _check_input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -
     with torch.enable_grad():
         logits = model(x)
         if not logits.requires_grad:
-            return Verdict("input gradients", False, "the loss does not depend on the input through autograd "
-                                                     "(is the input detached or the forward under no_grad?)")
+            return _NO_INPUT_GRADIENT
         logits = logits.flatten(1).float()
         attacked = logits.argmax(1) == y
         n = int(attacked.sum())
@@ -147,8 +150,7 @@ def _check_input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -
         ce = _zero_and_non_finite(F.cross_entropy(logits, y, reduction="sum"), x, attacked)
         dlr = _zero_and_non_finite(_dlr_loss(logits, y), x, attacked) if logits.shape[1] >= 3 else None
     if ce is None:
-        return Verdict("input gradients", False, "the loss does not depend on the input through autograd "
-                                                 "(is the input detached?)")
+        return _NO_INPUT_GRADIENT
     decisive, name = (dlr, "DLR") if dlr is not None else (ce, "cross-entropy")
     zero, non_finite = decisive
     passed = zero == 0 and non_finite == 0

@@ -17,6 +17,9 @@ from .devices import AUTO, describe_device, parse_device, resolve_device
 from .errors import (EXIT_DIVERGED, EXIT_USER_ERROR, USER_ERRORS, ConfigError, Interrupted, OutputWriteError,
                      TrainingDiverged, report)
 from .evaluate import MissingExtraError
+from .robustbench_protocol import BATCH_SIZE as RB_BATCH_SIZE
+from .robustbench_protocol import DATASETS as RB_DATASETS
+from .robustbench_protocol import N_EXAMPLES as RB_N_EXAMPLES
 from .train import RESUMABLE_CHANGES, TrainConfig
 from .eps_text import check_budget
 from .train.config import flag_of
@@ -24,10 +27,6 @@ from .train.config import flag_of
 DEVICE_HELP = "auto (cuda when there is a GPU, else cpu) | cpu | cuda | cuda:N"
 PROTOCOLS = ("attacks", "robustbench")
 DEFAULT_ATTACKS = ("natural", "pgd20", "mma", "aa")
-# Mirrors part_fast.robustbench_protocol (imported lazily, with torch): tests/test_robustbench_protocol.py
-# checks they agree.
-RB_DATASETS = {"cifar10": 10, "cifar100": 100}
-RB_N_EXAMPLES, RB_BATCH_SIZE = 10_000, 500
 
 
 def fraction(text: str) -> float:
@@ -295,6 +294,14 @@ def _write_json(path: Path, obj, flag: str) -> None:
     print(f"wrote {path}")
 
 
+def _check_eval_numbers(args) -> None:
+    """Both protocols: the device name first (names before numbers), then the budget and the counts."""
+    parse_device(args.device)
+    check_budget("--eps", args.eps)
+    _positive("--batch-size", args.batch_size)
+    _positive("--test-subset", args.test_subset)
+
+
 def cmd_eval(args) -> int:
     from .evaluate import ATTACK_LABELS, ATTACKS, evaluate
     from .train import load_model
@@ -307,12 +314,9 @@ def cmd_eval(args) -> int:
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise ConfigError(f"--attacks: unknown {unknown}; choose from {', '.join(ATTACKS)}")
-    parse_device(args.device)  # names before numbers
-    check_budget("--eps", args.eps)
+    _check_eval_numbers(args)
     if args.step_size is not None:
         check_budget("--step-size", args.step_size)
-    _positive("--batch-size", args.batch_size)
-    _positive("--test-subset", args.test_subset)
     device = _start("eval", args.device)
     model, config = load_model(args.checkpoint, device)
     loader, _, _ = _test_loader(config, args.data_dir, args.test_subset, args.batch_size or 256)
@@ -350,10 +354,7 @@ def _eval_robustbench(args) -> int:
                           "version standard")
     if args.step_size is not None:
         raise ConfigError("--step-size does not apply to --protocol robustbench: AutoAttack sets its own steps")
-    parse_device(args.device)
-    check_budget("--eps", args.eps)
-    _positive("--batch-size", args.batch_size)
-    _positive("--test-subset", args.test_subset)
+    _check_eval_numbers(args)
     device = _start("eval", args.device)
     model, config = load_model(args.checkpoint, device)
     dataset = args.dataset or (config.dataset if config.dataset in RB_DATASETS else None)

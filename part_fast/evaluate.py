@@ -107,11 +107,16 @@ def run_standard_evaluation(adversary, x: torch.Tensor, y: torch.Tensor, batch_s
     return out[0] if isinstance(out, tuple) else out
 
 
-def _autoattack_runner(model, eps, device, seed):
-    aa_cls = load_autoattack()
-    adversary = aa_cls(model, norm="Linf", eps=eps, version="standard", device=device, seed=seed)
+def standard_autoattack(model, eps: float, device, seed: int, verbose: bool = False):
+    """The original AutoAttack, L-inf, version "standard", seeded (whichever packaging load_autoattack finds)."""
+    adversary = load_autoattack()(model, norm="Linf", eps=eps, version="standard", device=device, seed=seed)
     if hasattr(adversary, "verbose"):
-        adversary.verbose = False
+        adversary.verbose = verbose
+    return adversary
+
+
+def _autoattack_runner(model, eps, device, seed):
+    adversary = standard_autoattack(model, eps, device, seed)
     return lambda x, y: run_standard_evaluation(adversary, x, y, x.shape[0])
 
 

@@ -26,7 +26,7 @@ from torch import nn
 
 from .aa_checks import check_model
 from .errors import ConfigError
-from .evaluate import autoattack_source, load_autoattack, run_standard_evaluation
+from .evaluate import autoattack_source, run_standard_evaluation, standard_autoattack
 from .modes import eval_mode
 
 DATASETS = {"cifar10": 10, "cifar100": 100}  # RobustBench's L-inf datasets part_fast can train for
@@ -133,7 +133,6 @@ def evaluate_robustbench(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
     else:
         device = torch.device(device)
         model.to(device)
-    aa_cls = load_autoattack()
     seconds = {}
     with eval_mode(model):
         checks = check_model(model, x[:batch_size].to(device), y[:batch_size].to(device))
@@ -142,16 +141,14 @@ def evaluate_robustbench(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
         start = time.perf_counter()
         clean = _accuracy(model, x, y, batch_size, device)
         seconds["clean"] = time.perf_counter() - start
-        adversary = aa_cls(model, norm=THREAT_MODEL, eps=eps, version="standard", device=device, seed=seed)
-        if hasattr(adversary, "verbose"):
-            adversary.verbose = verbose
+        adversary = standard_autoattack(model, eps, device, seed, verbose=verbose)
         start = time.perf_counter()
         x_adv = run_standard_evaluation(adversary, x, y, batch_size)
         robust = _accuracy(model, x_adv, y, batch_size, device)
         seconds["autoattack"] = time.perf_counter() - start
     return ProtocolResult(dataset=dataset, eps=eps, n_examples=int(x.shape[0]), batch_size=batch_size, seed=seed,
                           clean_correct=clean, autoattack_correct=robust, checks=checks,
-                          autoattack=autoattack_source(aa_cls), seconds=seconds)
+                          autoattack=autoattack_source(type(adversary)), seconds=seconds)
 
 
 def _percent(fraction: float) -> str:

@@ -31,21 +31,21 @@ def failed(verdicts: dict) -> set:
     return {name for name, v in verdicts.items() if not v.passed}
 
 
-class Softmax(nn.Module):
+class Wrapped(nn.Module):
+    """A model around `inner` that breaks one rule in its forward."""
+
     def __init__(self, inner):
         super().__init__()
         self.inner = inner
 
+
+class Softmax(Wrapped):
     def forward(self, x):
         return self.inner(x).softmax(1)
 
 
-class AlwaysDropout(nn.Module):
+class AlwaysDropout(Wrapped):
     """A randomised defence: dropout on the input even in eval mode."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
 
     def forward(self, x):
         return self.inner(F.dropout(x, 0.5, training=True))
@@ -66,23 +66,15 @@ class StuckInTraining(nn.Module):
         return self.inner(self.bn(x))
 
 
-class Rounding(nn.Module):
+class Rounding(Wrapped):
     """Quantises its input to 8 bits (a classic masking "defence"): predictions survive, the input gradient is
     exactly zero."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
 
     def forward(self, x):
         return self.inner(torch.round(x * 255) / 255)
 
 
-class Detached(nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
+class Detached(Wrapped):
     def forward(self, x):
         return self.inner(x.detach())
 

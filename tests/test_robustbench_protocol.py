@@ -208,11 +208,6 @@ def test_agrees_exactly_with_robustbench_benchmark(cifar, robustbench, tmp_path,
     assert set(written_by_benchmark) == {"dataset", "eps", "clean_acc", "autoattack_acc"}
 
 
-def test_cli_constants_mirror_the_protocol():
-    assert cli.RB_DATASETS == rbp.DATASETS
-    assert (cli.RB_N_EXAMPLES, cli.RB_BATCH_SIZE) == (rbp.N_EXAMPLES, rbp.BATCH_SIZE)
-
-
 # ------------------------------------------------------------------------------ the command line
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):

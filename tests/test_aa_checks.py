@@ -179,6 +179,28 @@ def test_only_the_examples_autoattack_attacks_are_checked():
     assert verdict.passed and "none of the 6 examples is classified correctly" in verdict.detail
 
 
+class NoisyLogits(Wrapped):
+    """Random noise of relative size `scale` on the logits: large margins keep every prediction."""
+
+    def __init__(self, inner, scale):
+        super().__init__(inner)
+        self.scale = scale
+
+    def forward(self, x):
+        out = self.inner(x)
+        return out + self.scale * out.abs().amax(1, keepdim=True) * torch.randn_like(out)
+
+
+def test_outputs_that_move_fail_determinism_even_with_the_same_predictions():
+    """AutoAttack's tolerance is on the normalised outputs: noise of 1e-3 fails it with every prediction
+    unchanged, noise of 1e-7 (float non-determinism) passes."""
+    t, x, y = batch()
+    x = examples(t, y, torch.full((6,), 0.3))  # margins far beyond the noise
+    verdict = verdicts_of(NoisyLogits(TemplateNet(t), 1e-3), x, y)["deterministic"]
+    assert not verdict.passed and verdict.detail.startswith("two passes: 0 of 6 predictions differ")
+    assert verdicts_of(NoisyLogits(TemplateNet(t), 1e-7), x, y)["deterministic"].passed
+
+
 def test_the_randomised_model_check_is_stable():
     t, x, y = batch()
     for seed in range(40):

@@ -1,7 +1,9 @@
 """Argument checks shared by every Python-side backend (reference, triton).
 
-The C++ ops make the same checks with TORCH_CHECK_VALUE / TORCH_CHECK_TYPE, so a bad argument raises
-the same exception type (ValueError / TypeError) naming the same argument whichever backend runs.
+The C++ ops (csrc/checks.h) make the same checks with the same words and raise ValueError. The stable ABI
+they are built on cannot raise TypeError, so part_fast.ops runs check_kernel_dtypes before a compiled op:
+a bad argument raises the same exception type (ValueError / TypeError) naming the same argument whichever
+backend runs.
 """
 from __future__ import annotations
 
@@ -64,6 +66,21 @@ def check_attack_tensors(x_adv, grad, x_nat, allow_float64=True):
             layout = "contiguous" if fmt == torch.contiguous_format else "channels_last"
             raise ValueError(f"{name} must have x_adv's memory layout ({layout}), got strides {tuple(t.stride())}")
     return fmt
+
+
+def check_kernel_dtypes(x_adv, others, eps_map=None) -> None:
+    """The TypeErrors of check_attack_tensors / check_eps / check_cam_args, before a compiled op (whose own
+    checks raise ValueError for a wrong dtype). x_adv: the first tensor (x_adv, or cam); others: (name,
+    tensor) pairs that must share its dtype; eps_map: None or the tensor budget. float64 only on the CPU."""
+    name = "cam" if not others else "x_adv"
+    check_float_tensor(x_adv, name, allow_float64=x_adv.device.type == "cpu")
+    for other_name, t in others:
+        check_float_tensor(t, other_name, allow_float64=x_adv.device.type == "cpu")
+        if t.dtype != x_adv.dtype:
+            raise TypeError(f"{other_name} must have x_adv's dtype {_dtype_name(x_adv.dtype)}, got {_dtype_name(t.dtype)}")
+    if eps_map is not None and eps_map.dtype not in (torch.float32, x_adv.dtype):
+        raise TypeError(f"eps must be a float32 tensor or have x_adv's dtype {_dtype_name(x_adv.dtype)}, "
+                        f"got {_dtype_name(eps_map.dtype)}")
 
 
 def check_eps(eps, x_adv: torch.Tensor) -> None:

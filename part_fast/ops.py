@@ -5,13 +5,22 @@ Ops (all tensors in, tensors out; nothing here knows of models):
   project_(x_adv, x_nat, eps, lo=0.0, hi=1.0) -> x_adv                      (in place)
   cam_eps_map(cam, size, eps, eps_low, mode="jet") -> Tensor
 
-Backends: "reference" (pure PyTorch, part_fast.reference), "cpu" and "cuda" (the compiled extension
-part_fast._C, registered as torch.ops.part_fast.*), "triton" (part_fast.kernels; CUDA tensors, or CPU
-tensors under TRITON_INTERPRET=1). By default the fastest usable backend for the tensors' device runs;
-PART_FAST_BACKEND=<name> (read at import) forces one by default; `use_backend(name)` forces one inside a block,
-for the calling thread or asyncio task only (a contextvars.ContextVar). The backend choice is the only state.
+Backends: "reference" (pure PyTorch, part_fast.reference), "cpu" and "cuda" (the compiled kernels:
+part_fast._C holds the op schemas and the CPU kernels, part_fast._C_cuda the CUDA kernels, registered as
+torch.ops.part_fast.*), "triton" (part_fast.kernels; CUDA tensors, or CPU tensors under TRITON_INTERPRET=1).
+By default the fastest usable backend for the tensors' device runs; PART_FAST_BACKEND=<name> (read at
+import) forces one by default; `use_backend(name)` forces one inside a block, for the calling thread or
+asyncio task only (a contextvars.ContextVar). The backend choice is the only state.
 
-EXTENSION_ERROR / TRITON_ERROR: why part_fast._C / part_fast.kernels could not be loaded, or None.
+The compiled kernels use the LibTorch stable ABI, so one build loads on every torch from TORCH_FLOOR on.
+torch's version is checked before any compiled library is loaded; a library that cannot load is reported
+once, in one line (a RuntimeWarning naming the cause, what runs instead and how to fix it), and never takes
+the rest down: without _C_cuda the CPU kernels still run, without either the package still imports.
+
+EXTENSION_ERROR: why part_fast._C (schemas + CPU kernels) could not be loaded, or None.
+CUDA_EXTENSION_ERROR: why part_fast._C_cuda could not be loaded, or None (also set, quietly, when torch
+    has no CUDA or the build has no CUDA kernels).
+TRITON_ERROR: why part_fast.kernels could not be imported, or None.
 """
 from __future__ import annotations
 
@@ -27,21 +36,62 @@ from . import _checks, reference
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
-try:
-    # Loading it registers torch.ops.part_fast.*. import_module rather than `from . import _C`: an extension
-    # that was never built (PART_FAST_NO_EXTENSION=1) then reads "No module named 'part_fast._C'"
-    # (ModuleNotFoundError, .name "part_fast._C"), not "cannot import name '_C' ... circular import".
-    importlib.import_module(f"{__package__}._C")
+# The LibTorch stable ABI version the kernels are built for (setup.py's TORCH_FLOOR): the oldest torch
+# that can load them.
+TORCH_FLOOR = (2, 10)
+_INSTEAD = "CUDA tensors run on Triton where it is installed, the rest on the pure-PyTorch reference (slower)"
 
-    EXTENSION_ERROR: Exception | None = None
-except Exception as exc:  # noqa: BLE001  ImportError, or an OSError from a library the build linked against
-    EXTENSION_ERROR = exc
-    warnings.warn(
-        f"part_fast: the compiled extension part_fast._C could not be loaded ({exc!r}); "
-        "every op runs on the pure-PyTorch reference backend",
-        RuntimeWarning,
-        stacklevel=2,
-    )
+
+def _torch_version(text: str) -> tuple[int, int]:
+    """(major, minor) of a torch version string such as '2.13.0+cpu' or '2.15.0.dev20260101'."""
+    major, minor = text.split("+")[0].split(".")[:2]
+    return int(major), int("".join(c for c in minor if c.isdigit()) or 0)
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(f"{type(exc).__name__}: {exc}".split())
+
+
+def _warn(message: str) -> None:
+    # stacklevel 3: the line of the user's code whose import loaded part_fast.ops, not this file
+    warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _load_compiled() -> tuple[BaseException | None, BaseException | None]:
+    """Loads part_fast._C, then part_fast._C_cuda; returns (EXTENSION_ERROR, CUDA_EXTENSION_ERROR)."""
+    floor = ".".join(map(str, TORCH_FLOOR))
+    if _torch_version(torch.__version__) < TORCH_FLOOR:
+        # Checked before loading anything: an older torch lacks the stable ABI's entry points.
+        error = ImportError(f"torch {torch.__version__} is older than {floor}, the oldest the compiled kernels load on")
+        _warn(f"part_fast: the compiled kernels need torch>={floor} (the LibTorch stable ABI), this is torch "
+              f"{torch.__version__}: {_INSTEAD}; upgrade torch to use them")
+        return error, error
+    try:
+        # Loading it registers torch.ops.part_fast.*. import_module rather than `from . import _C`: an
+        # extension that was never built (PART_FAST_NO_EXTENSION=1) then reads "No module named
+        # 'part_fast._C'" (ModuleNotFoundError, .name "part_fast._C"), not "cannot import name '_C'".
+        importlib.import_module(f"{__package__}._C")
+    except Exception as exc:  # noqa: BLE001  ImportError, or an OSError from a library it links against
+        _warn(f"part_fast: the compiled kernels (part_fast._C) could not be loaded ({_one_line(exc)}): {_INSTEAD}; reinstall "
+              "part_fast (the wheel, or `pip install --no-build-isolation .` from a checkout) to use them")
+        return exc, exc
+    if torch.version.cuda is None:  # a CPU-only torch: CUDA kernels could serve nothing
+        return None, ImportError(f"torch {torch.__version__} has no CUDA")
+    try:
+        importlib.import_module(f"{__package__}._C_cuda")
+    except ModuleNotFoundError as exc:
+        if exc.name != f"{__package__}._C_cuda":
+            raise
+        return None, exc  # a build without CUDA kernels (no toolkit at build time): nothing to report
+    except Exception as exc:  # noqa: BLE001  e.g. the CUDA runtime library of another CUDA major
+        _warn(f"part_fast: the CUDA kernels (part_fast._C_cuda) could not be loaded ({_one_line(exc)}): CUDA tensors run on Triton "
+              f"where it is installed, else on the reference; the CPU kernels are unaffected; install a part_fast "
+              f"built for CUDA {torch.version.cuda} (the wheel's CUDA major must match torch's) to use them")
+        return None, exc
+    return None, None
+
+
+EXTENSION_ERROR, CUDA_EXTENSION_ERROR = _load_compiled()
 
 
 def _read_env_backend() -> str | None:
@@ -197,6 +247,7 @@ def pgd_step_(x_adv, grad, x_nat, eps, step_size, lo=0.0, hi=1.0):
     backend = select_backend(_checks.device_of(x_adv, "x_adv"))
     if backend in ("cpu", "cuda"):
         eps_map, eps_value = _split_eps(eps)
+        _checks.check_kernel_dtypes(x_adv, (("grad", grad), ("x_nat", x_nat)), eps_map)
         torch.ops.part_fast.pgd_step_(
             x_adv, grad, x_nat, eps_map, eps_value, _scalar("step_size", step_size), _scalar("lo", lo), _scalar("hi", hi)
         )
@@ -215,6 +266,7 @@ def project_(x_adv, x_nat, eps, lo=0.0, hi=1.0):
     backend = select_backend(_checks.device_of(x_adv, "x_adv"))
     if backend in ("cpu", "cuda"):
         eps_map, eps_value = _split_eps(eps)
+        _checks.check_kernel_dtypes(x_adv, (("x_nat", x_nat),), eps_map)
         torch.ops.part_fast.project_(x_adv, x_nat, eps_map, eps_value, _scalar("lo", lo), _scalar("hi", hi))
     elif backend == "triton":
         eps_map, eps_value = _split_eps(eps)
@@ -232,7 +284,11 @@ def cam_eps_map(cam, size, eps, eps_low, mode="jet"):
         return reference.cam_eps_map(cam, size, eps, eps_low, mode)
     if not isinstance(mode, str):
         raise TypeError(f"mode must be a str ('jet' or 'cam'), got {type(mode).__name__}")
-    op = torch.ops.part_fast.triton_cam_eps_map if backend == "triton" else torch.ops.part_fast.cam_eps_map
+    if backend == "triton":
+        op = torch.ops.part_fast.triton_cam_eps_map
+    else:
+        _checks.check_kernel_dtypes(cam, ())
+        op = torch.ops.part_fast.cam_eps_map
     return op(cam, list(_checks.normalize_size(size)), _scalar("eps", eps), _scalar("eps_low", eps_low), mode)
 
 

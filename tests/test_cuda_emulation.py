@@ -38,7 +38,9 @@ def emulation_source() -> str:
         # The headers' hook for the block's dynamic shared memory: emu.h's array (a host compiler has no
         # extern __shared__).
         "#define PF_DYNAMIC_SHARED_DOUBLES(name) double* name = g_dynamic_smem",
-        "#include <torch/extension.h>",
+        # The kernels' own stable-ABI headers (the harness registers its ops with STABLE_TORCH_LIBRARY).
+        "#include <torch/csrc/stable/library.h>",
+        "#include <torch/csrc/stable/ops.h>",
         "#include <optional>",
         "#include <tuple>",
         *(f'#include "{header}"' for header in DEVICE_HEADERS),
@@ -56,9 +58,9 @@ def test_cuda_sources_include_the_emulated_device_headers():
 
 
 def cuda_include_dirs() -> list[str]:
-    """Where cuda_runtime.h is, if anywhere: the CUDA wheels torch depends on, else a toolkit. The host
-    compile of IntegerDivider.cuh does not need it with torch 2.14, but other torch versions may; nothing from
-    it is linked or run, and without it the build is simply tried without."""
+    """Where cuda_runtime.h is, if anywhere: the CUDA wheels torch depends on, else a toolkit. The device
+    headers do not need it (emu.h stands in for the CUDA built-ins); nothing from it is linked or run, and
+    without it the build is simply tried without."""
     candidates = []
     try:
         import nvidia
@@ -81,11 +83,15 @@ def emu(tmp_path_factory):
     build = tmp_path_factory.mktemp("cuda_emulation")
     source = build / "cuda_emulation.cpp"
     source.write_text(emulation_source())
-    return cpp_extension.load(
+    # A library of ops (torch.ops.part_fast_emulation.*), not a Python module: built, like the kernels, on
+    # the stable ABI only (TORCH_TARGET_VERSION makes an ATen include a compile error).
+    cpp_extension.load(
         name="part_fast_cuda_emulation", sources=[str(source)], build_directory=str(build),
-        extra_include_paths=[str(CSRC)] + cuda_include_dirs(),
+        extra_include_paths=[str(CSRC)] + cuda_include_dirs(), is_python_module=False,
         # -ffp-contract=off as setup.py builds the CPU kernels (and --fmad=false the CUDA ones).
-        extra_cflags=["-O1", "-std=c++20", "-ffp-contract=off", "-Wno-unknown-pragmas"], verbose=False)
+        extra_cflags=["-O1", "-std=c++20", "-ffp-contract=off", "-Wno-unknown-pragmas",
+                      "-DTORCH_TARGET_VERSION=0x020a000000000000"], verbose=False)
+    return torch.ops.part_fast_emulation
 
 
 _BITS = {4: torch.int32, 2: torch.int16}
@@ -177,7 +183,7 @@ def _check_pgd(emu, x, grad, x_nat, eps_map, eps, step, lo, hi, blocks, index64)
     else:
         reference.project_(expected, x_nat, budget, lo, hi)
     got = copy_at_same_alignment(x)
-    ran = emu.pgd(got, grad, x_nat, eps_map, eps, step, lo, hi, blocks, index64)
+    ran = tuple(emu.pgd(got, grad, x_nat, eps_map, eps, step, lo, hi, blocks, index64))
     assert same_bits(got, expected), f"{(got != expected).sum().item()} elements differ; ran {ran}"
     return ran
 
@@ -249,3 +255,20 @@ def test_pgd_device_code_zero_eps_returns_the_clipped_natural_image(emu, gen):
     got = x.clone()
     emu.pgd(got, torch.randn(2, 3, 4, 4, generator=gen), x_nat, None, 0.0, 0.01, 0.0, 1.0, 1, False)
     assert torch.equal(got, x_nat.clamp(0.0, 1.0))
+
+
+# ---------------------------------------------------------------------------------------- int_divider.cuh
+@pytest.mark.parametrize("divisor", [1, 2, 3, 5, 7, 10, 31, 33, 224, 1000, 50176, 2**16 + 1, 2**30 - 1, 2**30,
+                                     2**31 - 1])
+def test_int_divider_divides_exactly(emu, divisor):
+    """The 32-bit multiply-shift division the strided eps walk uses equals n // d and n % d, on the
+    numerators where rounding errs first (around multiples of d) and at the top of the 32-bit index range."""
+    mismatches = emu.divider_mismatches(divisor, 0, 200_000)
+    top = 2**31 - 1
+    mismatches += emu.divider_mismatches(divisor, top - 200_000, top + 1)
+    # around the largest multiples of d below 2^31
+    for k in range(1, 4):
+        m = (top // divisor - k) * divisor
+        if m > 0:
+            mismatches += emu.divider_mismatches(divisor, m - 2, m + 2)
+    assert mismatches == 0

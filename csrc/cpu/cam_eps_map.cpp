@@ -4,9 +4,8 @@
 // Every rounding point is the reference's (part_fast/reference.py), which is the released pipeline's:
 // float32 min-max as torchcam, PIL's double-precision resize with a float32 intermediate, a float32 square,
 // matplotlib's LUT index rule, and double-precision statistics.
-#include <ATen/ATen.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <vector>
@@ -80,27 +79,25 @@ Threshold zscore_threshold(const double* values, int64_t n) {
   return t;
 }
 
-at::Tensor cam_eps_map_cpu(const at::Tensor& cam_in, c10::SymIntArrayRef size, double eps, double eps_low,
-                           c10::string_view mode_view) {
-  const std::string mode(mode_view);
+Tensor cam_eps_map_cpu(const Tensor& cam_in, std::vector<int64_t> size, double eps, double eps_low, std::string mode) {
   check_cam_args(cam_in, size, eps, eps_low, mode, /*allow_double=*/true);
   check_cpu_tensor(cam_in, "cam");
   const bool jet = mode == "jet";
   const int64_t batch = cam_in.size(0), h = cam_in.size(1), w = cam_in.size(2);
-  const int64_t out_h = size[0].expect_int(), out_w = size[1].expect_int();
+  const int64_t out_h = size[0], out_w = size[1];
   const int64_t channels = jet ? 3 : 1, plane = out_h * out_w;
-  at::Tensor out = at::empty({batch, channels, out_h, out_w}, cam_in.options().dtype(at::kFloat));
+  Tensor out = torch::stable::new_empty(cam_in, {batch, channels, out_h, out_w}, ScalarType::Float);
   if (batch == 0) return out;
 
   // The release turned the CAM into a float32 image first; float64 CAMs are rounded the same way.
-  const at::Tensor cam = cam_in.to(at::kFloat).contiguous();
+  const Tensor cam = torch::stable::contiguous(torch::stable::to(cam_in, ScalarType::Float));
   const TapTable taps_x(static_cast<int>(w), static_cast<int>(out_w));
   const TapTable taps_y(static_cast<int>(h), static_cast<int>(out_h));
-  const float* cam_ptr = cam.data_ptr<float>();
-  float* out_ptr = out.data_ptr<float>();
+  const float* cam_ptr = cam.const_data_ptr<float>();
+  float* out_ptr = out.mutable_data_ptr<float>();
   const float hi = static_cast<float>(eps), lo = static_cast<float>(eps_low);
 
-  at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> norm(h * w), rows(h * out_w), up(plane);
     std::vector<double> values(channels * plane);
     for (int64_t b = begin; b < end; ++b) {
@@ -132,9 +129,8 @@ at::Tensor cam_eps_map_cpu(const at::Tensor& cam_in, c10::SymIntArrayRef size, d
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(part_fast, CPU, m) {
-  m.impl("cam_eps_map", &cam_eps_map_cpu);
-}
-
 }  // namespace part_fast
+
+STABLE_TORCH_LIBRARY_IMPL(part_fast, CPU, m) {
+  m.impl("cam_eps_map", TORCH_BOX(&part_fast::cam_eps_map_cpu));
+}

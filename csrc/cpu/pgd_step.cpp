@@ -4,11 +4,8 @@
 // by the EpsPlan of checks.h: a scalar, a tensor laid out like x, or a broadcast/strided tensor visited
 // row by row (a row being the innermost coalesced dim, where eps is constant, contiguous or strided).
 // The inner loops are plain counted loops over float math that GCC auto-vectorises at -O3.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/OpMathType.h>
-#include <ATen/Parallel.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
 #include <optional>
@@ -25,9 +22,9 @@ constexpr int64_t kGrainSize = 32768;
 // The loop body. always_inline so that each ISA variant below gets its own copy compiled for its ISA.
 template <bool kHasStep, typename scalar_t, typename EpsAt>
 PF_ALWAYS_INLINE inline void update_loop(scalar_t* x, const scalar_t* grad, const scalar_t* x_nat, int64_t n,
-                                         EpsAt eps_at, at::opmath_type<scalar_t> step, at::opmath_type<scalar_t> lo,
-                                         at::opmath_type<scalar_t> hi) {
-  using T = at::opmath_type<scalar_t>;
+                                         EpsAt eps_at, opmath_t<scalar_t> step, opmath_t<scalar_t> lo,
+                                         opmath_t<scalar_t> hi) {
+  using T = opmath_t<scalar_t>;
   for (int64_t i = 0; i < n; ++i) {
     const T e = eps_at(i);
     T v;
@@ -49,9 +46,9 @@ PF_ALWAYS_INLINE inline void update_loop(scalar_t* x, const scalar_t* grad, cons
   template <bool kHasStep, typename scalar_t, typename EpsAt>                                               \
   __attribute__((target(TARGET))) void update_run_##NAME(scalar_t* x, const scalar_t* grad,                 \
                                                          const scalar_t* x_nat, int64_t n, EpsAt eps_at,    \
-                                                         at::opmath_type<scalar_t> step,                    \
-                                                         at::opmath_type<scalar_t> lo,                      \
-                                                         at::opmath_type<scalar_t> hi) {                    \
+                                                         opmath_t<scalar_t> step,                    \
+                                                         opmath_t<scalar_t> lo,                      \
+                                                         opmath_t<scalar_t> hi) {                    \
     update_loop<kHasStep>(x, grad, x_nat, n, eps_at, step, lo, hi);                                         \
   }
 PF_ISA_VARIANT(avx512, "avx512f,avx512bw,avx512vl,prefer-vector-width=512")
@@ -74,7 +71,7 @@ inline Isa detect_isa() {
 
 template <bool kHasStep, typename scalar_t, typename EpsAt>
 inline void update_run(scalar_t* x, const scalar_t* grad, const scalar_t* x_nat, int64_t n, EpsAt eps_at,
-                       at::opmath_type<scalar_t> step, at::opmath_type<scalar_t> lo, at::opmath_type<scalar_t> hi) {
+                       opmath_t<scalar_t> step, opmath_t<scalar_t> lo, opmath_t<scalar_t> hi) {
 #ifdef PF_X86_MULTIVERSION
   switch (detect_isa()) {
     case Isa::kAvx512:
@@ -90,9 +87,9 @@ inline void update_run(scalar_t* x, const scalar_t* grad, const scalar_t* x_nat,
 
 template <bool kHasStep, typename scalar_t, typename eps_t>
 void update_strided(scalar_t* x, const scalar_t* grad, const scalar_t* x_nat, const eps_t* eps, const EpsPlan& plan,
-                    int64_t begin, int64_t end, at::opmath_type<scalar_t> step, at::opmath_type<scalar_t> lo,
-                    at::opmath_type<scalar_t> hi) {
-  using T = at::opmath_type<scalar_t>;
+                    int64_t begin, int64_t end, opmath_t<scalar_t> step, opmath_t<scalar_t> lo,
+                    opmath_t<scalar_t> hi) {
+  using T = opmath_t<scalar_t>;
   const int nd = plan.ndim;
   int64_t index[4] = {0, 0, 0, 0};
   int64_t eps_offset = 0;
@@ -129,16 +126,15 @@ void update_strided(scalar_t* x, const scalar_t* grad, const scalar_t* x_nat, co
 }
 
 template <bool kHasStep, typename scalar_t, typename eps_t>
-void update_cpu(const at::Tensor& x_adv, const at::Tensor* grad, const at::Tensor& x_nat,
-                const std::optional<at::Tensor>& eps_map, const EpsPlan& plan, double eps, double step_size,
-                double lo, double hi) {
-  using T = at::opmath_type<scalar_t>;
-  scalar_t* x = x_adv.data_ptr<scalar_t>();
-  const scalar_t* g = kHasStep ? grad->data_ptr<scalar_t>() : nullptr;
-  const scalar_t* xn = x_nat.data_ptr<scalar_t>();
-  const eps_t* e = plan.kind == EpsPlan::kScalar ? nullptr : eps_map->data_ptr<eps_t>();
+void update_cpu(const Tensor& x_adv, const Tensor* grad, const Tensor& x_nat, const std::optional<Tensor>& eps_map,
+                const EpsPlan& plan, double eps, double step_size, double lo, double hi) {
+  using T = opmath_t<scalar_t>;
+  scalar_t* x = x_adv.mutable_data_ptr<scalar_t>();
+  const scalar_t* g = kHasStep ? grad->const_data_ptr<scalar_t>() : nullptr;
+  const scalar_t* xn = x_nat.const_data_ptr<scalar_t>();
+  const eps_t* e = plan.kind == EpsPlan::kScalar ? nullptr : eps_map->const_data_ptr<eps_t>();
   const T step = T(step_size), tlo = T(lo), thi = T(hi), e0 = T(eps);
-  at::parallel_for(0, x_adv.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
+  torch::stable::parallel_for(0, x_adv.numel(), kGrainSize, [&](int64_t begin, int64_t end) {
     const scalar_t* gb = kHasStep ? g + begin : nullptr;
     const int64_t n = end - begin;
     switch (plan.kind) {
@@ -158,13 +154,14 @@ void update_cpu(const at::Tensor& x_adv, const at::Tensor* grad, const at::Tenso
 }
 
 template <bool kHasStep>
-void update_dispatch(const at::Tensor& x_adv, const at::Tensor* grad, const at::Tensor& x_nat,
-                     const std::optional<at::Tensor>& eps_map, double eps, double step_size, double lo, double hi) {
+void update_dispatch(const Tensor& x_adv, const Tensor* grad, const Tensor& x_nat,
+                     const std::optional<Tensor>& eps_map, double eps, double step_size, double lo, double hi) {
   check_cpu_tensor(x_adv, "x_adv");
   const EpsPlan plan = check_pgd_args(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi, /*allow_double=*/true);
   if (x_adv.numel() == 0) return;
-  const bool eps_is_float = eps_map.has_value() && eps_map->scalar_type() == at::kFloat;
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x_adv.scalar_type(), "part_fast_pgd_step_cpu", [&] {
+  const bool eps_is_float = eps_map.has_value() && eps_map->scalar_type() == ScalarType::Float;
+  dispatch_float</*kDouble=*/true>(x_adv.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
     if (eps_is_float) {
       update_cpu<kHasStep, scalar_t, float>(x_adv, grad, x_nat, eps_map, plan, eps, step_size, lo, hi);
     } else {
@@ -173,21 +170,21 @@ void update_dispatch(const at::Tensor& x_adv, const at::Tensor* grad, const at::
   });
 }
 
-void pgd_step_cpu(at::Tensor x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
-                  const std::optional<at::Tensor>& eps_map, double eps, double step_size, double lo, double hi) {
+// The stable ABI passes a Tensor(a!) as a handle: writes through it reach the caller's tensor.
+void pgd_step_cpu(Tensor x_adv, const Tensor& grad, const Tensor& x_nat, std::optional<Tensor> eps_map, double eps,
+                  double step_size, double lo, double hi) {
   update_dispatch<true>(x_adv, &grad, x_nat, eps_map, eps, step_size, lo, hi);
 }
 
-void project_cpu(at::Tensor x_adv, const at::Tensor& x_nat, const std::optional<at::Tensor>& eps_map, double eps,
-                 double lo, double hi) {
+void project_cpu(Tensor x_adv, const Tensor& x_nat, std::optional<Tensor> eps_map, double eps, double lo,
+                 double hi) {
   update_dispatch<false>(x_adv, nullptr, x_nat, eps_map, eps, 0.0, lo, hi);
 }
 
 }  // namespace
-
-TORCH_LIBRARY_IMPL(part_fast, CPU, m) {
-  m.impl("pgd_step_", &pgd_step_cpu);
-  m.impl("project_", &project_cpu);
-}
-
 }  // namespace part_fast
+
+STABLE_TORCH_LIBRARY_IMPL(part_fast, CPU, m) {
+  m.impl("pgd_step_", TORCH_BOX(&part_fast::pgd_step_cpu));
+  m.impl("project_", TORCH_BOX(&part_fast::project_cpu));
+}

@@ -1,11 +1,6 @@
 // CUDA ops pgd_step_ and project_: checks, the 32/64-bit index choice and the launch of
 // pgd_step_device.cuh's kernel.
-#include <ATen/ATen.h>
-#include <ATen/Dispatch.h>
-#include <ATen/cuda/CUDAContext.h>
-#include <c10/cuda/CUDAException.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <torch/library.h>
+#include <torch/csrc/stable/library.h>
 
 #include <algorithm>
 #include <cstdint>
@@ -13,7 +8,7 @@
 #include <optional>
 
 #include "checks.h"
-#include "cuda/dispatch.cuh"
+#include "cuda/cuda_utils.cuh"
 #include "cuda/pgd_step_device.cuh"
 
 namespace part_fast {
@@ -37,11 +32,12 @@ void launch(const Inputs& in) {
   const auto a = make_args<HAS_STEP, KIND, scalar_t, eps_t, index_t>(in);
   const Walk walk = choose_walk<HAS_STEP, KIND>(a, in.plan);
   const int64_t work = (in.x_adv.numel() + walk.vec - 1) / walk.vec;
-  const int64_t max_blocks = int64_t{at::cuda::getCurrentDeviceProperties()->multiProcessorCount} * kBlocksPerSm;
+  const int32_t device = in.x_adv.get_device_index();
+  const int64_t max_blocks = int64_t{device_attribute(cudaDevAttrMultiProcessorCount, device)} * kBlocksPerSm;
   const int blocks = static_cast<int>(std::min((work + kThreads - 1) / kThreads, max_blocks));
-  auto stream = at::cuda::getCurrentCUDAStream();
+  const cudaStream_t stream = current_stream(device);
   run_walk<HAS_STEP, KIND>(a, walk, [&](auto kernel) { kernel<<<blocks, kThreads, 0, stream>>>(a); });
-  C10_CUDA_KERNEL_LAUNCH_CHECK();
+  PF_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
 template <bool HAS_STEP, EpsPlan::Kind KIND, typename scalar_t, typename eps_t>
@@ -64,17 +60,19 @@ void launch_eps_tensor(const Inputs& in) {
 }
 
 template <bool HAS_STEP>
-void pgd_cuda(const at::Tensor& x_adv, const at::Tensor* grad, const at::Tensor& x_nat,
-              const std::optional<at::Tensor>& eps_map, double eps, double step_size, double lo, double hi) {
+void pgd_cuda(const Tensor& x_adv, const Tensor* grad, const Tensor& x_nat, const std::optional<Tensor>& eps_map,
+              double eps, double step_size, double lo, double hi) {
   const Inputs in = checked_inputs(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi);
   if (x_adv.numel() == 0) return;
 
-  const c10::cuda::CUDAGuard guard(x_adv.device());
-  PF_DISPATCH_CUDA_FLOAT_TYPES(x_adv.scalar_type(), HAS_STEP ? "pgd_step_" : "project_", [&] {
+  const DeviceGuard guard(x_adv.get_device_index());
+  // float32, float16, bfloat16: float64 is CPU-only (a CUDA float64 step is never what training wants).
+  dispatch_float</*kDouble=*/false>(x_adv.scalar_type(), [&](auto tag) {
+    using scalar_t = decltype(tag);
     // eps_map is float32 or x's dtype (make_eps_plan checked); the scalar plan has no eps_t.
     if (in.plan.kind == EpsPlan::kScalar) {
       launch_index<HAS_STEP, EpsPlan::kScalar, scalar_t, scalar_t>(in);
-    } else if (eps_map->scalar_type() == at::kFloat) {
+    } else if (eps_map->scalar_type() == ScalarType::Float) {
       launch_eps_tensor<HAS_STEP, scalar_t, float>(in);
     } else {
       launch_eps_tensor<HAS_STEP, scalar_t, scalar_t>(in);
@@ -82,21 +80,21 @@ void pgd_cuda(const at::Tensor& x_adv, const at::Tensor* grad, const at::Tensor&
   });
 }
 
-// The dispatcher requires every backend's kernel to have the same C++ signature: these match csrc/cpu's.
-void pgd_step_cuda(at::Tensor x_adv, const at::Tensor& grad, const at::Tensor& x_nat,
-                   const std::optional<at::Tensor>& eps_map, double eps, double step_size, double lo, double hi) {
+// The same signatures as csrc/cpu's kernels.
+void pgd_step_cuda(Tensor x_adv, const Tensor& grad, const Tensor& x_nat, std::optional<Tensor> eps_map, double eps,
+                   double step_size, double lo, double hi) {
   pgd_cuda</*HAS_STEP=*/true>(x_adv, &grad, x_nat, eps_map, eps, step_size, lo, hi);
 }
 
-void project_cuda(at::Tensor x_adv, const at::Tensor& x_nat, const std::optional<at::Tensor>& eps_map, double eps,
-                  double lo, double hi) {
+void project_cuda(Tensor x_adv, const Tensor& x_nat, std::optional<Tensor> eps_map, double eps, double lo,
+                  double hi) {
   pgd_cuda</*HAS_STEP=*/false>(x_adv, nullptr, x_nat, eps_map, eps, /*step_size=*/0.0, lo, hi);
 }
 
 }  // namespace
 }  // namespace part_fast
 
-TORCH_LIBRARY_IMPL(part_fast, CUDA, m) {
-  m.impl("pgd_step_", &part_fast::pgd_step_cuda);
-  m.impl("project_", &part_fast::project_cuda);
+STABLE_TORCH_LIBRARY_IMPL(part_fast, CUDA, m) {
+  m.impl("pgd_step_", TORCH_BOX(&part_fast::pgd_step_cuda));
+  m.impl("project_", TORCH_BOX(&part_fast::project_cuda));
 }

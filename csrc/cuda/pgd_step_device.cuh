@@ -7,14 +7,11 @@
 // The per-element arithmetic is part_fast_math.h's, the same code the CPU kernels run.
 #pragma once
 
-#include <ATen/ATen.h>
-#include <ATen/OpMathType.h>
-#include <ATen/cuda/detail/IntegerDivider.cuh>
-
 #include <cstdint>
 #include <optional>
 
 #include "checks.h"
+#include "cuda/int_divider.cuh"
 #include "part_fast_math.h"
 
 // A hook for tests/test_cuda_emulation.py, which defines it to fail on a misaligned vector access (the CPU
@@ -74,11 +71,11 @@ __device__ __forceinline__ void store_n(T* p, const T (&in)[N]) {
 }
 
 // EpsPlan::kStrided on the device: x's linear index -> eps element offset. index_t is unsigned, so the
-// 32-bit case gets IntDivider's multiply-shift division instead of a real one.
+// 32-bit case gets int_divider.cuh's multiply-shift division instead of a real one.
 template <typename index_t>
 struct StridedOffset {
   int ndim;
-  at::cuda::detail::IntDivider<index_t> sizes[4];  // sizes[0] is never divided by
+  IntDivider<index_t> sizes[4];  // sizes[0] is never divided by
   index_t strides[4];
 
   __device__ __forceinline__ index_t operator()(index_t i) const {
@@ -100,7 +97,7 @@ struct PgdArgs {
   using scalar_type = scalar_t;
   using eps_type = eps_t;
   using index_type = index_t;
-  using opmath_t = at::opmath_type<scalar_t>;
+  using opmath_t = part_fast::opmath_t<scalar_t>;
   scalar_t* x_adv;
   const scalar_t* grad;  // null for project_
   const scalar_t* x_nat;
@@ -225,26 +222,26 @@ StridedOffset<index_t> strided_offset(const EpsPlan& plan) {
   StridedOffset<index_t> s;
   s.ndim = strided ? plan.ndim : 1;
   for (int d = 0; d < 4; ++d) {
-    // Unused dims get divisor 1 (IntDivider<uint32> rejects 0); the device skips them anyway.
+    // Unused dims get divisor 1 (a divisor must be >= 1); the device skips them anyway.
     const bool used = strided && d < plan.ndim;
-    s.sizes[d] = at::cuda::detail::IntDivider<index_t>(static_cast<index_t>(used ? plan.sizes[d] : 1));
+    s.sizes[d] = IntDivider<index_t>(static_cast<index_t>(used ? plan.sizes[d] : 1));
     s.strides[d] = static_cast<index_t>(used ? plan.strides[d] : 0);
   }
   return s;
 }
 
 struct Inputs {
-  const at::Tensor& x_adv;
-  const at::Tensor* grad;
-  const at::Tensor& x_nat;
-  const std::optional<at::Tensor>& eps_map;
+  const Tensor& x_adv;
+  const Tensor* grad;
+  const Tensor& x_nat;
+  const std::optional<Tensor>& eps_map;
   EpsPlan plan;
   double eps, step, lo, hi;
 };
 
 // The op's arguments, checked by checks.h, with the eps plan. grad is null for project_.
-inline Inputs checked_inputs(const at::Tensor& x_adv, const at::Tensor* grad, const at::Tensor& x_nat,
-                             const std::optional<at::Tensor>& eps_map, double eps, double step_size, double lo,
+inline Inputs checked_inputs(const Tensor& x_adv, const Tensor* grad, const Tensor& x_nat,
+                             const std::optional<Tensor>& eps_map, double eps, double step_size, double lo,
                              double hi) {
   const EpsPlan plan = check_pgd_args(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi, /*allow_double=*/false);
   return Inputs{x_adv, grad, x_nat, eps_map, plan, eps, step_size, lo, hi};

@@ -26,7 +26,7 @@
 
 // pgd_step.cu's 16-byte vector accesses: x86 tolerates a misaligned one, the GPU faults, so fail here.
 #define PF_CHECK_VECTOR_ALIGNMENT(p) \
-  TORCH_CHECK(reinterpret_cast<std::uintptr_t>(p) % 16 == 0, "misaligned 16-byte vector access at ", (const void*)(p))
+  PF_CHECK_RUNTIME(reinterpret_cast<std::uintptr_t>(p) % 16 == 0, "misaligned 16-byte vector access at ", (const void*)(p))
 
 struct emu_dim3 {
   unsigned x = 0, y = 0, z = 0;

@@ -1,12 +1,12 @@
-// Python entry points that run the device code of csrc/cuda/*.cu on the CPU (see emu.h). The host
-// decisions (kernel arguments, which instance runs) are the .cu files' own make_args / choose_walk /
-// run_walk; only the launch itself is emulated.
+// Ops (torch.ops.part_fast_emulation.*) that run the device code of csrc/cuda/*.cu on the CPU (see emu.h),
+// built on the same stable ABI as the kernels. The host decisions (kernel arguments, which instance runs)
+// are the .cu files' own make_args / choose_walk / run_walk; only the launch itself is emulated.
 namespace part_fast_emulation {
 using namespace part_fast;
 
 template <typename cam_t, bool JET>
-void cam_blocks(const at::Tensor& cam, at::Tensor& out, const cam_device::Geometry& g, float eps, float eps_low) {
-  TORCH_CHECK(cam_device::smem_bytes(g) <= sizeof(g_dynamic_smem), "emulated shared memory too small");
+void cam_blocks(const Tensor& cam, Tensor& out, const cam_device::Geometry& g, float eps, float eps_low) {
+  PF_CHECK_RUNTIME(cam_device::smem_bytes(g) <= sizeof(g_dynamic_smem), "emulated shared memory too small");
   gridDim.x = static_cast<unsigned>(cam.size(0));
   for (int64_t b = 0; b < cam.size(0); ++b) {
     blockIdx.x = static_cast<unsigned>(b);
@@ -17,25 +17,18 @@ void cam_blocks(const at::Tensor& cam, at::Tensor& out, const cam_device::Geomet
   }
 }
 
-at::Tensor cam_eps_map(const at::Tensor& cam_in, int64_t H, int64_t W, double eps, double eps_low, bool jet) {
-  const std::vector<c10::SymInt> size{c10::SymInt(H), c10::SymInt(W)};
-  check_cam_args(cam_in, size, eps, eps_low, jet ? "jet" : "cam", /*allow_double=*/false);
-  const at::Tensor cam = cam_in.contiguous();
+Tensor cam_eps_map(const Tensor& cam_in, int64_t H, int64_t W, double eps, double eps_low, bool jet) {
+  check_cam_args(cam_in, {H, W}, eps, eps_low, jet ? "jet" : "cam", /*allow_double=*/false);
+  const Tensor cam = torch::stable::contiguous(cam_in);
   const cam_device::Geometry g = cam_device::make_geometry(cam.size(1), cam.size(2), H, W);
   // Poisoned: an element the kernel does not write stays NaN and fails the comparison.
-  at::Tensor out = at::full({cam.size(0), jet ? 3 : 1, H, W}, NAN, cam.options().dtype(at::kFloat));
+  Tensor out = torch::stable::full({cam.size(0), jet ? 3 : 1, H, W}, NAN, ScalarType::Float);
   const float e = static_cast<float>(eps), el = static_cast<float>(eps_low);
   const auto run = [&](auto tag) {
     using cam_t = decltype(tag);
     jet ? cam_blocks<cam_t, true>(cam, out, g, e, el) : cam_blocks<cam_t, false>(cam, out, g, e, el);
   };
-  if (cam.scalar_type() == at::kFloat) {
-    run(float{});
-  } else if (cam.scalar_type() == at::kHalf) {
-    run(at::Half{});
-  } else {
-    run(at::BFloat16{});
-  }
+  dispatch_float</*kDouble=*/false>(cam.scalar_type(), run);
   return out;
 }
 
@@ -76,7 +69,7 @@ Ran pgd_kind(const pgd_device::Inputs& in, int64_t blocks) {
 
 template <bool HAS_STEP, typename scalar_t>
 Ran pgd_types(const pgd_device::Inputs& in, int64_t blocks, bool index64) {
-  const bool eps_f32 = in.eps_map.has_value() && in.eps_map->scalar_type() == at::kFloat;
+  const bool eps_f32 = in.eps_map.has_value() && in.eps_map->scalar_type() == ScalarType::Float;
   if (index64) {
     return eps_f32 ? pgd_kind<HAS_STEP, scalar_t, float, uint64_t>(in, blocks)
                    : pgd_kind<HAS_STEP, scalar_t, scalar_t, uint64_t>(in, blocks);
@@ -87,22 +80,40 @@ Ran pgd_types(const pgd_device::Inputs& in, int64_t blocks, bool index64) {
 
 // pgd_step_ (grad given) or project_ (grad None) on x_adv in place, as the CUDA op would run it on a grid
 // of `blocks` blocks; index64 forces the 64-bit index instances.
-Ran pgd(at::Tensor x_adv, std::optional<at::Tensor> grad, at::Tensor x_nat, std::optional<at::Tensor> eps_map,
+Ran pgd(Tensor x_adv, std::optional<Tensor> grad, Tensor x_nat, std::optional<Tensor> eps_map,
         double eps, double step, double lo, double hi, int64_t blocks, bool index64) {
-  const at::Tensor* g = grad.has_value() ? &*grad : nullptr;
+  const Tensor* g = grad.has_value() ? &*grad : nullptr;
   const pgd_device::Inputs in = pgd_device::checked_inputs(x_adv, g, x_nat, eps_map, eps, step, lo, hi);
-  TORCH_CHECK(x_adv.numel() > 0, "the harness runs non-empty tensors");
+  PF_CHECK_RUNTIME(x_adv.numel() > 0, "the harness runs non-empty tensors");
   const auto run = [&](auto tag) {
     using scalar_t = decltype(tag);
     return g ? pgd_types<true, scalar_t>(in, blocks, index64) : pgd_types<false, scalar_t>(in, blocks, index64);
   };
-  if (x_adv.scalar_type() == at::kFloat) return run(float{});
-  if (x_adv.scalar_type() == at::kHalf) return run(at::Half{});
-  return run(at::BFloat16{});
+  return dispatch_float</*kDouble=*/false>(x_adv.scalar_type(), run);
+}
+
+// Integer division as the device's strided eps walk does it (int_divider.cuh), for n in [0, n_end).
+// Returns the number of n whose quotient or remainder differs from the plain division's.
+int64_t divider_mismatches(int64_t divisor, int64_t n_begin, int64_t n_end) {
+  const IntDivider<uint32_t> d(static_cast<uint32_t>(divisor));
+  int64_t bad = 0;
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    const auto qr = d.divmod(static_cast<uint32_t>(n));
+    bad += (qr.div != n / divisor) || (qr.mod != n % divisor);
+  }
+  return bad;
 }
 }  // namespace part_fast_emulation
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("cam_eps_map", &part_fast_emulation::cam_eps_map);
-  m.def("pgd", &part_fast_emulation::pgd);
+STABLE_TORCH_LIBRARY(part_fast_emulation, m) {
+  m.def("cam_eps_map(Tensor cam, int H, int W, float eps, float eps_low, bool jet) -> Tensor");
+  m.def("pgd(Tensor(a!) x_adv, Tensor? grad, Tensor x_nat, Tensor? eps_map, float eps, float step, float lo, "
+        "float hi, int blocks, bool index64) -> (int, bool, int)");
+  m.def("divider_mismatches(int divisor, int n_begin, int n_end) -> int");
+}
+
+STABLE_TORCH_LIBRARY_IMPL(part_fast_emulation, CompositeExplicitAutograd, m) {
+  m.impl("cam_eps_map", TORCH_BOX(&part_fast_emulation::cam_eps_map));
+  m.impl("pgd", TORCH_BOX(&part_fast_emulation::pgd));
+  m.impl("divider_mismatches", TORCH_BOX(&part_fast_emulation::divider_mismatches));
 }

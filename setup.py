@@ -39,15 +39,15 @@ def _nvidia_include_dirs():
 
 
 def _import_torch():
-    """torch, or a one-line exit saying what to run: pip's default build isolation builds in a fresh
-    environment without the user's torch (and would download a multi-GB one if pyproject asked for it)."""
+    """torch, or a one-line exit saying what to run (a build frontend that skipped pyproject's build
+    requirements, e.g. `--no-build-isolation` in an environment without torch)."""
     try:
         import torch
     except ModuleNotFoundError:
         sys.exit(
-            "part_fast: building the kernels needs torch>=2.10 in the build environment; with torch installed, run "
-            "`pip install --no-build-isolation .` (or `pip wheel --no-build-isolation --no-deps -w dist .`), or set "
-            "PART_FAST_NO_EXTENSION=1 for a pure-Python install"
+            "part_fast: building the kernels needs torch>=2.10 in the build environment: install torch first, or "
+            "let pip install it for the build (drop --no-build-isolation), or set PART_FAST_NO_EXTENSION=1 for a "
+            "pure-Python install"
         )
     return torch
 

@@ -110,6 +110,17 @@ _forced_backend: contextvars.ContextVar[str | None] = contextvars.ContextVar(
 )
 
 
+def _forced_now() -> str | None:
+    return _forced_backend.get()
+
+
+if _torch_version(torch.__version__) < (2, 14):
+    # Dynamo before torch 2.14 cannot trace ContextVar.get (a graph break, so fullgraph=True fails): there
+    # the forced backend is read once per compile as a constant, and a function compiled under one forced
+    # backend keeps it until torch.compiler.reset().
+    _forced_now = torch.compiler.assume_constant_result(_forced_now)
+
+
 def _registered_kernels() -> frozenset[str]:
     """Dispatch keys ("CPU", "CUDA") the loaded extension has kernels for, read once at import so that
     backend selection is plain Python that torch.compile traces as constants."""
@@ -199,7 +210,7 @@ _PREFERENCE = {"cuda": ("cuda", "triton", "reference"), "cpu": ("cpu", "referenc
 
 def select_backend(device: torch.device) -> str:
     """The backend an op on `device` runs with now (in this thread / task)."""
-    forced = _forced_backend.get()
+    forced = _forced_now()
     if forced is not None:
         if not _usable(forced, device.type):
             raise RuntimeError(

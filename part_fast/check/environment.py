@@ -52,8 +52,10 @@ def backend_status(device: torch.device) -> dict:
             why[name] = "usable"
         elif name in ("cpu", "cuda") and ops.EXTENSION_ERROR is not None:
             why[name] = f"extension not loaded: {ops.EXTENSION_ERROR!r}"
-        elif name == "cuda" and not ops._extension_has("CUDA"):
-            why[name] = "the extension was built without CUDA kernels (no GPU at build time and no FORCE_CUDA=1)"
+        elif name == "cuda" and isinstance(ops.CUDA_EXTENSION_ERROR, ModuleNotFoundError):
+            why[name] = "part_fast was built without CUDA kernels (no CUDA toolkit at build time, or no FORCE_CUDA=1)"
+        elif name == "cuda" and ops.CUDA_EXTENSION_ERROR is not None:
+            why[name] = f"CUDA kernels not loaded: {ops.CUDA_EXTENSION_ERROR!r}"
         elif name == "triton" and triton_error is not None:
             why[name] = f"part_fast.kernels not importable: {triton_error!r}"
         elif name == "triton" and device.type == "cpu":

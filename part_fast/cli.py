@@ -16,7 +16,7 @@ from pathlib import Path
 from .devices import AUTO, describe_device, parse_device, resolve_device
 from .errors import (EXIT_DIVERGED, EXIT_USER_ERROR, USER_ERRORS, ConfigError, Interrupted, OutputWriteError,
                      TrainingDiverged, report)
-from .evaluate import MissingExtraError
+from .extras import MissingExtraError
 from .robustbench_protocol import BATCH_SIZE as RB_BATCH_SIZE
 from .robustbench_protocol import DATASETS as RB_DATASETS
 from .robustbench_protocol import N_EXAMPLES as RB_N_EXAMPLES
@@ -386,8 +386,10 @@ def _eval_robustbench(args) -> int:
 
 def cmd_demo(args) -> int:
     from .demo import DemoSettings, run_demo
+    from .plots import BUDGET_PNG, require_matplotlib
 
     resolve_device(args.device)  # a bad name fails here; run_demo says the device it uses as its first line
+    require_matplotlib(BUDGET_PNG)  # now, not after minutes of training
     out = args.out or f"runs/demo-{time.strftime('%Y%m%d-%H%M%S')}"
     run_demo(out, DemoSettings(seed=args.seed), device=args.device)
     return 0
@@ -398,10 +400,11 @@ def cmd_show_cam(args) -> int:
 
     from .budget import PixelBudget
     from .models import CAM_LAYERS
-    from .plots import budget_overlay_png, budget_title
+    from .plots import BUDGET_PNG, budget_overlay_png, budget_title, require_matplotlib
     from .train import load_model
 
     parse_device(args.device)  # names before numbers
+    require_matplotlib(BUDGET_PNG)
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
     device = _start("show-cam", args.device)
@@ -444,6 +447,7 @@ def cmd_plot(args) -> int:
     from . import plots
     from .train.rundir import CONFIG, RunDirError, RunDirMissing, read_metrics, saved_config
 
+    plots.require_matplotlib(plots.CURVES_PNG)
     run = Path(args.run_dir)
     if not run.is_dir():
         raise RunDirMissing(f"run directory {run} does not exist")

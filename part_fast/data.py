@@ -33,6 +33,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from .errors import ConfigError, DataError
+from .extras import require
 
 DATASETS = ("cifar10", "svhn", "tinyimagenet", "imagefolder", "shapes")
 
@@ -91,7 +92,7 @@ class ImageFileDataset(Dataset):
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        from PIL import Image
+        Image = require("PIL.Image", "decoding image files (datasets tinyimagenet, imagefolder)")
 
         path, label = self.samples[index]
         with Image.open(path) as image:
@@ -326,8 +327,7 @@ def _require_data_dir(name: str, data_dir) -> Path:
 def _torchvision_arrays(name: str, data_dir, download: bool):
     """Load one of torchvision's file-backed sets; turn its 'not found' RuntimeError into a message that
     says where the files are expected and how to fetch them."""
-    import torchvision.datasets as tvd  # looked up at call time, so tests can substitute the classes
-
+    tvd = require("torchvision.datasets", f"the {name} dataset")  # its classes looked up now: tests substitute them
     if data_dir is None:
         raise ConfigError(f"dataset {name!r} needs data_dir (--data-dir): the directory that holds (or will "
                          f"hold, with --download) its files")
@@ -422,8 +422,7 @@ def _tinyimagenet(data_dir):
 
 
 def _imagefolder(data_dir):
-    from torchvision.datasets import ImageFolder
-
+    ImageFolder = require("torchvision.datasets", "the imagefolder dataset").ImageFolder
     root = _require_data_dir("imagefolder", data_dir)
     train_dir = root / "train"
     test_dir = root / "test" if (root / "test").is_dir() else root / "val"

@@ -16,12 +16,12 @@ from collections.abc import Iterable
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .aa_checks import check_model
 from .attacks import MMA, PGD
 from .devices import resolve_device
 from .errors import ConfigError
+from .extras import MissingExtraError, missing, progress_bar, require  # noqa: F401 (MissingExtraError: its old home)
 from .modes import eval_mode
 
 ATTACKS = ("natural", "pgd20", "mma", "aa", "aa-release")
@@ -37,10 +37,6 @@ ATTACK_LABELS = {
 # The torchattacks release the project is tested with (.ci/run installs this one; tests/test_packaging.py
 # checks the two agree).
 TORCHATTACKS_VERSION = "3.5.1"
-
-
-class MissingExtraError(ImportError):
-    pass
 
 
 def _install_zero_gradients_shim() -> None:
@@ -72,19 +68,15 @@ def load_autoattack():
             return importlib.import_module(name).AutoAttack
         except ImportError:
             continue
-    raise MissingExtraError(
-        "attack 'aa' needs the original AutoAttack: pip install 'part_fast[eval]' (installs pyautoattack)"
-    )
+    raise missing("attack 'aa' (the original AutoAttack)", "pyautoattack", "eval")
 
 
 def load_torchattacks():
-    try:
-        return importlib.import_module("torchattacks")
-    except ImportError:
-        raise MissingExtraError(
-            f"attack 'aa-release' needs torchattacks: pip install --no-deps torchattacks=={TORCHATTACKS_VERSION} "
-            "(its pinned requests would otherwise be downgraded)"
-        ) from None
+    """The torchattacks package. No extra holds it: its pinned requests would be downgraded, so it is
+    installed with --no-deps."""
+    return require("torchattacks", "attack 'aa-release'",
+                   install=f"pip install --no-deps torchattacks=={TORCHATTACKS_VERSION} (its pinned requests "
+                           "would otherwise be downgraded)")
 
 
 def autoattack_source(aa_cls) -> str:
@@ -171,7 +163,7 @@ def evaluate(model: nn.Module, loader, attacks=("natural", "pgd20", "mma", "aa")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
         with eval_mode(model):
-            for x, y in tqdm(loader, desc="evaluate", disable=not progress, leave=False):
+            for x, y in progress_bar(loader, desc="evaluate", disable=not progress, leave=False):
                 x, y = x.to(device), y.to(device)
                 if verdicts is None and any(a in AUTOATTACKS for a in attacks):
                     verdicts = check_model(model, x, y)

@@ -14,7 +14,19 @@ import torch
 
 from .eps_text import eps_text
 from .errors import ConfigError
+from .extras import require
 from .files import atomic_write_bytes
+
+# What needs matplotlib, as its MissingExtraError names it.
+BUDGET_PNG = "the budget-map PNG"
+CURVES_PNG = "the training-curves PNG"
+
+
+def require_matplotlib(what: str) -> None:
+    """A MissingExtraError naming the extra [plots] when matplotlib is not installed: the commands that draw
+    call it before their work starts (the demo trains for minutes first)."""
+    require("matplotlib", what)
+
 
 CAM_NAMES = {"gradcam": "GradCAM", "xgradcam": "XGradCAM", "layercam": "LayerCAM"}
 
@@ -94,6 +106,7 @@ def budget_overlay_figure(images: torch.Tensor, eps_maps: torch.Tensor, eps: flo
                           titles: list[str] | None = None, object_masks: torch.Tensor | None = None,
                           row_names: tuple[str, ...] | None = None, *, suptitle: str | None = None):
     """The figure budget_overlay_png writes (a matplotlib Figure, not yet saved)."""
+    require_matplotlib(BUDGET_PNG)
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
@@ -273,6 +286,7 @@ def _time_panel(ax, records, epochs) -> None:
 
 def training_curves_figure(records: list[dict], title: str):
     """The figure training_curves_png writes (a matplotlib Figure, not yet saved)."""
+    require_matplotlib(CURVES_PNG)
     from matplotlib.ticker import MaxNLocator
 
     _check_records(records)

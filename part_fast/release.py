@@ -18,9 +18,12 @@ from torch import nn
 
 from part_fast import reference
 from part_fast.attacks import PGD
+from part_fast.extras import require
 
 # The release's budget: eps for the pixels its mask marks, eps_low for the others.
 EPS, EPS_LOW = 8 / 255, 7 / 255
+# What needs PIL and matplotlib, as a MissingExtraError names it (the extra [plots] installs both).
+RELEASE_PIPELINE = "the released PART code's host part (part_fast.release)"
 
 
 class ReleaseGradCAM:
@@ -70,8 +73,8 @@ def release_host_part(heatmap: np.ndarray, img_size1: int, img_size2: int, devic
     cm.get_cmap("jet") is matplotlib.colormaps["jet"] today (a fresh copy per call then and now) applied
     to the squared map; then utils.process_overlay verbatim: RGB, z-score (numpy, population std),
     clamp(., 1, max), float32, CHW, to the device."""
-    import matplotlib
-    from PIL import Image
+    matplotlib = require("matplotlib", RELEASE_PIPELINE)
+    Image = require("PIL.Image", RELEASE_PIPELINE, extra="plots")  # matplotlib's own dependency
 
     mask = Image.fromarray(heatmap)
     overlay = mask.resize((img_size1, img_size2), resample=Image.BICUBIC)

@@ -27,6 +27,7 @@ from torch import nn
 from .aa_checks import check_model
 from .errors import ConfigError
 from .evaluate import autoattack_source, run_standard_evaluation, standard_autoattack
+from .extras import require
 from .modes import eval_mode
 
 DATASETS = {"cifar10": 10, "cifar100": 100}  # RobustBench's L-inf datasets part_fast can train for
@@ -51,8 +52,8 @@ def _files_hint(dataset: str, root: Path) -> str:
 def load_test_set(dataset: str, data_dir, n_examples: int = N_EXAMPLES) -> tuple[torch.Tensor, torch.Tensor]:
     """(x float32 (n, 3, 32, 32) in [0, 1], y int64 (n,)): the first `n_examples` test images in the order of
     torchvision's files, bit-identical to RobustBench's `load_clean_dataset` (ToTensor = uint8 / 255)."""
-    import torchvision.datasets as tvd  # looked up at call time, so tests can substitute the classes
-
+    # torchvision's classes are looked up at call time, so tests can substitute them
+    tvd = require("torchvision.datasets", "the RobustBench protocol's test set")
     if dataset not in DATASETS:
         raise ConfigError(f"dataset {dataset!r}: the RobustBench protocol covers {', '.join(DATASETS)}")
     if isinstance(n_examples, bool) or not isinstance(n_examples, int) or n_examples < 1:

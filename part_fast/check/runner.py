@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from ..devices import describe_device, resolve_device
+from ..extras import MissingExtraError
 from ..files import atomic_write_text
 
 PASS, FAIL, INFO, SKIP = "pass", "fail", "info", "skip"
@@ -105,7 +106,7 @@ class Recorder:
         try:
             ok, figure, data = fn()
             status = INFO if ok is None else (PASS if ok else FAIL)
-        except Skipped as why:
+        except (Skipped, MissingExtraError) as why:  # an optional package missing: the check cannot run here
             status, figure, data = SKIP, str(why), {}
         except Exception as err:  # noqa: BLE001 - a crash is this check's failure, reported, not the run's end
             status, figure = FAIL, f"raised {type(err).__name__}: {_one_line(str(err))}"

@@ -7,6 +7,7 @@ import torch
 from torch import nn
 
 from ..errors import ConfigError
+from ..extras import require
 from .cnn_small import cnn_small
 from .resnet import preact_resnet18, resnet18, resnet_small
 from .wide_resnet import wrn34_10
@@ -41,8 +42,7 @@ def check_arch(name) -> None:
     if isinstance(name, str) and name in BUNDLED:
         return
     if isinstance(name, str):
-        import torchvision
-
+        torchvision = _torchvision(name)
         if name in torchvision.models.list_models(module=torchvision.models):
             return
     raise ConfigError(f"unknown architecture {name!r}; bundled: {', '.join(sorted(BUNDLED))}; any torchvision "
@@ -54,9 +54,13 @@ def get_model(name: str, num_classes: int = 10) -> nn.Module:
     check_arch(name)
     if name in BUNDLED:
         return BUNDLED[name](num_classes=num_classes)
-    import torchvision
+    return _torchvision(name).models.get_model(name, weights=None, num_classes=num_classes)
 
-    return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
+
+def _torchvision(name: str):
+    """torchvision, which a name that is not bundled needs (a MissingExtraError naming the extra when absent)."""
+    return require("torchvision", f"architecture {name!r} (not bundled: {', '.join(sorted(BUNDLED))}; any other "
+                                  "name is torchvision's)")
 
 
 __all__ = ["BUNDLED", "CAM_LAYERS", "Normalize", "check_arch", "cnn_small", "get_model", "preact_resnet18", "resnet18", "resnet_small",

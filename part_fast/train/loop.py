@@ -24,7 +24,6 @@ from pathlib import Path
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, Subset
-from tqdm.auto import tqdm
 
 from .. import __version__
 from .. import data as data_mod
@@ -32,6 +31,7 @@ from ..devices import describe_device, resolve_device
 from ..errors import (CheckpointError, CheckpointWriteError, ConfigError, Interrupted, OutputWriteError,
                       TrainingDiverged, UserError, report)
 from ..evaluate import evaluate
+from ..extras import progress_bar
 from . import checkpoint, distributed, preemption, rundir
 from .config import TrainConfig
 from .distributed import Distributed
@@ -223,8 +223,8 @@ class _Trainer:
         try:
             with preemption.stop_requests(announce=info.is_main) as stop:
                 self.last_save = _clock()
-                epochs = tqdm(range(self.state.epoch, cfg.epochs), desc=f"{cfg.method} epochs", disable=not self.show,
-                              initial=self.state.epoch, total=cfg.epochs)
+                epochs = progress_bar(range(self.state.epoch, cfg.epochs), desc=f"{cfg.method} epochs",
+                                      disable=not self.show, initial=self.state.epoch, total=cfg.epochs)
                 for epoch in epochs:
                     self._epoch(epoch, stop, steps_log)
         finally:
@@ -320,8 +320,8 @@ class _Trainer:
         self.sampler.set_epoch(epoch, start=first * (cfg.batch_size // info.world))
         lr = state.optimizer.param_groups[0]["lr"]
         started = time.perf_counter() - progress.elapsed
-        batches = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.show, leave=False,
-                       initial=first, total=self.steps_per_epoch)
+        batches = progress_bar(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.show,
+                               leave=False, initial=first, total=self.steps_per_epoch)
         show_every = max(1, self.steps_per_epoch // 20)  # reading the bar's loss waits for the device: not every step
         for step, (x, y) in enumerate(batches, start=first):
             with self.rng.at(epoch, step):

@@ -17,7 +17,8 @@ import numbers
 from pathlib import Path
 from typing import Callable
 
-from ..errors import CheckpointError, ConfigError, UserError
+from ..errors import CheckpointError, UserError
+from ..extras import require
 from ..files import atomic_write_json, atomic_write_text, remove_stale_temp_files
 from . import checkpoint
 from .config import RESUMABLE_CHANGES, TrainConfig, flag_of
@@ -174,13 +175,9 @@ def read_metrics(out: str | Path) -> list[dict]:
 
 
 def summary_writer_class():
-    """torch.utils.tensorboard.SummaryWriter; a ConfigError saying what to install when tensorboard is missing."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise ConfigError('tensorboard needs the tensorboard package, which is not installed: '
-                          'pip install "part_fast[tensorboard]"') from None
-    return SummaryWriter
+    """torch.utils.tensorboard.SummaryWriter; a MissingExtraError (a ConfigError) naming the extra
+    [tensorboard] when the tensorboard package is missing."""
+    return require("torch.utils.tensorboard", "tensorboard").SummaryWriter
 
 
 class TensorBoardLog:

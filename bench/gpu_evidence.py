@@ -8,7 +8,7 @@ What a CPU-only machine can still say about the GPU code:
 
 1. Triton kernels, compiled for sm_80 / sm_90 without a GPU (part_fast.kernels.ptx): the widths of the
    global loads and stores in the PTX, the registers and local (spill) memory ptxas allocated, shared memory.
-2. CUDA kernels of the built extension (part_fast/_C*.so): registers, stack frame, local memory and static
+2. CUDA kernels of the built extension (part_fast/_C_cuda*.so): registers, stack frame, local memory and static
    shared memory per kernel (`cuobjdump --dump-resource-usage`), plus, from the SASS (`cuobjdump -sass`),
    spill stores / loads (STL / LDL instructions) and the widths of the global accesses (LDG / STG).
 3. Projected H100 time per op from the bytes it must move (every input read once, every output written
@@ -163,7 +163,8 @@ def find_cuobjdump() -> str | None:
 
 
 def extension_path() -> str | None:
-    spec = importlib.util.find_spec("part_fast._C")
+    """The library holding the CUDA kernels (part_fast._C_cuda; part_fast._C holds the CPU kernels)."""
+    spec = importlib.util.find_spec("part_fast._C_cuda")
     return spec.origin if spec is not None else None
 
 
@@ -304,7 +305,8 @@ def cuda_kernels(log=print) -> tuple[list[dict], str]:
     or why there are no rows (no extension, a CPU-only build, no cuobjdump)."""
     so = extension_path()
     if so is None:
-        return [], "part_fast._C is not built (pure-PyTorch install): no CUDA kernels to inspect"
+        return [], ("part_fast._C_cuda is not built (a CPU-only or pure-PyTorch install: rebuild with FORCE_CUDA=1 "
+                    "to inspect the CUDA kernels)")
     tool = find_cuobjdump()
     if tool is None:
         return [], f"no cuobjdump found (neither in triton's bin nor on PATH): {so} not inspected"

@@ -12,6 +12,7 @@ import math
 import torch
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_HALF_OR_FLOAT = frozenset(FLOAT_DTYPES[:3])  # every device's kernels take these
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -72,6 +73,14 @@ def check_kernel_dtypes(x_adv, others, eps_map=None) -> None:
     """The TypeErrors of check_attack_tensors / check_eps / check_cam_args, before a compiled op (whose own
     checks raise ValueError for a wrong dtype). x_adv: the first tensor (x_adv, or cam); others: (name,
     tensor) pairs that must share its dtype; eps_map: None or the tensor budget. float64 only on the CPU."""
+    # The common case first, in a few attribute reads: this runs before every compiled op call.
+    dtype = getattr(x_adv, "dtype", None)
+    if dtype in _HALF_OR_FLOAT and (eps_map is None or eps_map.dtype == dtype or eps_map.dtype == torch.float32):
+        for _, t in others:
+            if getattr(t, "dtype", None) != dtype:
+                break
+        else:
+            return
     name = "cam" if not others else "x_adv"
     check_float_tensor(x_adv, name, allow_float64=x_adv.device.type == "cpu")
     for other_name, t in others:

@@ -227,3 +227,11 @@ def cifar_subset_dir(tmp_path_factory) -> Path:
     with tarfile.open(CIFAR_SUBSET_TAR) as archive:
         archive.extractall(root, filter="data")
     return root / "cifar10-subset"
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_pair(tmp_path_factory) -> Path:
+    """RUN_DIR of a 2-process torchrun of trainer_helpers.ELASTIC with no fault: what the fault-tolerance tests
+    (one node and two) must end equal to."""
+    from trainer_helpers import run_uninterrupted_pair
+    return run_uninterrupted_pair(tmp_path_factory.mktemp("ddp-ref") / "run")

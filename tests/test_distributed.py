@@ -16,8 +16,7 @@ from torch.utils.data.distributed import DistributedSampler
 from part_fast import data as data_mod
 from part_fast import train as train_mod
 from part_fast.train import Distributed, TrainConfig, load_checkpoint
-from trainer_helpers import (assert_same_weights, metric_lines, step_lines, wait_for_steps, weights, without_timings,
-                             worker_pids)
+from trainer_helpers import ELASTIC, assert_equals_uninterrupted, env, step_lines, wait_for_steps, worker_pids
 
 ARGS = ["--dataset", "shapes", "--arch", "cnn-small", "--method", "part", "--epochs", "2", "--warmup", "0",
         "--lr", "0.05", "--batch-size", "32", "--steps", "2", "--train-subset", "96", "--test-subset", "40",
@@ -147,7 +146,7 @@ def test_session_teardown_joins_the_process_group_threads(tmp_path, ending):
     probe = tmp_path / "probe.py"
     probe.write_text(TEARDOWN_PROBE)
     done = subprocess.run(_torchrun() + ["--standalone", "--nproc_per_node=2", str(probe), ending, str(tmp_path)],
-                          env=_env(), capture_output=True, text=True, timeout=300)
+                          env=env(), capture_output=True, text=True, timeout=300)
     report = done.stdout[-2000:] + done.stderr[-3000:]
     counts = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1) if (tmp_path / f"rank{r}.txt").exists()]
     if ending == "user-error-on-rank-1":
@@ -161,34 +160,6 @@ def test_session_teardown_joins_the_process_group_threads(tmp_path, ending):
         assert after == before, f"rank {rank}: {int(after) - int(before)} threads outlived the session"
 
 
-# 8 steps per epoch (batches of 16 split over 2 ranks), PGD-5 so that a step takes a while.
-ELASTIC = ["--dataset", "shapes", "--arch", "cnn-small", "--method", "part", "--epochs", "2", "--warmup", "1",
-           "--lr", "0.05", "--batch-size", "16", "--steps", "5", "--train-subset", "128", "--test-subset", "32",
-           "--eval-examples", "32", "--seed", "6", "--log-steps"]
-
-
-def _env():
-    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
-@pytest.fixture(scope="module")
-def uninterrupted_pair(tmp_path_factory):
-    """A 2-process run with no interruption (and no step checkpoints): what every faulted run must equal."""
-    out = tmp_path_factory.mktemp("ddp-ref") / "run"
-    done = subprocess.run(_torchrun() + ["--standalone", "--nproc_per_node=2", "-m", "part_fast", "train", *ELASTIC,
-                                         "--out", str(out)], env=_env(), capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
-    return out
-
-
-def _assert_equals_uninterrupted(out, ref):
-    assert_same_weights(weights(ref), weights(out))
-    assert [m["epoch"] for m in metric_lines(out)] == [1, 2], "one metrics line per epoch, none lost or doubled"
-    assert without_timings(metric_lines(out)) == without_timings(metric_lines(ref))
-    assert [s["global_step"] for s in step_lines(out)] == list(range(1, 17))
-    assert [s["loss"] for s in step_lines(out)] == [s["loss"] for s in step_lines(ref)]
-
-
 @pytest.mark.slow
 def test_elastic_restart_after_a_worker_is_killed(tmp_path, uninterrupted_pair):
     """SIGKILL one worker mid-epoch under `torchrun --max-restarts=2 ... --auto-resume`: torchrun restarts
@@ -198,7 +169,7 @@ def test_elastic_restart_after_a_worker_is_killed(tmp_path, uninterrupted_pair):
     cmd = _torchrun() + ["--standalone", "--nproc_per_node=2", "--max-restarts=2", "-m", "part_fast", "train", *ELASTIC,
                          "--out", str(out), "--auto-resume", "--save-every-steps", "2"]
     with open(tmp_path / "log.txt", "w") as log_file:
-        proc = subprocess.Popen(cmd, env=_env(), stdout=log_file, stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(cmd, env=env(), stdout=log_file, stderr=subprocess.STDOUT)
         wait_for_steps(out, 5, proc)
         (victim,) = worker_pids(proc.pid, rank=1)
         os.kill(victim, signal.SIGKILL)
@@ -207,7 +178,7 @@ def test_elastic_restart_after_a_worker_is_killed(tmp_path, uninterrupted_pair):
     log = (tmp_path / "log.txt").read_text()
     assert killed_at < 16, "the kill landed before the end"
     assert log.count(f"resumed {out} at step ") == 1, "the restarted job resumed once, from a checkpoint"
-    _assert_equals_uninterrupted(out, uninterrupted_pair)
+    assert_equals_uninterrupted(out, uninterrupted_pair)
 
 
 @pytest.mark.slow
@@ -216,7 +187,7 @@ def test_torchrun_sigterm_checkpoints_the_exact_state(tmp_path, uninterrupted_pa
     step, write one checkpoint and exit 143; resuming with only --out ends equal to the uninterrupted run."""
     out = tmp_path / "term"
     run = [*_torchrun(), "--standalone", "--nproc_per_node=2", "-m", "part_fast", "train"]
-    proc = subprocess.Popen([*run, *ELASTIC, "--out", str(out)], env=_env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*run, *ELASTIC, "--out", str(out)], env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     wait_for_steps(out, 3, proc)
     proc.send_signal(signal.SIGTERM)
@@ -227,10 +198,10 @@ def test_torchrun_sigterm_checkpoints_the_exact_state(tmp_path, uninterrupted_pa
     assert stderr.count("part-fast train: stopped by SIGTERM after step ") == 1, stderr[-3000:]  # rank 0 says it
     # The only traceback is torchrun's own, for the signal it got; the workers stopped cleanly.
     assert stderr.count("Traceback") == stderr.count("SignalException: Process "), stderr[-3000:]
-    resumed = subprocess.run([*run, "--out", str(out), "--resume"], env=_env(), capture_output=True, text=True,
+    resumed = subprocess.run([*run, "--out", str(out), "--resume"], env=env(), capture_output=True, text=True,
                              timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    _assert_equals_uninterrupted(out, uninterrupted_pair)
+    assert_equals_uninterrupted(out, uninterrupted_pair)
 
 
 LAUNCH_WITH_OTHER_SETTINGS_ON_RANK_1 = """#!/bin/sh
@@ -248,7 +219,7 @@ def test_ranks_started_with_other_settings_all_stop_with_one_line(tmp_path):
     launch.chmod(0o755)
     out = tmp_path / "run"
     done = subprocess.run(_torchrun() + ["--standalone", "--nproc_per_node=2", "--no-python", str(launch), "train",
-                                         *ELASTIC, "--out", str(out)], env={**_env(), "PYTHON": sys.executable},
+                                         *ELASTIC, "--out", str(out)], env={**env(), "PYTHON": sys.executable},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("part-fast train: error:")]

@@ -91,3 +91,30 @@ def worker_pids(launcher_pid: int, rank: int) -> list[int]:
         if ppid == launcher_pid and f"RANK={rank}".encode() in environ:
             found.append(int(entry.name))
     return found
+
+
+# The fault-tolerance runs: 8 steps per epoch (batches of 16 split over 2 ranks), PGD-5 so that a step
+# takes a while, 2 epochs of which the first is the warm-up.
+ELASTIC = ["--dataset", "shapes", "--arch", "cnn-small", "--method", "part", "--epochs", "2", "--warmup", "1",
+           "--lr", "0.05", "--batch-size", "16", "--steps", "5", "--train-subset", "128", "--test-subset", "32",
+           "--eval-examples", "32", "--seed", "6", "--log-steps"]
+ELASTIC_STEPS = 16
+
+
+def run_uninterrupted_pair(out) -> Path:
+    """A 2-process run of ELASTIC with no interruption (and no step checkpoints), as `torchrun --standalone`:
+    what every faulted run must equal."""
+    done = subprocess.run(torchrun("--standalone", "--nproc_per_node=2", "-m", "part_fast", "train", *ELASTIC,
+                                   "--out", str(out)), env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return Path(out)
+
+
+def assert_equals_uninterrupted(out, ref) -> None:
+    """RUN_DIR `out` ends as the uninterrupted run `ref`: the same weights, one metrics line per epoch with the
+    same values, every step logged once with the same loss."""
+    assert_same_weights(weights(ref), weights(out))
+    assert [m["epoch"] for m in metric_lines(out)] == [1, 2], "one metrics line per epoch, none lost or doubled"
+    assert without_timings(metric_lines(out)) == without_timings(metric_lines(ref))
+    assert [s["global_step"] for s in step_lines(out)] == list(range(1, ELASTIC_STEPS + 1))
+    assert [s["loss"] for s in step_lines(out)] == [s["loss"] for s in step_lines(ref)]

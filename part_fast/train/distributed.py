@@ -19,8 +19,11 @@ from __future__ import annotations
 import contextlib
 import gc
 import os
+import secrets
+import time
 import traceback
 from dataclasses import dataclass, field
+from datetime import timedelta
 from typing import Iterator
 
 import torch
@@ -173,23 +176,70 @@ def session(device_name: str) -> Iterator[Distributed]:
 
 
 def _init_process_group(backend: str) -> None:
-    """init_process_group, with its keys kept apart from those of earlier attempts of the job.
-
-    After `torchrun --max-restarts` restarts the workers, they meet in the same store as the attempt before
-    (the agent shares its rendezvous store and keeps its address across rounds), where the group's
-    connection keys of the previous attempt are still set: the new ranks read the dead ranks' addresses
-    and fail with "connectFullMesh ... Connection refused", or hang (3 restarts in 6 here). Prefixing the
-    keys with the restart count gives each attempt its own. One agent's restart count is the job's; with
-    several nodes each agent counts its own restarts, so there the prefix could split the ranks, and the
-    keys are left as torchrun makes them (launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 for a
-    fresh store per round)."""
-    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT")
-    if attempt is None or os.environ.get("GROUP_WORLD_SIZE", "1") != "1":
-        dist.init_process_group(backend)
-        return
+    """init_process_group under a key prefix that only this attempt of the job uses (see attempt_prefix)."""
     store, rank, world = next(dist.rendezvous("env://"))
-    dist.init_process_group(backend, store=dist.PrefixStore(f"part_fast/attempt_{attempt}", store), rank=rank,
-                            world_size=world)
+    prefix = attempt_prefix(store, rank, world)
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world)
+
+
+# How long a rank waits for its peers to reach attempt_prefix: as long as init_process_group waits for them.
+HANDSHAKE_TIMEOUT = timedelta(minutes=30)
+
+
+def attempt_prefix(store, rank: int, world: int, timeout: timedelta = HANDSHAKE_TIMEOUT) -> str:
+    """A store key prefix that every rank of this attempt of the job agrees on and no earlier attempt used.
+
+    Why. torchrun's agents keep one store for the whole job (TORCH_DISABLE_SHARE_RDZV_TCP_STORE unset, the
+    default): after `--max-restarts` restarts the workers, the new ones meet where the keys of the previous
+    attempt are still set, read the dead ranks' addresses and fail ("connectFullMesh ... Connection refused")
+    or hang. Nothing the workers are told names the attempt for the whole job: TORCHELASTIC_RESTART_COUNT
+    counts each agent's own restarts, and with several nodes the agents whose workers did not fail restart
+    them without counting, so the counts differ from node to node.
+
+    How. Rank 0 draws a random name; every other rank publishes a random token of its own and waits for
+    rank 0's answer under a key made of that token, which no earlier attempt can have set; rank 0 answers
+    every token it sees until each rank has confirmed under the new name. A stale token (an earlier
+    attempt's, read before its rank wrote the new one) only gets an answer nobody reads. The ranks of
+    earlier attempts are gone: an agent stops all its workers before it joins the next round.
+
+    Args:
+        store: the store every rank of the job reaches (torch.distributed.rendezvous's).
+        rank, world: this process's rank and the number of processes.
+        timeout: how long to wait for the other ranks.
+
+    Returns:
+        "part_fast/<32 hex digits>/", the same on every rank.
+    """
+    if world == 1:
+        return "part_fast/single/"
+    if rank != 0:
+        token = secrets.token_hex(16)
+        store.set(f"part_fast/hello/{rank}", token)
+        answer = f"part_fast/answer/{token}"
+        store.wait([answer], timeout)
+        name = store.get(answer).decode()
+        store.set(f"part_fast/{name}/ready/{rank}", "1")
+        return f"part_fast/{name}/"
+    name = secrets.token_hex(16)
+    answered: dict[int, bytes] = {}
+    waiting = set(range(1, world))
+    deadline = time.monotonic() + timeout.total_seconds()
+    while waiting:
+        for peer in sorted(waiting):
+            hello = f"part_fast/hello/{peer}"
+            if store.check([hello]):
+                token = store.get(hello)
+                if answered.get(peer) != token:
+                    store.set(f"part_fast/answer/{token.decode()}", name)
+                    answered[peer] = token
+            if store.check([f"part_fast/{name}/ready/{peer}"]):
+                waiting.discard(peer)
+        if waiting:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"rank(s) {sorted(waiting)} did not join this attempt of the job within "
+                                   f"{timeout}")
+            time.sleep(0.01)
+    return f"part_fast/{name}/"
 
 
 def _teardown(err: BaseException | None, wait_for_peers: bool) -> None:

@@ -16,7 +16,9 @@ from torch.utils.data.distributed import DistributedSampler
 from part_fast import data as data_mod
 from part_fast import train as train_mod
 from part_fast.train import Distributed, TrainConfig, load_checkpoint
-from trainer_helpers import ELASTIC, assert_equals_uninterrupted, env, step_lines, wait_for_steps, worker_pids
+from part_fast.train.sampler import ResumableDistributedSampler
+from trainer_helpers import (ELASTIC, assert_equals_uninterrupted, env, metric_lines, step_lines, wait_for_steps,
+                             worker_pids)
 
 ARGS = ["--dataset", "shapes", "--arch", "cnn-small", "--method", "part", "--epochs", "2", "--warmup", "0",
         "--lr", "0.05", "--batch-size", "32", "--steps", "2", "--train-subset", "96", "--test-subset", "40",
@@ -229,3 +231,69 @@ def test_ranks_started_with_other_settings_all_stop_with_one_line(tmp_path):
     # The only traceback is torchrun's report that its workers failed.
     assert done.stderr.count("Traceback") == done.stderr.count("ChildFailedError:"), done.stderr[-3000:]
     assert not out.exists()
+
+
+# ------------------------------------------------------------------------------- another process count
+def test_every_global_batch_holds_the_same_examples_with_any_process_count():
+    """What makes --allow-world-change keep the data order: rank r's k-th index is the permutation's
+    (r + world * k)-th, so global step s is the permutation's [s * B, (s + 1) * B) on 1, 2 or 4 processes,
+    also when the epoch starts part-way (a mid-epoch resume)."""
+    data, batch = list(range(64)), 8
+
+    def global_batches(world: int, start_step: int) -> list[set[int]]:
+        per_rank = []
+        for rank in range(world):
+            sampler = ResumableDistributedSampler(data, num_replicas=world, rank=rank, seed=3)
+            sampler.set_epoch(2, start=start_step * (batch // world))
+            indices = list(sampler)
+            per_rank.append([indices[i:i + batch // world] for i in range(0, len(indices), batch // world)])
+        return [set().union(*parts) for parts in zip(*per_rank)]
+
+    one = global_batches(1, 0)
+    assert len(one) == 8 and set().union(*one) == set(data)
+    for world in (2, 4):
+        assert global_batches(world, 0) == one
+        assert global_batches(world, 5) == one[5:]
+    assert global_batches(2, 0) != global_batches(1, 0)[::-1], "the comparison is not vacuous"
+
+
+def _tree(path) -> dict:
+    return {p.relative_to(path).as_posix(): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in sorted(path.rglob("*")) if p.is_file()}
+
+
+@pytest.mark.slow
+def test_resume_on_another_process_count_is_refused_before_any_write_unless_allowed(tmp_path):
+    """A run of 2 processes whose newest checkpoint is from the middle of epoch 1 (step 6 of 8) resumed by 1
+    (a node fewer): one line naming both counts and the flag, every file untouched; with
+    --allow-world-change it goes on from step 6, and every epoch's metrics cover all 128 examples."""
+    out = tmp_path / "run"
+    epochs_at = ELASTIC.index("--epochs") + 1
+    one_epoch = [*ELASTIC[:epochs_at], "1", *ELASTIC[epochs_at + 1:]]
+    first = subprocess.run(_torchrun() + ["--standalone", "--nproc_per_node=2", "-m", "part_fast", "train", *one_epoch,
+                                          "--out", str(out), "--save-every-steps", "3"],
+                           env=env(), capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (out / "last.pt").unlink()  # the node died before the epoch's checkpoint: previous.pt holds step 6
+    assert load_checkpoint(out / "previous.pt")["global_step"] == 6
+    before = _tree(out)
+    resume = [sys.executable, "-m", "part_fast", "train", "--out", str(out), "--resume", "--epochs", "2"]
+
+    refused = subprocess.run(resume, env=env(), capture_output=True, text=True, timeout=300)
+    assert refused.returncode == 2, refused.stderr[-3000:]
+    errors = [line for line in refused.stderr.splitlines() if "error:" in line]
+    assert errors == [f"part-fast train: error: {out / 'previous.pt'} was trained by 2 process(es) and would continue "
+                      "with 1; each rank's data shard and random streams depend on the count, so resume with 2, or "
+                      "pass --allow-world-change to continue with 1 (no longer bit-equal to an uninterrupted run)"]
+    assert _tree(out) == before, "nothing in RUN_DIR was written, moved or removed"
+
+    allowed = subprocess.run(resume + ["--allow-world-change"], env=env(), capture_output=True, text=True,
+                             timeout=300)
+    assert allowed.returncode == 0, allowed.stderr[-3000:]
+    assert allowed.stderr.count("was trained by 2 process(es) and continues with 1 (--allow-world-change)") == 1
+    assert "resumed" in allowed.stdout and "at step 6" in allowed.stdout, allowed.stdout
+    metrics = metric_lines(out)
+    assert [m["epoch"] for m in metrics] == [1, 2]
+    assert [m["train_examples"] for m in metrics] == [128, 128], "rank 0 carries the sums of both saved ranks"
+    assert [s["global_step"] for s in step_lines(out)] == list(range(1, 17))
+    assert load_checkpoint(out / "last.pt")["world"] == 1

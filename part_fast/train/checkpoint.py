@@ -126,11 +126,13 @@ def _unused_name(path: Path) -> Path:
     return candidate
 
 
-def newest_intact(run_dir: str | os.PathLike, warn: Callable[[str], None]) -> tuple[dict, Path] | None:
+def newest_intact(run_dir: str | os.PathLike, warn: Callable[[str], None],
+                  accept: Callable[[dict, Path], None] | None = None) -> tuple[dict, Path] | None:
     """The newest checkpoint of `run_dir` that passes its checks, and its path; None when it has none.
 
     A damaged LAST is renamed LAST.damaged (.1, .2, ... if that exists; so the next save does not keep it as
-    PREVIOUS) and `warn` is told in one line; when no checkpoint is intact, CheckpointError names every file tried."""
+    PREVIOUS) and `warn` is told in one line; when no checkpoint is intact, CheckpointError names every file tried.
+    `accept(checkpoint, path)` may refuse the intact one it is given by raising, before any file is moved."""
     run_dir = Path(run_dir)
     candidates = [run_dir / LAST, run_dir / PREVIOUS]
     present = [p for p in candidates if p.exists()]
@@ -143,6 +145,8 @@ def newest_intact(run_dir: str | os.PathLike, warn: Callable[[str], None]) -> tu
         except CheckpointError as err:
             problems.append((path, err))
             continue
+        if accept is not None:
+            accept(ckpt, path)
         for bad, err in problems:
             aside = _unused_name(bad.with_name(bad.name + ".damaged"))
             os.replace(bad, aside)

@@ -31,7 +31,8 @@ _OTHER_DEFAULTS = DATASET_DEFAULTS["cifar10"]  # TinyImageNet, ImageFolder, shap
 # what it logs and how often it saves. None changes what is trained; a resume on the same device is
 # bit-exact, one on another device computes with that device's kernels and random streams.
 RESUMABLE_CHANGES = ("out", "epochs", "device", "workers", "progress", "eval_examples", "download", "data_dir",
-                     "log_steps", "time_stages", "tensorboard", "save_every_steps", "save_every_minutes")
+                     "log_steps", "time_stages", "tensorboard", "save_every_steps", "save_every_minutes",
+                     "allow_world_change")
 
 # An unset warm-up is this share of the epochs, rounded down: the release's 20 of 80, and a short run
 # (--epochs 1 .. 3) gets none instead of failing on a warm-up longer than itself.
@@ -107,6 +108,10 @@ class TrainConfig:
     save_every_steps: int = setting(0, "also checkpoint every N optimiser steps (0: off)", kind="int")
     save_every_minutes: float = setting(10.0, "also checkpoint when this many minutes passed since the last "
                                         "checkpoint (0: off); bounds what a SIGKILL loses", kind="float")
+    # A resume with another process count (a node fewer after a failure) keeps the data order (each global
+    # batch holds the same examples) but not the per-rank random streams and BatchNorm statistics.
+    allow_world_change: bool = setting(False, "resume with another number of processes than the checkpoint's "
+                                       "(the run is then no longer bit-equal to an uninterrupted one)", kind="switch")
 
     def resolved(self) -> "TrainConfig":
         """A copy with the dataset's released defaults and the warm-up filled in, validated."""

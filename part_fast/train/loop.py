@@ -33,7 +33,7 @@ from ..errors import (CheckpointError, CheckpointWriteError, ConfigError, Interr
 from ..evaluate import evaluate
 from ..extras import progress_bar
 from . import checkpoint, distributed, preemption, rundir
-from .config import TrainConfig
+from .config import TrainConfig, flag_of
 from .distributed import Distributed
 from .sampler import ResumableDistributedSampler
 from .step import STAT_NAMES, StepRandomness, build_model, build_state, inner_attack, train_step
@@ -163,6 +163,21 @@ class EpochProgress:
         return p
 
 
+def _regrouped_progress(vectors: list[list[float]], rank: int) -> list[float]:
+    """Rank `rank`'s EpochProgress vector when a mid-epoch checkpoint of len(vectors) ranks continues on
+    another number of them: rank 0 carries every saved rank's sums and step count (the epoch's end adds them
+    over ranks, so its metrics still cover every example trained), the others start from zero; the stage
+    times and the elapsed time are rank 0's, which is whose the metrics report."""
+    n = len(_SAVED_STATS)
+    first = list(vectors[0])
+    if rank == 0:
+        for other in vectors[1:]:
+            for i in range(n + 1):  # the sums and the step count
+                first[i] += other[i]
+        return first
+    return [0.0] * (n + 1) + first[n + 1:]
+
+
 # ------------------------------------------------------------------------------------------ the trainer
 def _progress_enabled(config: TrainConfig, is_main: bool) -> bool:
     if not is_main:
@@ -286,10 +301,7 @@ class _Trainer:
 
     def _restore(self, ckpt: dict) -> None:
         state, info = self.state, self.info
-        if ckpt.get("world", 1) != info.world:
-            raise UserError(f"the run was trained by {ckpt.get('world', 1)} processes and would continue with "
-                            f"{info.world}; data shards and random streams depend on it, so resume with "
-                            f"{ckpt.get('world', 1)}")
+        saved_world = ckpt.get("world", 1)  # another than info.world only with allow_world_change (rundir.prepare)
         if ckpt.get("steps_per_epoch") != self.steps_per_epoch:
             raise UserError(f"the run has {ckpt.get('steps_per_epoch')} steps per epoch but would continue with "
                             f"{self.steps_per_epoch}: the data or the batch size changed")
@@ -300,11 +312,19 @@ class _Trainer:
         state.epoch, state.step_in_epoch, state.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         self.history = list(ckpt.get("metrics", []))
         if ckpt.get("epoch_progress") is not None:
-            self.progress = EpochProgress.from_vector(ckpt["epoch_progress"][info.rank], info.device)
+            vectors = ckpt["epoch_progress"]
+            vector = vectors[info.rank] if saved_world == info.world else _regrouped_progress(vectors, info.rank)
+            self.progress = EpochProgress.from_vector(vector, info.device)
         if ckpt.get("rank_buffers") is not None:
-            with torch.no_grad():
-                for buffer, saved in zip(state.model.buffers(), ckpt["rank_buffers"][info.rank], strict=True):
-                    buffer.copy_(saved)
+            saved = ckpt["rank_buffers"]
+            with torch.no_grad():  # a rank the checkpoint did not have takes rank 0's BatchNorm statistics
+                for buffer, value in zip(state.model.buffers(), saved[info.rank if info.rank < len(saved) else 0],
+                                         strict=True):
+                    buffer.copy_(value)
+        if saved_world != info.world:
+            self._warn(f"warning: the run was trained by {saved_world} process(es) and continues with {info.world} "
+                       f"({flag_of('allow_world_change')}): the same examples in every global batch, other random "
+                       "streams and BatchNorm statistics, so no longer bit-equal to an uninterrupted run")
         self._write(self.out / rundir.METRICS, lambda: rundir.write_metrics(self.out, self.history))
         self._write(self.out / rundir.STEPS, lambda: rundir.trim_steps_log(self.out, state.global_step))
         self.log(f"resumed {self.out} at {checkpoint.describe(ckpt)}")

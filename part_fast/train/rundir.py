@@ -46,6 +46,10 @@ class ConfigMismatch(RunDirError, ValueError):
     """A resumed run would change a setting that changes what it computes."""
 
 
+class WorldSizeMismatch(RunDirError, ValueError):
+    """A resumed run would continue with another number of processes, not allowed by allow_world_change."""
+
+
 def holds_run(out: str | Path) -> bool:
     return (Path(out) / CONFIG).is_file()
 
@@ -73,9 +77,23 @@ def check_same_config(saved: dict, config: TrainConfig, where: Path) -> None:
                              f"{', '.join(flag_of(k) for k in RESUMABLE_CHANGES if k != 'out')} may change")
 
 
-def prepare(config: TrainConfig, resume: bool | str, warn: Callable[[str], None]) -> tuple[dict, Path] | None:
-    """Create RUN_DIR for a new run, or check it for a resumed one; returns the checkpoint to resume from
-    and its path (None: start from step 0). resume="auto": resume when RUN_DIR holds a run."""
+def check_resumable(ckpt: dict, path: Path, config: TrainConfig, world: int) -> None:
+    """ConfigMismatch or WorldSizeMismatch when the checkpoint at `path` cannot continue as `config` on
+    `world` processes."""
+    check_same_config(ckpt["config"], config, path)
+    saved_world = ckpt.get("world", 1)
+    if saved_world != world and not config.allow_world_change:
+        raise WorldSizeMismatch(
+            f"{path} was trained by {saved_world} process(es) and would continue with {world}; each rank's data "
+            f"shard and random streams depend on the count, so resume with {saved_world}, or pass "
+            f"{flag_of('allow_world_change')} to continue with {world} (no longer bit-equal to an uninterrupted run)")
+
+
+def prepare(config: TrainConfig, resume: bool | str, warn: Callable[[str], None],
+            world: int = 1) -> tuple[dict, Path] | None:
+    """Create RUN_DIR for a new run, or check it for a resumed one (on `world` processes); returns the
+    checkpoint to resume from and its path (None: start from step 0). resume="auto": resume when RUN_DIR holds
+    a run. Every refusal comes before anything in RUN_DIR is written, moved or removed."""
     out = Path(config.out)
     if resume == "auto":
         if not holds_run(out) and out.exists() and any(out.iterdir()):
@@ -94,10 +112,8 @@ def prepare(config: TrainConfig, resume: bool | str, warn: Callable[[str], None]
     saved = saved_config(out)
     if saved is not None:
         check_same_config(saved, config, out / CONFIG)
+    found = checkpoint.newest_intact(out, warn, accept=lambda ckpt, path: check_resumable(ckpt, path, config, world))
     remove_stale_temp_files(out)  # left by a process killed while it wrote
-    found = checkpoint.newest_intact(out, warn)
-    if found is not None:
-        check_same_config(found[0]["config"], config, found[1])
     if saved != config.to_json():
         atomic_write_json(out / CONFIG, config.to_json())  # with the safe changes: it says what the run is now
     return found  # None: stopped before its first checkpoint, start over in the same directory
@@ -119,7 +135,7 @@ def prepare_on_all_ranks(config: TrainConfig, info: Distributed, resume: bool | 
     found, error = None, None
     if info.is_main:
         try:
-            found = prepare(config, resume, warn)
+            found = prepare(config, resume, warn, info.world)
         except UserError as err:  # (some are OSErrors too: RunDirExists, RunDirMissing)
             error = err
         except OSError as err:  # an unwritable or vanished RUN_DIR: the user's to fix
@@ -138,7 +154,8 @@ def prepare_on_all_ranks(config: TrainConfig, info: Distributed, resume: bool | 
         try:
             ckpt = checkpoint.read(verdict["checkpoint"])
         except CheckpointError as err:
-            failure = RunDirError(f"rank {info.rank} cannot read the checkpoint rank 0 picked: {err}")
+            failure = RunDirError(f"rank {info.rank} cannot read the checkpoint rank 0 picked: {err} (RUN_DIR "
+                                  "must be on a filesystem that every node sees)")
     info.raise_together(failure, lambda failed: RunDirError(
         f"{failed} process(es) could not read {verdict['checkpoint']}; see their errors"))
     return ckpt

@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -231,6 +232,39 @@ def test_ranks_started_with_other_settings_all_stop_with_one_line(tmp_path):
     # The only traceback is torchrun's report that its workers failed.
     assert done.stderr.count("Traceback") == done.stderr.count("ChildFailedError:"), done.stderr[-3000:]
     assert not out.exists()
+
+
+TIMEOUT_PROBE = """
+import sys, time
+from part_fast.train import distributed
+
+with distributed.session("cpu", timeout_minutes=float(sys.argv[1]) / 60) as info:
+    if info.rank == 1:
+        time.sleep(120)  # a peer that neither answers nor closes its connections (a node lost to the network)
+    started = time.monotonic()
+    try:
+        info.all_sum([1.0])
+    except Exception as err:
+        print(f"rank 0 gave up after {time.monotonic() - started:.1f} s: {type(err).__name__}", flush=True)
+        raise
+"""
+
+
+@pytest.mark.slow
+def test_collective_timeout_bounds_the_wait_for_a_silent_peer(tmp_path):
+    """--collective-timeout reaches the process group: rank 0 waits for a silent peer that long, not torch's
+    30 minutes, and fails; torchrun then stops the whole job."""
+    probe = tmp_path / "probe.py"
+    probe.write_text(TIMEOUT_PROBE)
+    started = time.monotonic()
+    done = subprocess.run(_torchrun() + ["--standalone", "--nproc_per_node=2", str(probe), "3"], env=env(),
+                          capture_output=True, text=True, timeout=200)
+    took = time.monotonic() - started
+    assert done.returncode != 0
+    (line,) = [ln for ln in done.stdout.splitlines() if ln.startswith("rank 0 gave up after")]
+    waited = float(line.split()[5])
+    assert 2.5 <= waited < 20, line
+    assert took < 90, f"the job took {took:.0f} s to end"
 
 
 # ------------------------------------------------------------------------------- another process count

@@ -32,7 +32,7 @@ _OTHER_DEFAULTS = DATASET_DEFAULTS["cifar10"]  # TinyImageNet, ImageFolder, shap
 # bit-exact, one on another device computes with that device's kernels and random streams.
 RESUMABLE_CHANGES = ("out", "epochs", "device", "workers", "progress", "eval_examples", "download", "data_dir",
                      "log_steps", "time_stages", "tensorboard", "save_every_steps", "save_every_minutes",
-                     "allow_world_change")
+                     "allow_world_change", "collective_timeout")
 
 # An unset warm-up is this share of the epochs, rounded down: the release's 20 of 80, and a short run
 # (--epochs 1 .. 3) gets none instead of failing on a warm-up longer than itself.
@@ -108,6 +108,10 @@ class TrainConfig:
     save_every_steps: int = setting(0, "also checkpoint every N optimiser steps (0: off)", kind="int")
     save_every_minutes: float = setting(10.0, "also checkpoint when this many minutes passed since the last "
                                         "checkpoint (0: off); bounds what a SIGKILL loses", kind="float")
+    collective_timeout: float | None = setting(
+        None, "minutes a process waits for the others in a collective, and for them to start, before it fails: "
+        "bounds the wait when a node is lost without closing its connections (power, network)", kind="float",
+        shown="torch's: 10 with NCCL, 30 with gloo")
     # A resume with another process count (a node fewer after a failure) keeps the data order (each global
     # batch holds the same examples) but not the per-rank random streams and BatchNorm statistics.
     allow_world_change: bool = setting(False, "resume with another number of processes than the checkpoint's "
@@ -168,6 +172,8 @@ class TrainConfig:
         need(self.eval_examples >= 0, f"eval_examples must be >= 0, got {self.eval_examples}")
         need(isinstance(self.save_every_steps, int) and self.save_every_steps >= 0,
              f"save_every_steps must be an int >= 0, got {self.save_every_steps!r}")
+        need(self.collective_timeout is None or self.collective_timeout > 0,
+             f"collective_timeout must be > 0 minutes, got {self.collective_timeout}")
         need(self.save_every_minutes >= 0, f"save_every_minutes must be >= 0, got {self.save_every_minutes}")
         # TRADES' KL ascent starts 0.001 from x: its input gradients (~1e-10) flush to zero in fp16, so the
         # attack would never move. bf16 has float32's range.

@@ -28,6 +28,7 @@ from typing import Iterator
 
 import torch
 import torch.distributed as dist
+from torch.distributed.constants import default_pg_timeout
 
 from ..devices import resolve_device
 from ..errors import USER_ERRORS, Interrupted, TrainingDiverged
@@ -143,9 +144,16 @@ def _device_for(name: str, info: Distributed) -> torch.device:
 
 
 @contextlib.contextmanager
-def session(device_name: str) -> Iterator[Distributed]:
-    """The process group for the life of a run (none when WORLD_SIZE is 1); yields this rank's
-    Distributed, whose .device is the device to train on ('auto', 'cpu', 'cuda' or 'cuda:N', resolved here)."""
+def session(device_name: str, timeout_minutes: float | None = None) -> Iterator[Distributed]:
+    """The process group for the life of a run (none when WORLD_SIZE is 1).
+
+    Args:
+        device_name: 'auto', 'cpu', 'cuda' or 'cuda:N', resolved here (under torchrun 'cuda' is cuda:LOCAL_RANK).
+        timeout_minutes: how long a collective, and the start-up, waits for the other ranks before it fails;
+            None: torch's default (10 minutes with NCCL, 30 with gloo).
+
+    Returns:
+        (yields) this rank's Distributed, whose .device is the device to train on."""
     info = Distributed.from_env()
     device = _device_for(device_name, info)
     info.device = device
@@ -155,9 +163,10 @@ def session(device_name: str) -> Iterator[Distributed]:
     import torch._dynamo  # noqa: F401 - before init_process_group, or it pins the group (see the module doc)
 
     backend = "nccl" if device.type == "cuda" else "gloo"
-    _init_process_group(backend)
-    if backend != "gloo":
-        info.host_group = dist.new_group(backend="gloo")  # destroy_process_group() destroys it with the rest
+    timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
+    _init_process_group(backend, timeout)
+    if backend != "gloo":  # destroy_process_group() destroys it with the rest
+        info.host_group = dist.new_group(backend="gloo", timeout=timeout)
     try:
         yield info
     except AGREED_STOPS as err:
@@ -175,18 +184,16 @@ def session(device_name: str) -> Iterator[Distributed]:
     # Any other exception: a peer may be gone or mid-collective, and waiting for it could hang the exit.
 
 
-def _init_process_group(backend: str) -> None:
+def _init_process_group(backend: str, timeout: timedelta | None) -> None:
     """init_process_group under a key prefix that only this attempt of the job uses (see attempt_prefix)."""
-    store, rank, world = next(dist.rendezvous("env://"))
-    prefix = attempt_prefix(store, rank, world)
-    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world)
+    wait = timeout or default_pg_timeout
+    store, rank, world = next(dist.rendezvous("env://", timeout=wait))
+    prefix = attempt_prefix(store, rank, world, wait)
+    dist.init_process_group(backend, store=dist.PrefixStore(prefix, store), rank=rank, world_size=world,
+                            timeout=timeout)
 
 
-# How long a rank waits for its peers to reach attempt_prefix: as long as init_process_group waits for them.
-HANDSHAKE_TIMEOUT = timedelta(minutes=30)
-
-
-def attempt_prefix(store, rank: int, world: int, timeout: timedelta = HANDSHAKE_TIMEOUT) -> str:
+def attempt_prefix(store, rank: int, world: int, timeout: timedelta = default_pg_timeout) -> str:
     """A store key prefix that every rank of this attempt of the job agrees on and no earlier attempt used.
 
     Why. torchrun's agents keep one store for the whole job (TORCH_DISABLE_SHARE_RDZV_TCP_STORE unset, the

@@ -51,7 +51,7 @@ def train(config: TrainConfig, *, resume: bool | str = False, log=print) -> list
     if resume not in (False, True, "auto"):
         raise ConfigError(f"resume must be False, True or 'auto', got {resume!r}")
     config = config.resolved()
-    with distributed.session(config.device) as info:
+    with distributed.session(config.device, config.collective_timeout) as info:
         return _Trainer(config, info, log if info.is_main else _silent).run(resume)
 
 

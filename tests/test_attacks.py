@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from conftest import ulp_distance
+from helpers import ulp_distance
 from part_fast import ops
 from part_fast.attacks import LOSSES, MMA, PGD, PGD_STARTS, margin
 

@@ -19,7 +19,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 import part_fast
-from conftest import ALL_BACKENDS, BACKENDS, CPU_DTYPES, DTYPES, attack_inputs, rand, skip_unsupported
+from helpers import ALL_BACKENDS, BACKENDS, CPU_DTYPES, DTYPES, attack_inputs, rand, skip_unsupported
 from part_fast import ops, reference
 
 EXTENSION_LOADED = ops.EXTENSION_ERROR is None
@@ -173,7 +173,7 @@ def test_default_and_forced_match_the_reference(backend, gen):
     assert not torch.equal(got[1], x_adv), "the step moved x_adv"
 
 
-# The floating dtypes a backend might be asked for; each is either supported (conftest.CPU_DTYPES) or
+# The floating dtypes a backend might be asked for; each is either supported (helpers.CPU_DTYPES) or
 # rejected with a TypeError naming the argument.
 CANDIDATE_DTYPES = [*DTYPES, *(getattr(torch, n) for n in ("float8_e4m3fn", "float8_e5m2") if hasattr(torch, n))]
 
@@ -181,7 +181,7 @@ CANDIDATE_DTYPES = [*DTYPES, *(getattr(torch, n) for n in ("float8_e4m3fn", "flo
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("dtype", CANDIDATE_DTYPES, ids=str)
 def test_documented_cpu_dtypes(backend, dtype):
-    """conftest.CPU_DTYPES (which skip_unsupported skips by) is exactly what each backend accepts."""
+    """helpers.CPU_DTYPES (which skip_unsupported skips by) is exactly what each backend accepts."""
     x = torch.full((1, 2, 3, 3), 0.5).to(dtype)
     cam = torch.rand((1, 3, 3), generator=torch.Generator().manual_seed(0)).to(dtype)
     calls = [("x_adv", lambda: ops.pgd_step_(x.clone(), x, x, 0.1, 0.05)),
@@ -513,9 +513,9 @@ def test_missing_extension_warns_once_with_default_filters():
 
 def test_op_tests_run_on_the_gpu_where_there_is_one():
     """The comparison tests of test_pgd_step.py and test_cam_eps_map.py are parametrised over
-    conftest.DEVICE_BACKENDS: on a GPU machine that adds the cuda and triton backends on CUDA tensors (and the
+    helpers.DEVICE_BACKENDS: on a GPU machine that adds the cuda and triton backends on CUDA tensors (and the
     Triton interpreter is off, so Triton is compiled for the GPU)."""
-    from conftest import DEVICE_BACKENDS, GPU, target_id
+    from helpers import DEVICE_BACKENDS, GPU, target_id
 
     if not GPU:
         pytest.skip("no GPU here: the op tests ran every backend on CPU tensors (Triton interpreted); on a GPU "

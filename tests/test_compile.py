@@ -7,7 +7,7 @@ import torch
 from torch.library import opcheck
 
 import part_fast
-from conftest import attack_inputs, rand
+from helpers import attack_inputs, rand
 from part_fast import ops
 
 EPS, EPS_LOW, STEP = 8 / 255, 7 / 255, 2 / 255

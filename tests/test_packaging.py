@@ -87,7 +87,7 @@ def test_nothing_bootstraps_the_import_path():
     package's __path__ to find it."""
     bootstrap = re.compile(r"__path__\s*(=|\+=|\.(append|insert|extend))|sys\.path\s*(=|\+=|\.(append|insert|extend))"
                            r"|extend_path\(")
-    files = [*PACKAGE.rglob("*.py"), *KERNELS.rglob("*.py"), *ROOT.glob("tests/conftest.py"),
+    files = [*PACKAGE.rglob("*.py"), *KERNELS.rglob("*.py"), *ROOT.glob("tests/conftest.py"), *ROOT.glob("tests/helpers.py"),
              *ROOT.glob("bench/conftest.py")]
     found = [f"{p.relative_to(ROOT)}:{i}" for p in files for i, line in enumerate(p.read_text().splitlines(), 1)
              if bootstrap.search(line)]

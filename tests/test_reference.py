@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from conftest import rand, randn
+from helpers import rand, randn
 from part_fast import reference
 
 ROOT = Path(__file__).resolve().parents[1]

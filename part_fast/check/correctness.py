@@ -12,7 +12,7 @@ import itertools
 import torch
 
 from .. import ops, reference
-from .inputs import EPS, EPS_FORMS, EPS_LOW, LAYOUTS, STEP, attack_inputs, cam_inputs, make_eps, same_strides_on
+from .inputs import CHECK_EPS_FORMS, EPS, EPS_LOW, LAYOUTS, STEP, attack_inputs, cam_inputs, make_eps, same_strides_on
 from .runner import Context, Skipped
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -57,7 +57,7 @@ def check_attack_ops(ctx: Context, backend: str):
     cases = failures = elements = 0
     first = None
     for seed, (op, kind, dtype, layout, form) in enumerate(itertools.product(
-            ("pgd_step_", "project_"), shapes, DTYPES, LAYOUTS, EPS_FORMS)):
+            ("pgd_step_", "project_"), shapes, DTYPES, LAYOUTS, CHECK_EPS_FORMS)):
         for shape in shapes[kind]:
             bad, n = _attack_case(ctx, backend, op, shape, dtype, layout, form, 1000 + seed)
             cases += 1
@@ -67,7 +67,7 @@ def check_attack_ops(ctx: Context, backend: str):
                 if first is None:
                     first = (f"{op} {tuple(shape)} {str(dtype).replace('torch.', '')} {layout} eps={form}: "
                              f"{bad} of {n} elements differ")
-    figure = (f"{cases} cases (pgd_step_ + project_; {len(DTYPES)} dtypes, {len(LAYOUTS)} layouts, {len(EPS_FORMS)} "
+    figure = (f"{cases} cases (pgd_step_ + project_; {len(DTYPES)} dtypes, {len(LAYOUTS)} layouts, {len(CHECK_EPS_FORMS)} "
               f"eps forms, NaN/inf gradients), {elements:,} elements: {failures} cases differ"
               + (f"; first: {first}" if first else " (bit-exact)"))
     return failures == 0, figure, {"cases": cases, "failed_cases": failures, "elements": elements, "first": first}

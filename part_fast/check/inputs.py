@@ -6,7 +6,36 @@ import torch
 
 EPS, EPS_LOW, STEP = 8 / 255, 2 / 255, 2 / 255
 LAYOUTS = ("contiguous", "channels_last")
-EPS_FORMS = ("scalar", "zero", "b1hw", "bchw", "1c11", "strided", "expanded")
+
+# Every form a budget can take (the one vocabulary of the check, the tests and the benchmarks): Python
+# numbers, and float tensors broadcastable to x_adv with every shape, layout and stride the ops accept.
+EPS_FORMS = (
+    "scalar",  # a Python float
+    "int",  # a Python int
+    "zero",  # 0.0: the update collapses to clip(x_nat)
+    "bchw",  # the jet mask's shape, float32, in x_adv's layout
+    "bchw_xdtype",  # ... in x_adv's dtype instead of float32
+    "b1hw",  # the channel-shared "cam" mask
+    "1c11",
+    "c11",  # fewer dims than x_adv
+    "hw",
+    "b111",
+    "0d",
+    "bchw_channels_last",  # channels_last whatever x_adv's layout
+    "bchw_contiguous",  # contiguous whatever x_adv's layout
+    "expanded",  # stride-0 dims
+    "strided",  # a non-contiguous slice
+    "transposed",
+    "with_zeros",  # a tensor budget that is exactly 0 at some pixels
+)
+# The forms `part-fast check` runs on a device: one of each kind of walk a kernel does.
+CHECK_EPS_FORMS = ("scalar", "zero", "b1hw", "bchw", "1c11", "strided", "expanded")
+
+
+def distinct_eps_forms(layout: str) -> tuple[str, ...]:
+    """EPS_FORMS less the one that is "bchw" itself in `layout` (the same tensor, the same case)."""
+    same = "bchw_channels_last" if layout == "channels_last" else "bchw_contiguous"
+    return tuple(f for f in EPS_FORMS if f != same)
 
 
 def same_strides_on(t, device: torch.device):
@@ -26,45 +55,55 @@ def same_strides_on(t, device: torch.device):
 
 
 def to_layout(t: torch.Tensor, layout: str) -> torch.Tensor:
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}, got {layout!r}")
     return t.contiguous(memory_format=torch.channels_last) if layout == "channels_last" else t.contiguous()
 
 
 def attack_inputs(shape, dtype, layout, gen: torch.Generator, nan_grad: bool = True):
-    """x_adv, grad, x_nat on the CPU: x_nat in [0, 1]; x_adv around it, partly outside the ball and the box;
-    a gradient with zeros, -0.0, +-inf and (nan_grad) NaN, whose sign the op takes as 0."""
-    x_nat = torch.rand(shape, generator=gen)
-    x_adv = x_nat + (4 * torch.rand(shape, generator=gen) - 2) * EPS
-    grad = torch.randn(shape, generator=gen)
-    flat = grad.view(-1)
-    n = flat.numel()
-    picks = torch.randint(0, n, (max(1, n // 50),), generator=gen)
-    specials = torch.tensor([0.0, -0.0, float("inf"), -float("inf")] + ([float("nan")] if nan_grad else []))
-    flat[picks] = specials[torch.arange(picks.numel()) % specials.numel()]
+    """x_adv, grad, x_nat on the CPU: x_nat in [0, 1]; x_adv = x_nat + noise of up to 2 EPS (partly outside the
+    ball and the box); a standard normal gradient with 5 % exact zeros, 1 % -0.0, 2 % +inf, 2 % -inf and
+    (nan_grad) 3 % NaN, whose sign the op takes as 0."""
+    x_nat = torch.rand(shape, generator=gen, dtype=torch.float64)
+    x_adv = x_nat + (4 * torch.rand(shape, generator=gen, dtype=torch.float64) - 2) * EPS
+    grad = torch.randn(shape, generator=gen, dtype=torch.float64)
+    u = torch.rand(shape, generator=gen, dtype=torch.float64)
+    for low, high, value in ((0.0, 0.05, 0.0), (0.05, 0.06, -0.0), (0.06, 0.08, float("inf")),
+                             (0.08, 0.10, -float("inf")), (0.10, 0.13 if nan_grad else 0.10, float("nan"))):
+        grad = torch.where((u >= low) & (u < high), torch.full_like(grad, value), grad)
     return tuple(to_layout(t.to(dtype), layout) for t in (x_adv, grad, x_nat))
 
 
-def make_eps(form: str, shape, layout: str, gen: torch.Generator):
-    """A budget in one of the forms the ops accept (a float, or a tensor broadcastable to x)."""
+def make_eps(form: str, shape, layout: str, gen: torch.Generator, dtype: torch.dtype = torch.float32):
+    """A budget in `form` (one of EPS_FORMS) for an x_adv of `shape` in `layout`: tensor budgets are drawn
+    uniformly in [0, 2 EPS), float32 except "bchw_xdtype" (`dtype`, x_adv's)."""
     b, c, h, w = shape
 
-    def mixed(size):
-        return torch.where(torch.rand(size, generator=gen) < 0.5, EPS, EPS_LOW).to(torch.float32)
+    def budget(size, dt=torch.float32):
+        return (torch.rand(size, generator=gen, dtype=torch.float64) * 2 * EPS).to(dt)
 
-    if form == "scalar":
-        return EPS
-    if form == "zero":
-        return 0.0
-    if form == "b1hw":
-        return mixed((b, 1, h, w))
-    if form == "bchw":
-        return to_layout(mixed(shape), layout)
-    if form == "1c11":
-        return mixed((1, c, 1, 1))
-    if form == "strided":
-        return mixed((b, c, h, 2 * w))[..., ::2]
-    if form == "expanded":
-        return mixed((b, 1, 1, 1)).expand(b, c, h, w)
-    raise ValueError(f"unknown eps form {form!r}")
+    forms = {
+        "scalar": lambda: EPS,
+        "int": lambda: 1,
+        "zero": lambda: 0.0,
+        "bchw": lambda: to_layout(budget(shape), layout),
+        "bchw_xdtype": lambda: to_layout(budget(shape, dtype), layout),
+        "b1hw": lambda: budget((b, 1, h, w)),
+        "1c11": lambda: budget((1, c, 1, 1)),
+        "c11": lambda: budget((c, 1, 1)),
+        "hw": lambda: budget((h, w)),
+        "b111": lambda: budget((b, 1, 1, 1)),
+        "0d": lambda: budget(()),
+        "bchw_channels_last": lambda: budget(shape).contiguous(memory_format=torch.channels_last),
+        "bchw_contiguous": lambda: budget(shape).contiguous(),
+        "expanded": lambda: budget((b, 1, 1, 1)).expand(b, c, h, w),
+        "strided": lambda: budget((b, c, h, 2 * w))[..., ::2],
+        "transposed": lambda: budget((b, c, w, h)).transpose(2, 3),
+        "with_zeros": lambda: torch.where(torch.rand(shape, generator=gen) < 0.3, 0.0, budget(shape)),
+    }
+    if form not in forms:
+        raise ValueError(f"unknown eps form {form!r}; one of {EPS_FORMS}")
+    return forms[form]()
 
 
 def update_inputs(shape: tuple, eps_channels: int, device, seed: int = 0, dtype=torch.float32):

@@ -81,6 +81,7 @@ from tqdm.auto import tqdm
 from bench import common
 from bench.common import readme_text, write_readme_blocks
 from part_fast.data import build_datasets
+from part_fast.data.folders import classes_interleaved
 from part_fast.evaluate import evaluate
 from part_fast.files import atomic_write_bytes, atomic_write_text
 from part_fast.train import TrainConfig, load_checkpoint, load_model, train
@@ -184,12 +185,11 @@ def balanced_tree(full: Path, data_root: Path, n_train: int | None, n_test: int 
             if not len(classes) <= n <= total:
                 raise SystemExit(f"--{split}-subset {n}: must be between {len(classes)} (one image per class) "
                                  f"and the {total} images of the {split} split")
-            chosen = []
-            for i in range(max(len(v) for v in files.values())):
-                chosen += [(c, files[c][i]) for c in classes if i < len(files[c])]
-            for c, path in chosen[:n]:
-                (tmp / split / c).mkdir(parents=True, exist_ok=True)
-                os.symlink(path.resolve(), tmp / split / c / path.name)
+            # Round robin over the classes, each in file order: the order part_fast's folder datasets list.
+            chosen = classes_interleaved([(path, k) for k, c in enumerate(classes) for path in files[c]])
+            for path, k in chosen[:n]:
+                (tmp / split / classes[k]).mkdir(parents=True, exist_ok=True)
+                os.symlink(path.resolve(), tmp / split / classes[k] / path.name)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

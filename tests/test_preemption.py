@@ -58,7 +58,7 @@ def test_signal_finishes_the_step_writes_an_exact_checkpoint_and_resume_is_exact
     assert err.checkpoint == str(out / "last.pt")
     ckpt = load_checkpoint(out / "last.pt")
     assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]) == (1, 3, 11)
-    assert len(ckpt["epoch_progress"]) == 1 and ckpt["epoch_progress"][0][5] == 3  # one rank, 3 steps summed
+    assert len(ckpt["epoch_progress"]) == 1 and ckpt["epoch_progress"][0]["steps"] == 3  # one rank, 3 steps summed
     assert len(step_lines(out)) == 11 and len(metric_lines(out)) == 1
     assert {s: signal.getsignal(s) for s in before} == before, "the caller's signal handlers are restored"
 

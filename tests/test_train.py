@@ -102,10 +102,10 @@ def test_base_methods_ignore_warmup_beyond_epochs(tmp_path):
 
 
 def test_global_batch_must_split_evenly_across_processes(tmp_path):
-    from part_fast.train import loop
+    from part_fast.train.loaders import data_loaders
 
     with pytest.raises(ValueError, match="batch_size 33 must be divisible by the 2 processes"):
-        loop._loaders(tiny(tmp_path / "run", batch_size=33).resolved(), train_mod.Distributed(0, 2, 0))
+        data_loaders(tiny(tmp_path / "run", batch_size=33).resolved(), train_mod.Distributed(0, 2, 0))
 
 
 def test_unknown_arch_fails_before_the_run_dir_exists(tmp_path):

@@ -4,7 +4,9 @@
     methods.py       one Method record per training method: base, inner attack per phase, outer loss
     step.py          one optimiser step: augment -> budget -> attack -> outer loss -> update
     loop.py          train(): epochs, evaluation, metrics, checkpoints, resume, preemption
-    checkpoint.py    checked, atomic checkpoints (last.pt + previous.pt)
+    loaders.py       each rank's training and evaluation loaders
+    progress.py      the epoch in progress (EpochProgress): its sums, as a checkpoint keeps and regroups them
+    checkpoint.py    checked, atomic checkpoints (last.pt + previous.pt), what they hold, load_model
     rundir.py        the run directory: new, resumed, auto-resumed; its metrics and TensorBoard logs
     distributed.py   torchrun / DDP: collectives and a clean process-group teardown
     preemption.py    SIGTERM / SIGINT: stop after the step, checkpoint, exit
@@ -14,7 +16,8 @@ from ..errors import CheckpointError, Interrupted, TrainingDiverged
 from .config import AMP_DTYPES, AT_PART_STARTS, DATASET_DEFAULTS, RESUMABLE_CHANGES, TrainConfig
 from .distributed import Distributed
 from .methods import METHOD, METHODS, Method
-from .loop import load_checkpoint, load_model, train
+from .checkpoint import load_checkpoint, load_model
+from .loop import train
 from .step import (PURPOSE_ATTACK, PURPOSE_AUGMENT, PURPOSE_MODEL, STAT_NAMES, RunState, StepRandomness, StepResult,
                    build_model, build_state, derived_seed, lr_factor, inner_attack, train_step)
 

@@ -10,21 +10,29 @@ that torch.save wrote for them (torch.load itself reads a flipped byte back sile
 part_fast checkpoint. Resuming takes the newest intact checkpoint: a damaged `last.pt` is set aside (renamed
 `last.pt.damaged`, never deleted) with a one-line warning, and the run continues from `previous.pt`.
 
-The checkpoint holds only tensors and plain Python values, so it loads with `weights_only=True`.
+The checkpoint holds only tensors and plain Python values, so it loads with `weights_only=True`. What it
+holds is assembled by `contents` (the trainer's state, where the run stands, every rank's epoch progress in
+the middle of an epoch); `load_checkpoint` and `load_model` are the readers for a finished or stopped run.
 """
 from __future__ import annotations
 
 import contextlib
 import io
 import os
+import time
 import zipfile
 from pathlib import Path
 from typing import Callable
 
 import torch
+from torch import nn
 
+from .. import __version__
+from ..devices import resolve_device
 from ..errors import CheckpointError, CheckpointWriteError
 from ..files import NotDurable, atomic_write_bytes
+from .config import TrainConfig
+from .step import RunState, build_model
 
 LAST = "last.pt"
 PREVIOUS = "previous.pt"
@@ -46,6 +54,33 @@ def _crc32_recorded():
         yield
     finally:
         torch.serialization.set_crc32_options(False)
+
+
+def contents(state: RunState, *, config: TrainConfig, steps_per_epoch: int, world: int, metrics: list[dict],
+             epoch_progress: list[dict] | None, rank_buffers: list | None) -> dict:
+    """What a checkpoint of the run holds: the model, optimiser, scheduler and scaler states, where the run
+    stands, its config and metrics so far. In the middle of an epoch, `epoch_progress` is every rank's
+    EpochProgress.state_dict() and `rank_buffers` every rank's BatchNorm statistics (under DDP); between
+    epochs both are None."""
+    return {
+        "format": FORMAT,
+        "model": state.model.state_dict(),
+        "optimizer": state.optimizer.state_dict(),
+        "scheduler": state.scheduler.state_dict(),
+        "scaler": state.scaler.state_dict(),
+        "epoch": state.epoch,
+        "step_in_epoch": state.step_in_epoch,
+        "global_step": state.global_step,
+        "steps_per_epoch": steps_per_epoch,
+        "world": world,
+        "epoch_progress": epoch_progress,
+        "rank_buffers": rank_buffers,
+        "num_classes": state.num_classes,
+        "config": config.to_json(),
+        "metrics": metrics,
+        "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "part_fast_version": __version__,
+    }
 
 
 def save(path: str | os.PathLike, checkpoint: dict, *, keep_previous: bool = True) -> None:
@@ -155,3 +190,20 @@ def newest_intact(run_dir: str | os.PathLike, warn: Callable[[str], None],
             warn(f"warning: {run_dir / LAST} is missing; resuming from {path} ({describe(ckpt)})")
         return ckpt, path
     raise CheckpointError("no intact checkpoint to resume from: " + "; ".join(str(err) for _, err in problems))
+
+
+# ------------------------------------------------------------------------------------------ reading runs
+def load_checkpoint(path) -> dict:
+    """A checkpoint, checked (whole archive, every CRC-32, part_fast keys); CheckpointError otherwise."""
+    return read(path)
+
+
+def load_model(path, device="cpu") -> tuple[nn.Module, TrainConfig]:
+    """The trained model (eval mode) on `device` ('auto', 'cpu', 'cuda', 'cuda:N' or a torch.device) and its
+    config, from a RUN_DIR/last.pt (or previous.pt)."""
+    device = resolve_device(device)
+    ckpt = read(path)
+    config = TrainConfig.from_json(ckpt["config"])
+    model = build_model(config, ckpt["num_classes"])
+    model.load_state_dict(ckpt["model"])
+    return model.to(device).eval(), config

@@ -4,7 +4,8 @@ Where a run stands is (epoch, step in epoch, global step), and every random draw
 of (seed, epoch, rank, step) (step.StepRandomness), the data order of (seed, epoch) (sampler.py). A
 checkpoint therefore holds all an interrupted run needs to continue exactly, at an epoch boundary or in
 the middle of an epoch: the weights and optimiser state, the position, and the running sums of the epoch in
-progress (per rank, with each rank's BatchNorm statistics under DDP).
+progress (per rank, with each rank's BatchNorm statistics under DDP; progress.py). The loaders are in
+loaders.py, what a checkpoint holds in checkpoint.py.
 
 Checkpoints are written at the end of every epoch, every `save_every_steps` steps, when
 `save_every_minutes` have passed since the last one (rank 0's clock decides; the decision travels with the
@@ -18,25 +19,23 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Subset
 
-from .. import __version__
-from .. import data as data_mod
-from ..devices import describe_device, resolve_device
-from ..errors import (CheckpointError, CheckpointWriteError, ConfigError, Interrupted, OutputWriteError,
-                      TrainingDiverged, UserError, report)
+from ..devices import describe_device
+from ..errors import (CheckpointWriteError, ConfigError, Interrupted, OutputWriteError, TrainingDiverged, UserError,
+                      report)
 from ..evaluate import evaluate
 from ..extras import progress_bar
 from . import checkpoint, distributed, preemption, rundir
+from . import progress as epoch_progress
 from .config import TrainConfig, flag_of
 from .distributed import Distributed
-from .sampler import ResumableDistributedSampler
-from .step import STAT_NAMES, StepRandomness, build_model, build_state, inner_attack, train_step
+from .loaders import data_loaders
+from .progress import EpochProgress
+from .step import STAT_NAMES, StepRandomness, build_state, inner_attack, train_step
 
 _clock = time.monotonic  # what --save-every-minutes measures (a name of its own, so tests can drive it)
 
@@ -57,125 +56,6 @@ def train(config: TrainConfig, *, resume: bool | str = False, log=print) -> list
 
 def _silent(*_args) -> None:
     pass
-
-
-# ------------------------------------------------------------------------------------------ data
-def _loaders(config: TrainConfig, info: Distributed):
-    def build(download):
-        return data_mod.build_datasets(config.dataset, config.data_dir, download=download,
-                                       train_subset=config.train_subset, test_subset=config.test_subset, seed=config.seed)
-
-    if config.download and info.enabled:
-        # Rank 0 downloads alone; the others read what it fetched (one writer per folder).
-        error = None
-        if info.is_main:
-            try:
-                build(True)
-            except Exception as err:  # noqa: BLE001 - the other ranks must hear of it
-                error = err
-        info.raise_together(error, lambda _: UserError("rank 0 could not download the dataset; see its error"))
-    if config.batch_size % info.world:
-        raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {info.world} processes "
-                          "(it is the global batch, split evenly)")
-    train_set, test_set, data_info = build(config.download and not info.enabled)
-    local_batch = config.batch_size // info.world
-    if len(train_set) < config.batch_size:
-        raise ConfigError(f"the training set has {len(train_set)} examples, fewer than one batch of {config.batch_size}")
-    sampler = ResumableDistributedSampler(train_set, num_replicas=info.world, rank=info.rank, seed=config.seed)
-    pin = info.device.type == "cuda"
-    # The loader gets its own generator (it only seeds worker processes, whose datasets draw nothing) so it
-    # never consumes the caller's global one.
-    train_loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=config.workers,
-                              pin_memory=pin, drop_last=True, persistent_workers=config.workers > 0,
-                              worker_init_fn=preemption.ignore_stop_signals,
-                              generator=torch.Generator().manual_seed(config.seed))
-    eval_loader = None
-    if config.eval_examples:
-        n = min(config.eval_examples, len(test_set))
-        if n < info.world:
-            raise ConfigError(f"eval_examples ({n} available) must be at least the number of processes ({info.world})")
-        shard = Subset(test_set, range(info.rank, n, info.world))
-        eval_loader = DataLoader(shard, batch_size=max(local_batch, 1), num_workers=config.workers, pin_memory=pin,
-                                 worker_init_fn=preemption.ignore_stop_signals)
-    return train_loader, sampler, eval_loader, data_info
-
-
-# ------------------------------------------------------------------------------------ epoch progress
-# What a checkpoint's epoch-progress vector holds, in order: the step statistics summed (without the
-# non-finite count: a checkpoint is never written after a non-finite loss), the steps, the stage seconds,
-# the elapsed seconds.
-_SAVED_STATS = tuple(name for name in STAT_NAMES if name != "non_finite")
-_STAGES = ("data", "budget", "attack", "update")
-
-
-@dataclass
-class EpochProgress:
-    """One rank's running sums over the epoch in progress; a mid-epoch checkpoint holds every rank's.
-
-    The step statistics are summed on the device, so a step never waits for it; they are read at the
-    points where the host needs them (a checkpoint, a log line, the epoch's end)."""
-
-    device: torch.device
-    totals: torch.Tensor | None = None  # sum of the steps' StepResult.stats
-    first_non_finite: torch.Tensor | None = None  # global step of the first non-finite loss, or -1
-    steps: int = 0
-    seconds: dict = field(default_factory=lambda: dict.fromkeys(_STAGES, 0.0))
-    elapsed: float = 0.0  # wall seconds spent in this epoch before now (earlier processes included)
-
-    def add(self, r, global_step: int) -> None:
-        if self.totals is None:
-            self.totals = torch.zeros(len(STAT_NAMES), dtype=torch.float64, device=self.device)
-            self.first_non_finite = torch.full((), -1.0, dtype=torch.float64, device=self.device)
-        bad = r.stats[STAT_NAMES.index("non_finite")] > 0
-        self.first_non_finite = torch.where((self.first_non_finite < 0) & bad, float(global_step),
-                                            self.first_non_finite)
-        self.totals += r.stats
-        self.steps += 1
-        for k, v in r.seconds.items():
-            self.seconds[k] += v
-
-    def sums(self) -> dict:
-        """The statistics summed so far (reads them from the device)."""
-        values = [0.0] * len(STAT_NAMES) if self.totals is None else self.totals.tolist()
-        return dict(zip(STAT_NAMES, values))
-
-    def first_non_finite_step(self) -> int | None:
-        if self.first_non_finite is None:
-            return None
-        step = int(self.first_non_finite)
-        return None if step < 0 else step
-
-    def vector(self) -> list[float]:
-        sums = self.sums()
-        return [*(sums[k] for k in _SAVED_STATS), self.steps, *self.seconds.values(), self.elapsed]
-
-    @classmethod
-    def from_vector(cls, v, device: torch.device) -> "EpochProgress":
-        n = len(_SAVED_STATS)
-        if len(v) != n + 1 + len(_STAGES) + 1:
-            raise CheckpointError(f"epoch progress has {len(v)} values, expected {n + 2 + len(_STAGES)}")
-        p = cls(device)
-        p.totals = torch.tensor([*v[:n], 0.0], dtype=torch.float64, device=device)
-        p.first_non_finite = torch.full((), -1.0, dtype=torch.float64, device=device)
-        p.steps = int(v[n])
-        p.seconds = dict(zip(_STAGES, (float(x) for x in v[n + 1:n + 1 + len(_STAGES)])))
-        p.elapsed = float(v[-1])
-        return p
-
-
-def _regrouped_progress(vectors: list[list[float]], rank: int) -> list[float]:
-    """Rank `rank`'s EpochProgress vector when a mid-epoch checkpoint of len(vectors) ranks continues on
-    another number of them: rank 0 carries every saved rank's sums and step count (the epoch's end adds them
-    over ranks, so its metrics still cover every example trained), the others start from zero; the stage
-    times and the elapsed time are rank 0's, which is whose the metrics report."""
-    n = len(_SAVED_STATS)
-    first = list(vectors[0])
-    if rank == 0:
-        for other in vectors[1:]:
-            for i in range(n + 1):  # the sums and the step count
-                first[i] += other[i]
-        return first
-    return [0.0] * (n + 1) + first[n + 1:]
 
 
 # ------------------------------------------------------------------------------------------ the trainer
@@ -211,7 +91,7 @@ class _Trainer:
             rundir.summary_writer_class()  # every rank: a missing package stops them all, before any work
         # Data and model first: a missing dataset or an unknown architecture is reported before RUN_DIR
         # exists, so a corrected rerun needs no --resume.
-        self.train_loader, self.sampler, self.eval_loader, data_info = _loaders(cfg, info)
+        self.train_loader, self.sampler, self.eval_loader, data_info = data_loaders(cfg, info)
         self.steps_per_epoch = len(self.train_loader)
         self.state = build_state(cfg, data_info.num_classes, info.device, info)
         self.rng = StepRandomness(cfg.seed, info.rank, info.device, cfg.augment)
@@ -312,9 +192,8 @@ class _Trainer:
         state.epoch, state.step_in_epoch, state.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         self.history = list(ckpt.get("metrics", []))
         if ckpt.get("epoch_progress") is not None:
-            vectors = ckpt["epoch_progress"]
-            vector = vectors[info.rank] if saved_world == info.world else _regrouped_progress(vectors, info.rank)
-            self.progress = EpochProgress.from_vector(vector, info.device)
+            self.progress = epoch_progress.restored(ckpt["epoch_progress"], info.rank, saved_world, info.world,
+                                                    info.device)
         if ckpt.get("rank_buffers") is not None:
             saved = ckpt["rank_buffers"]
             with torch.no_grad():  # a rank the checkpoint did not have takes rank 0's BatchNorm statistics
@@ -439,41 +318,21 @@ class _Trainer:
         if mid_epoch:  # (the epoch's own checkpoint follows the epoch end's checks)
             self._refuse_diverged(progress)
             self._refuse_non_finite(f"by step {state.global_step}")
-        per_rank_progress = info.all_gather(progress.vector()) if mid_epoch else None
+        per_rank_progress = epoch_progress.gathered(progress, info) if mid_epoch else None
         # Between epochs every rank holds rank 0's BatchNorm statistics; in the middle of one each rank has
         # its own, and resuming exactly needs them all.
         rank_buffers = info.all_gather_tensors(list(state.model.buffers())) if mid_epoch and info.enabled else None
         error = None
         if info.is_main:
             try:
-                checkpoint.save(self.out / checkpoint.LAST, self._checkpoint_dict(per_rank_progress, rank_buffers))
+                checkpoint.save(self.out / checkpoint.LAST, checkpoint.contents(
+                    state, config=self.config, steps_per_epoch=self.steps_per_epoch, world=info.world,
+                    metrics=self.history, epoch_progress=per_rank_progress, rank_buffers=rank_buffers))
             except CheckpointWriteError as err:
                 error = err
         info.raise_together(error, lambda _: CheckpointWriteError(
             f"rank 0 could not write the checkpoint in {self.out}; see its error"))
         self.last_save = _clock()
-
-    def _checkpoint_dict(self, per_rank_progress, rank_buffers) -> dict:
-        state = self.state
-        return {
-            "format": checkpoint.FORMAT,
-            "model": state.model.state_dict(),
-            "optimizer": state.optimizer.state_dict(),
-            "scheduler": state.scheduler.state_dict(),
-            "scaler": state.scaler.state_dict(),
-            "epoch": state.epoch,
-            "step_in_epoch": state.step_in_epoch,
-            "global_step": state.global_step,
-            "steps_per_epoch": self.steps_per_epoch,
-            "world": self.info.world,
-            "epoch_progress": per_rank_progress,
-            "rank_buffers": rank_buffers,
-            "num_classes": state.num_classes,
-            "config": self.config.to_json(),
-            "metrics": self.history,
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "part_fast_version": __version__,
-        }
 
     def _interrupted(self, stop: preemption.StopRequest) -> Interrupted:
         state = self.state
@@ -497,20 +356,3 @@ def _summary_line(r: dict, cfg: TrainConfig) -> str:
                   f"update {r['update_seconds']:.1f})")
     parts.append(timed)
     return " | ".join(parts)
-
-
-# ------------------------------------------------------------------------------------------ reading runs
-def load_checkpoint(path) -> dict:
-    """A checkpoint, checked (whole archive, every CRC-32, part_fast keys); CheckpointError otherwise."""
-    return checkpoint.read(path)
-
-
-def load_model(path, device="cpu") -> tuple[nn.Module, TrainConfig]:
-    """The trained model (eval mode) on `device` ('auto', 'cpu', 'cuda', 'cuda:N' or a torch.device) and its
-    config, from a RUN_DIR/last.pt (or previous.pt)."""
-    device = resolve_device(device)
-    ckpt = checkpoint.read(path)
-    config = TrainConfig.from_json(ckpt["config"])
-    model = build_model(config, ckpt["num_classes"])
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), config

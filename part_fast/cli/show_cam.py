@@ -1,0 +1,54 @@
+"""`part-fast show-cam`: its parser and the command (budget-map overlays of a run's test images, a PNG)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from ..devices import AUTO, parse_device
+from ..errors import ConfigError
+from .common import DEVICE_HELP, announced_device, create_folder_of, run_test_loader, with_default, writing
+
+
+def show_cam_parser(sub) -> None:
+    p = sub.add_parser("show-cam", help="budget-map overlays for a few test images (PNG)")
+    p.add_argument("checkpoint", help="RUN_DIR/last.pt")
+    p.add_argument("--out", default="cams.png", help=with_default("the PNG to write (its folder is created)",
+                                                                  "cams.png"))
+    p.add_argument("--n", type=int, default=8, help=with_default("number of test images", 8))
+    p.add_argument("--data-dir", default=None, help=with_default("dataset folder", "the run's"))
+    p.add_argument("--mask", default=None, choices=("jet", "cam"), help=with_default("budget mask", "the run's"))
+    p.add_argument("--device", default=AUTO, help=with_default(DEVICE_HELP, AUTO))
+
+
+def cmd_show_cam(args) -> int:
+    import torch
+
+    from ..budget import PixelBudget
+    from ..models import CAM_LAYERS
+    from ..plots import BUDGET_PNG, budget_overlay_png, budget_title, require_matplotlib
+    from ..train import load_model
+
+    parse_device(args.device)  # names before numbers
+    require_matplotlib(BUDGET_PNG)
+    if args.n < 1:
+        raise ConfigError(f"--n must be >= 1, got {args.n}")
+    device = announced_device("show-cam", args.device)
+    model, config = load_model(args.checkpoint, device)
+    _, test_set, info = run_test_loader(config, args.data_dir, args.n, args.n)
+    n = min(args.n, len(test_set))
+    images = torch.stack([test_set[i][0] for i in range(n)]).to(device)
+    cfg = config.resolved()
+    budget = PixelBudget(cfg.eps, cfg.eps_low, cfg.cam, args.mask or cfg.mask, layer=CAM_LAYERS.get(cfg.arch))
+    eps_maps = budget(model, images)
+    with torch.no_grad():
+        pred = model(images).argmax(1).tolist()
+    titles = [f"{info.classes[test_set[i][1]]}\npred {info.classes[p]}" for i, p in enumerate(pred)]
+    from .. import data as data_mod
+
+    masks = data_mod.object_mask_of(test_set)
+    out = Path(args.out)
+    create_folder_of(out, "--out")
+    with writing(out, "--out"):
+        path = budget_overlay_png(out, images, eps_maps, cfg.eps, titles, None if masks is None else masks[:n],
+                                  suptitle=budget_title(cfg.arch, cfg.cam, args.mask or cfg.mask, cfg.eps, cfg.eps_low))
+    print(f"wrote {path}")
+    return 0

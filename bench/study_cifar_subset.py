@@ -15,7 +15,7 @@ test images per class) is extracted once into `<work>/data/`. For seeds 0, 1, 2 
 (jet mask: the released per-channel budget) and PART (cam mask: the paper's channel-shared budget), the
 library's trainer (`part_fast.train.train`) trains `arch="resnet-small"` (ResNet-10 at width 16, GradCAM at
 layer4) into `<work>/runs/<name>` (`at-seed0`, `part-jet-seed0`, `part-cam-seed0`, ...), and
-`part_fast.evaluate.evaluate` measures natural, PGD-20 and MMA accuracy on the whole test split
+`part_fast.evaluation.evaluate` measures natural, PGD-20 and MMA accuracy on the whole test split
 (eps 8/255, step 2/255, evaluation seed 0 for every run). Runs go seed by seed (all methods of seed 0
 first), so an interrupted study still has comparable methods.
 

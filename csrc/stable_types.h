@@ -61,7 +61,7 @@ std::string cat(const Args&... args) {
     if (!(cond)) throw std::runtime_error(::part_fast::cat(__VA_ARGS__)); \
   } while (0)
 
-// A dtype as Python's part_fast._checks names it (float32, not torch.float32 or Float).
+// A dtype as Python's part_fast._validate names it (float32, not torch.float32 or Float).
 inline const char* dtype_name(ScalarType t) {
   switch (t) {
     case ScalarType::Float:
@@ -90,7 +90,7 @@ inline const char* dtype_name(ScalarType t) {
 }
 
 // Calls f(T{}) with T the C++ type of dtype t: float32, float16, bfloat16, and float64 when kDouble (the
-// CPU kernels; float64 is CPU-only). The caller has checked t (check_float_tensor), so anything else is an
+// CPU kernels; float64 is CPU-only). The caller has checked t (validate_float_tensor), so anything else is an
 // internal error.
 template <bool kDouble, typename F>
 decltype(auto) dispatch_float(ScalarType t, F&& f) {

@@ -248,7 +248,7 @@ def launch_args(cam: torch.Tensor, out: torch.Tensor, eps: float, eps_low: float
 
 def cam_eps_map(cam: torch.Tensor, size, eps: float, eps_low: float, mode: str = "jet") -> torch.Tensor:
     """Raw CAM (B, h, w) -> float32 budget (B, 3, H, W) for mode "jet", (B, 1, H, W) for mode "cam".
-    Arguments are validated by the caller (part_fast._checks.check_cam_args)."""
+    Arguments are validated by the caller (part_fast._validate.validate_cam_args)."""
     H, W = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
     num_channels = 3 if mode == "jet" else 1
     out = torch.empty((cam.shape[0], num_channels, H, W), dtype=torch.float32, device=cam.device)

@@ -8,7 +8,7 @@ float32, float64 in float64 (float64 is CPU-only, so it only runs under TRITON_I
 stored rounded to nearest even, as torch's .to() does.
 
 x_adv, grad and x_nat share one dense layout (contiguous or channels_last), so all three are streamed by
-their linear memory index whatever the layout. eps is walked by the rule of csrc/checks.h make_eps_plan:
+their linear memory index whatever the layout. eps is walked by the rule of csrc/validate.h make_eps_plan:
   EPS_MODE 0  a Python float,
   EPS_MODE 1  a tensor in x's layout: read with the same linear index,
   EPS_MODE 2  any broadcast / strided tensor: the linear index is decomposed over up to 4 coalesced dims
@@ -153,7 +153,7 @@ def double_bits(value: float) -> int:
 
 
 def eps_plan(eps, x: torch.Tensor):
-    """csrc/checks.h make_eps_plan in Python: (EPS_MODE, sizes[4], strides[4]) for eps against x.
+    """csrc/validate.h make_eps_plan in Python: (EPS_MODE, sizes[4], strides[4]) for eps against x.
     Dims are x's, in x's memory order, size-1 dims dropped, adjacent dims merged where eps's strides
     allow; the result is left-padded to 4 dims with size 1, stride 0."""
     if not isinstance(eps, torch.Tensor):
@@ -162,7 +162,7 @@ def eps_plan(eps, x: torch.Tensor):
     eps_sizes = [1] * pad + list(eps.shape)
     eps_strides = [0] * pad + list(eps.stride())
     eps_strides = [0 if s == 1 else st for s, st in zip(eps_sizes, eps_strides)]
-    # x's memory order, outermost first (contiguous wins when x is both, as in checks.h).
+    # x's memory order, outermost first (contiguous wins when x is both, as in validate.h).
     order = (0, 1, 2, 3) if x.is_contiguous() else (0, 2, 3, 1)
     sizes, strides = [], []
     for d in order:
@@ -227,7 +227,7 @@ def launch_args(x_adv, grad, x_nat, eps, step_size, lo, hi):
 
 def pgd_step_(x_adv, grad, x_nat, eps, step_size, lo=0.0, hi=1.0) -> None:
     """In place: x_adv <- clip(clamp(x_adv + step_size*sign(grad), x_nat-eps, x_nat+eps), lo, hi).
-    grad=None projects only. Arguments are validated by the caller (part_fast._checks)."""
+    grad=None projects only. Arguments are validated by the caller (part_fast._validate)."""
     if x_adv.numel() == 0:
         return
     grid, args, constexprs = launch_args(x_adv, grad, x_nat, eps, step_size, lo, hi)

@@ -5,39 +5,19 @@ ground truth, the fallback when the compiled extension is missing, and the bench
 
 The public API is here at the top level (`part_fast.PixelBudget`, `part_fast.PGD`, `part_fast.MMA`,
 `part_fast.compute_cam`, `part_fast.evaluate`, `part_fast.get_model`) and stays at its submodule paths
-(`part_fast.budget.PixelBudget`, ...). Importing it costs milliseconds over torch: these modules need
-torch alone; the trainer, the datasets, torchvision and matplotlib are imported only where used.
+(`part_fast.budget.PixelBudget`, `part_fast.evaluation.evaluate`, ...). Importing it costs milliseconds over
+torch: these modules need torch alone; the trainer, the datasets, torchvision and matplotlib are imported only
+where used.
 """
-import types as _types
-
-from . import attacks, budget, cam, evaluate, models, ops, reference
+from . import attacks, budget, cam, evaluation, models, ops, reference
 from .attacks import MMA, PGD
 from .budget import PixelBudget
 from .cam import compute_cam
+from .evaluation import evaluate
 from .models import get_model
 from .ops import available_backends, cam_eps_map, pgd_step_, project_, use_backend
 
 __version__ = "0.1.0"
-
-
-class _CallableEvaluateModule(_types.ModuleType):
-    """`part_fast.evaluate` names both the submodule (its ATTACKS, load_autoattack, ..., and the path
-    `from part_fast.evaluate import evaluate`) and, as a top-level function, `part_fast.evaluate(...)`.
-    A name cannot be both, and importing a submodule binds its name on the package, so binding the
-    function here would be undone by the next `import part_fast.evaluate` elsewhere. The module stays the
-    module and calling it calls its `evaluate` (looked up at each call, so a patched one is used)."""
-
-    def __call__(self, *args, **kwargs):
-        return self.evaluate(*args, **kwargs)
-
-    @property
-    def __signature__(self):
-        import inspect
-
-        return inspect.signature(self.evaluate)
-
-
-evaluate.__class__ = _CallableEvaluateModule
 
 __all__ = [
     "MMA",

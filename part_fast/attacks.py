@@ -13,15 +13,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .eps_text import check_budget
+from .eps_text import validate_budget
 from .errors import ConfigError
-from .modes import check_grad_possible, eval_mode
+from .modes import validate_grad_possible, eval_mode
 
 PGD_STARTS = ("uniform", "release", "normal", None)
 LOSSES = ("ce", "kl", "cw")
 
 
-def _check_inputs(x: torch.Tensor, y: torch.Tensor | None):
+def _validate_inputs(x: torch.Tensor, y: torch.Tensor | None):
     if not isinstance(x, torch.Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"x must be a floating 4-D tensor (B, C, H, W) in [0, 1], got {getattr(x, 'shape', type(x))}")
     if y is not None and (y.dim() != 1 or y.shape[0] != x.shape[0]):
@@ -57,8 +57,8 @@ class PGD:
         if loss not in LOSSES:
             raise ConfigError(f"loss must be one of {LOSSES}, got {loss!r}")
         if (lo, hi) == (0.0, 1.0):  # inputs in [0, 1]: a budget or step above 1 is a typo for k/255
-            check_budget("eps", eps)
-            check_budget("alpha", alpha)
+            validate_budget("eps", eps)
+            validate_budget("alpha", alpha)
         elif not eps >= 0 or not alpha >= 0:
             raise ConfigError(f"eps and alpha must be >= 0, got eps={eps}, alpha={alpha}")
         if not isinstance(steps, int) or steps < 0:
@@ -71,7 +71,7 @@ class PGD:
         """Adversarial examples for (x, y). eps_map (any form pgd_step_ accepts) overrides the scalar eps.
         clean_logits: for loss "kl", the eval-mode logits of x if the caller already has them (the PART
         budget's CAM forward), which saves the attack its own clean forward."""
-        _check_inputs(x, y)
+        _validate_inputs(x, y)
         if y is None and self.loss != "kl":
             raise ValueError(f"loss {self.loss!r} needs the labels y")
         x_nat = x.detach().float()
@@ -105,7 +105,7 @@ class PGD:
         return ops.project_(x_adv.add_(unit * budget), x_nat, budget, self.lo, self.hi)
 
     def _input_gradient(self, x_adv, y, p_nat):
-        check_grad_possible("attacks need input gradients")
+        validate_grad_possible("attacks need input gradients")
         x_adv = x_adv.detach().requires_grad_(True)
         with torch.enable_grad():  # an attack called inside torch.no_grad() still needs its input gradient
             logits = self.model(x_adv).float()
@@ -132,7 +132,7 @@ class MMA:
         self.model, self.k, self.confidence = model, k, float(confidence)
 
     def __call__(self, x, y, eps_map=None, generator=None):
-        _check_inputs(x, y)
+        _validate_inputs(x, y)
         if y is None:
             raise ValueError("MMA needs the labels y")
         x_nat = x.detach().float()
@@ -157,7 +157,7 @@ class MMA:
         pgd = self.pgd
         x_adv = pgd._start(x_nat, budget, generator)
         for _ in range(pgd.steps):
-            check_grad_possible("attacks need input gradients")
+            validate_grad_possible("attacks need input gradients")
             x_var = x_adv.detach().requires_grad_(True)
             with torch.enable_grad():
                 logits = self.model(x_var).float()

@@ -6,7 +6,7 @@ from torch import nn
 
 from . import ops
 from .cam import CAM_METHODS, compute_cam
-from .eps_text import check_budgets
+from .eps_text import validate_budgets
 from .errors import ConfigError
 
 MASKS = ("jet", "cam")
@@ -27,7 +27,7 @@ class PixelBudget:
 
     def __init__(self, eps: float = 8 / 255, eps_low: float = 7 / 255, method: str = "gradcam", mask: str = "jet",
                  layer: str | nn.Module | None = None):
-        check_budgets(eps, eps_low)
+        validate_budgets(eps, eps_low)
         if method not in CAM_METHODS:
             raise ConfigError(f"method must be one of {CAM_METHODS}, got {method!r}")
         if mask not in MASKS:

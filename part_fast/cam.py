@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ConfigError
-from .modes import check_grad_possible, eval_mode
+from .modes import validate_grad_possible, eval_mode
 
 CAM_METHODS = ("gradcam", "xgradcam", "layercam")
 
@@ -213,7 +213,7 @@ def compute_cam(
     return_logits=True also returns the (detached) logits of the eval-mode forward."""
     if method not in CAM_METHODS:
         raise ConfigError(f"method must be one of {CAM_METHODS}, got {method!r}")
-    check_grad_possible("CAMs need gradients of the head")
+    validate_grad_possible("CAMs need gradients of the head")
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
         raise ConfigError(f"x must be a 4-D tensor (B, C, H, W), got {getattr(x, 'shape', type(x))}")
     target_layer = find_layer(model, layer, x)

@@ -28,7 +28,7 @@ from . import data as data_mod
 from .cpu_load import busy_elsewhere
 from .budget import PixelBudget
 from .devices import describe_device, resolve_device
-from .evaluate import evaluate
+from .evaluation import evaluate
 from .models import CAM_LAYERS
 from .files import atomic_write_text
 from .train import TrainConfig, load_model, train
@@ -84,7 +84,7 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), *, log=pr
     test_loader = DataLoader(test_set, batch_size=250)
     results = {"device": str(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
     for method in ("at", "part"):
-        cfg = TrainConfig(out=str(out / method), dataset="shapes", arch="cnn-small", method=method, epochs=s.epochs,
+        config = TrainConfig(out=str(out / method), dataset="shapes", arch="cnn-small", method=method, epochs=s.epochs,
                           warmup=s.warmup, lr=s.lr, milestones=(max(s.epochs - s.warmup - 1, 1),),
                           batch_size=s.batch_size, device=str(device),
                           eps=s.eps, eps_low=s.eps_low, steps=s.steps, step_size=s.step_size, seed=s.seed,
@@ -98,7 +98,7 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), *, log=pr
             log("  " + line)
 
         start = time.perf_counter()
-        history = train(cfg, log=train_log)
+        history = train(config, log=train_log)
         train_seconds = time.perf_counter() - start
         model, _ = load_model(out / method / "last.pt", device)
         scores = evaluate(model, test_loader, attacks=("natural", "pgd20"), eps=s.eps, alpha=s.step_size,
@@ -117,8 +117,8 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), *, log=pr
             "train_seconds": train_seconds,
             "time_share": {p: spent[p] / total for p in phases},
         }
-    part_model, part_cfg = load_model(out / "part" / "last.pt", device)
-    budget = PixelBudget(s.eps, s.eps_low, part_cfg.cam, part_cfg.mask, layer=CAM_LAYERS["cnn-small"])
+    part_model, part_config = load_model(out / "part" / "last.pt", device)
+    budget = PixelBudget(s.eps, s.eps_low, part_config.cam, part_config.mask, layer=CAM_LAYERS["cnn-small"])
     images = torch.stack([test_set[i][0] for i in range(len(test_set))]).to(device)
     masks = data_mod.object_mask_of(test_set)
     results["part"]["budget"] = budget_on_object(part_model, images, masks, budget)
@@ -128,7 +128,7 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), *, log=pr
     eps_maps = budget(part_model, images[:n_show])
     titles = [data_mod.SHAPE_CLASSES[test_set[i][1]] for i in range(n_show)]
     png = budget_overlay_png(out / "budget_maps.png", images[:n_show], eps_maps, s.eps, titles, masks[:n_show],
-                             suptitle=budget_title("cnn-small", part_cfg.cam, part_cfg.mask, s.eps, s.eps_low))
+                             suptitle=budget_title("cnn-small", part_config.cam, part_config.mask, s.eps, s.eps_low))
     results["settings"] = s.__dict__
     results["png"] = str(png)
     atomic_write_text(out / "summary.json", json.dumps(results, indent=2) + "\n")

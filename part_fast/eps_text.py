@@ -1,6 +1,6 @@
 """Budgets as people write them, and the checks of their values. Inputs are in [0, 1], so an L-inf budget is a
 small fraction; papers and users write it in 255ths (8/255). Error messages show both: `eps_low=8/255 (0.0314)`.
-The checks (check_budget, check_budgets) are the one home of the rule for PixelBudget, PGD / MMA, TrainConfig
+The checks (validate_budget, validate_budgets) are the one home of the rule for PixelBudget, PGD / MMA, TrainConfig
 and the command line."""
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def above_one_hint(value: float) -> str:
             f"({value / 255:.4f})?")
 
 
-def check_budget(name: str, value) -> None:
+def validate_budget(name: str, value) -> None:
     """An L-inf budget or step on inputs in [0, 1]: a finite real number in [0, 1]. The error names the
     argument, shows the value in 255ths and, above 1 (8 typed for 8/255), says what was probably meant.
     Raises part_fast.errors.ConfigError (a user error)."""
@@ -51,12 +51,12 @@ def check_budget(name: str, value) -> None:
         raise ConfigError(f"{name} must be in [0, 1], got {named_eps(name, value)}{above_one_hint(value)}")
 
 
-def check_budgets(eps, eps_low, names: tuple[str, str] = ("eps", "eps_low")) -> None:
-    """PART's pair of budgets: each in [0, 1] (check_budget), and eps_low <= eps."""
+def validate_budgets(eps, eps_low, names: tuple[str, str] = ("eps", "eps_low")) -> None:
+    """PART's pair of budgets: each in [0, 1] (validate_budget), and eps_low <= eps."""
     from .errors import ConfigError
 
-    check_budget(names[0], eps)
-    check_budget(names[1], eps_low)
+    validate_budget(names[0], eps)
+    validate_budget(names[1], eps_low)
     if eps_low > eps:
         raise ConfigError(f"need 0 <= {names[1]} <= {names[0]} <= 1, got {named_eps(names[1], eps_low)} > "
                           f"{named_eps(names[0], eps)}")

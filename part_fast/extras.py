@@ -29,7 +29,7 @@ PACKAGES: dict[str, tuple[str, str | None, tuple[str, ...]]] = {
     "torch.utils.tensorboard": ("tensorboard", "tensorboard", ("tensorboard",)),
     "tensorboard": ("tensorboard", "tensorboard", ("tensorboard",)),
     "pyautoattack": ("pyautoattack", "eval", ("pyautoattack",)),
-    # in no extra: it pins an old requests, so it is installed with --no-deps (evaluate.load_torchattacks)
+    # in no extra: it pins an old requests, so it is installed with --no-deps (evaluation.load_torchattacks)
     "torchattacks": ("torchattacks", None, ("torchattacks",)),
 }
 

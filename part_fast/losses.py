@@ -72,7 +72,7 @@ MART_BOOST_ONE = 1.0001  # log(1.0001 - p_adv[y'] + 1e-12)
 MART_WEIGHT_ONE = 1.0000001  # KL weight (1.0000001 - p_nat[y])
 
 
-def _check_logits(logits, name: str) -> None:
+def _validate_logits(logits, name: str) -> None:
     if not isinstance(logits, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(logits).__name__}")
     if not logits.is_floating_point():
@@ -85,9 +85,9 @@ def _check_logits(logits, name: str) -> None:
         raise ValueError(f"{name} must have at least 2 classes, got shape {tuple(logits.shape)}")
 
 
-def _check_pair(logits_nat, logits_adv) -> None:
-    _check_logits(logits_nat, "logits_nat")
-    _check_logits(logits_adv, "logits_adv")
+def _validate_pair(logits_nat, logits_adv) -> None:
+    _validate_logits(logits_nat, "logits_nat")
+    _validate_logits(logits_adv, "logits_adv")
     if logits_adv.shape != logits_nat.shape:
         raise ValueError(
             f"logits_adv must have the shape of logits_nat {tuple(logits_nat.shape)}, got {tuple(logits_adv.shape)}"
@@ -96,7 +96,7 @@ def _check_pair(logits_nat, logits_adv) -> None:
         raise ValueError(f"logits_adv must be on logits_nat's device {logits_nat.device}, got {logits_adv.device}")
 
 
-def _check_labels(y, logits: torch.Tensor) -> None:
+def _validate_labels(y, logits: torch.Tensor) -> None:
     batch, num_classes = logits.shape
     if not isinstance(y, torch.Tensor):
         raise TypeError(f"y must be a torch.Tensor of class indices, got {type(y).__name__}")
@@ -115,7 +115,7 @@ def _check_labels(y, logits: torch.Tensor) -> None:
             raise ValueError(f"y must hold class indices in [0, {num_classes - 1}], got {bad}")
 
 
-def _check_beta(beta) -> float:
+def _validate_beta(beta) -> float:
     if isinstance(beta, bool) or not isinstance(beta, numbers.Real):
         raise TypeError(f"beta must be a real number, got {type(beta).__name__}")
     beta = float(beta)
@@ -136,11 +136,11 @@ def _no_autocast(device: torch.device):
         return contextlib.nullcontext()
 
 
-def _checked_pair_inputs(logits_nat, logits_adv, y, beta):
+def _validated_pair_inputs(logits_nat, logits_adv, y, beta):
     """The checks TRADES and MART share; returns (nat, adv) in the compute dtype, y as int64, beta as float."""
-    _check_pair(logits_nat, logits_adv)
-    _check_labels(y, logits_nat)
-    beta = _check_beta(beta)
+    _validate_pair(logits_nat, logits_adv)
+    _validate_labels(y, logits_nat)
+    beta = _validate_beta(beta)
     dtype = _compute_dtype(logits_nat, logits_adv)
     return logits_nat.to(dtype), logits_adv.to(dtype), y.long(), beta
 
@@ -152,8 +152,8 @@ def at_loss(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     Inner attack in the release: CE ascent, 10 steps of α = 2/255 (SVHN 1/255), model in eval mode;
     PART epochs start at x + U(-ε, ε) with the global ε, unclipped (``PGD(start="release", loss="ce")``),
     warm-up epochs use torchattacks' PGD, whose start is clipped to [0, 1] (``start="uniform"``)."""
-    _check_logits(logits_adv, "logits_adv")
-    _check_labels(y, logits_adv)
+    _validate_logits(logits_adv, "logits_adv")
+    _validate_labels(y, logits_adv)
     y = y.long()
     with _no_autocast(logits_adv.device):
         return F.cross_entropy(logits_adv.to(_compute_dtype(logits_adv)), y)
@@ -170,7 +170,7 @@ def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Ten
     Inner attack in the release: ascend the summed KL(softmax(f(x_nat)) ‖ softmax(f(x))) from
     x_nat + 0.001·N(0, 1) (unclipped), 10 steps of α = 2/255 (SVHN 1/255), model in eval mode
     (``PGD(loss="kl", start="normal")``)."""
-    nat, adv, y, beta = _checked_pair_inputs(logits_nat, logits_adv, y, beta)
+    nat, adv, y, beta = _validated_pair_inputs(logits_nat, logits_adv, y, beta)
     with _no_autocast(nat.device):
         natural = F.cross_entropy(nat, y)
         # log-space KL: finite value and gradient even where a softmax probability underflows to 0
@@ -193,7 +193,7 @@ def mart_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tenso
     Inner attack in the release: CE ascent from x_nat + 0.001·N(0, 1) (unclipped; the same start as
     TRADES, not a uniform one), 10 steps of α = 2/255 (SVHN 1/255), model in eval mode
     (``PGD(loss="ce", start="normal")``)."""
-    nat, adv, y, beta = _checked_pair_inputs(logits_nat, logits_adv, y, beta)
+    nat, adv, y, beta = _validated_pair_inputs(logits_nat, logits_adv, y, beta)
     with _no_autocast(nat.device):
         rows = y[:, None]
         p_adv = F.softmax(adv, dim=1)

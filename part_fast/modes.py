@@ -20,7 +20,7 @@ def eval_mode(model: nn.Module):
             m.training = training
 
 
-def check_grad_possible(what: str) -> None:
+def validate_grad_possible(what: str) -> None:
     """A clear error where autograd's would be opaque: no gradient can be taken under inference_mode."""
     if torch.is_inference_mode_enabled():
         raise RuntimeError(f"{what}: call them outside torch.inference_mode()")

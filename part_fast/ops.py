@@ -32,7 +32,7 @@ import warnings
 
 import torch
 
-from . import _checks, reference
+from . import _validate, reference
 
 BACKENDS = ("reference", "cpu", "cuda", "triton")
 
@@ -255,10 +255,10 @@ def pgd_step_(x_adv, grad, x_nat, eps, step_size, lo=0.0, hi=1.0):
 
     eps: a float or a tensor broadcastable to x_adv (e.g. (B,1,H,W), (B,C,H,W), (1,C,1,1)).
     sign(NaN) = 0; half types are computed in float32. Returns x_adv."""
-    backend = select_backend(_checks.device_of(x_adv, "x_adv"))
+    backend = select_backend(_validate.device_of(x_adv, "x_adv"))
     if backend in ("cpu", "cuda"):
         eps_map, eps_value = _split_eps(eps)
-        _checks.check_kernel_dtypes(x_adv, (("grad", grad), ("x_nat", x_nat)), eps_map)
+        _validate.validate_kernel_dtypes(x_adv, (("grad", grad), ("x_nat", x_nat)), eps_map)
         torch.ops.part_fast.pgd_step_(
             x_adv, grad, x_nat, eps_map, eps_value, _scalar("step_size", step_size), _scalar("lo", lo), _scalar("hi", hi)
         )
@@ -274,10 +274,10 @@ def pgd_step_(x_adv, grad, x_nat, eps, step_size, lo=0.0, hi=1.0):
 
 def project_(x_adv, x_nat, eps, lo=0.0, hi=1.0):
     """In place: x_adv <- clip(clamp(x_adv, x_nat - eps, x_nat + eps), lo, hi). Returns x_adv."""
-    backend = select_backend(_checks.device_of(x_adv, "x_adv"))
+    backend = select_backend(_validate.device_of(x_adv, "x_adv"))
     if backend in ("cpu", "cuda"):
         eps_map, eps_value = _split_eps(eps)
-        _checks.check_kernel_dtypes(x_adv, (("x_nat", x_nat),), eps_map)
+        _validate.validate_kernel_dtypes(x_adv, (("x_nat", x_nat),), eps_map)
         torch.ops.part_fast.project_(x_adv, x_nat, eps_map, eps_value, _scalar("lo", lo), _scalar("hi", hi))
     elif backend == "triton":
         eps_map, eps_value = _split_eps(eps)
@@ -290,7 +290,7 @@ def project_(x_adv, x_nat, eps, lo=0.0, hi=1.0):
 def cam_eps_map(cam, size, eps, eps_low, mode="jet"):
     """Raw CAM (B, h, w) -> per-pixel budget: (B, 3, H, W) float32 for mode "jet" (the released mask),
     (B, 1, H, W) for mode "cam" (channel-shared). `size` is (H, W) or an int."""
-    backend = select_backend(_checks.device_of(cam, "cam"))
+    backend = select_backend(_validate.device_of(cam, "cam"))
     if backend == "reference":
         return reference.cam_eps_map(cam, size, eps, eps_low, mode)
     if not isinstance(mode, str):
@@ -298,9 +298,9 @@ def cam_eps_map(cam, size, eps, eps_low, mode="jet"):
     if backend == "triton":
         op = torch.ops.part_fast.triton_cam_eps_map
     else:
-        _checks.check_kernel_dtypes(cam, ())
+        _validate.validate_kernel_dtypes(cam, ())
         op = torch.ops.part_fast.cam_eps_map
-    return op(cam, list(_checks.normalize_size(size)), _scalar("eps", eps), _scalar("eps_low", eps_low), mode)
+    return op(cam, list(_validate.normalize_size(size)), _scalar("eps", eps), _scalar("eps_low", eps_low), mode)
 
 
 # ------------------------------------------------------------------------------ fake kernels
@@ -308,7 +308,7 @@ def cam_eps_map(cam, size, eps, eps_low, mode="jet"):
 if EXTENSION_ERROR is None:
 
     # The checks matter beyond tracing: a call mixing a real tensor with a meta one dispatches here.
-    def _check_fake_operands(x_adv, others, eps_map):
+    def _validate_fake_operands(x_adv, others, eps_map):
         for name, t in others + [("eps", eps_map)]:
             if t is None:
                 continue
@@ -319,11 +319,11 @@ if EXTENSION_ERROR is None:
 
     @torch.library.register_fake("part_fast::pgd_step_")
     def _pgd_step_fake(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi):
-        _check_fake_operands(x_adv, [("grad", grad), ("x_nat", x_nat)], eps_map)
+        _validate_fake_operands(x_adv, [("grad", grad), ("x_nat", x_nat)], eps_map)
 
     @torch.library.register_fake("part_fast::project_")
     def _project_fake(x_adv, x_nat, eps_map, eps, lo, hi):
-        _check_fake_operands(x_adv, [("x_nat", x_nat)], eps_map)
+        _validate_fake_operands(x_adv, [("x_nat", x_nat)], eps_map)
 
     @torch.library.register_fake("part_fast::cam_eps_map")
     def _cam_eps_map_fake(cam, size, eps, eps_low, mode):
@@ -349,10 +349,10 @@ def _loaded_triton_kernels():
     return kernels
 
 
-def _check_triton_attack_args(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi):
-    _checks.check_attack_tensors(x_adv, grad, x_nat, allow_float64=x_adv.device.type == "cpu")
-    _checks.check_eps(eps if eps_map is None else eps_map, x_adv)
-    _checks.check_scalars(step_size, lo, hi)
+def _validate_triton_attack_args(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi):
+    _validate.validate_attack_tensors(x_adv, grad, x_nat, allow_float64=x_adv.device.type == "cpu")
+    _validate.validate_eps(eps if eps_map is None else eps_map, x_adv)
+    _validate.validate_scalars(step_size, lo, hi)
 
 
 @torch.library.custom_op("part_fast::triton_pgd_step_", mutates_args=("x_adv",))
@@ -360,28 +360,28 @@ def _triton_pgd_step(
     x_adv: torch.Tensor, grad: torch.Tensor, x_nat: torch.Tensor, eps_map: torch.Tensor | None, eps: float,
     step_size: float, lo: float, hi: float,
 ) -> None:
-    _check_triton_attack_args(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi)
+    _validate_triton_attack_args(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi)
     budget = eps if eps_map is None else eps_map
     _loaded_triton_kernels().pgd_step.pgd_step_(x_adv, grad, x_nat, budget, step_size, lo, hi)
 
 
 @_triton_pgd_step.register_fake
 def _triton_pgd_step_fake(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi):
-    _check_triton_attack_args(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi)
+    _validate_triton_attack_args(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi)
 
 
 @torch.library.custom_op("part_fast::triton_project_", mutates_args=("x_adv",))
 def _triton_project(
     x_adv: torch.Tensor, x_nat: torch.Tensor, eps_map: torch.Tensor | None, eps: float, lo: float, hi: float
 ) -> None:
-    _check_triton_attack_args(x_adv, None, x_nat, eps_map, eps, 0.0, lo, hi)
+    _validate_triton_attack_args(x_adv, None, x_nat, eps_map, eps, 0.0, lo, hi)
     budget = eps if eps_map is None else eps_map
     _loaded_triton_kernels().pgd_step.project_(x_adv, x_nat, budget, lo, hi)
 
 
 @_triton_project.register_fake
 def _triton_project_fake(x_adv, x_nat, eps_map, eps, lo, hi):
-    _check_triton_attack_args(x_adv, None, x_nat, eps_map, eps, 0.0, lo, hi)
+    _validate_triton_attack_args(x_adv, None, x_nat, eps_map, eps, 0.0, lo, hi)
 
 
 @torch.library.custom_op(
@@ -389,12 +389,12 @@ def _triton_project_fake(x_adv, x_nat, eps_map, eps, lo, hi):
     schema="(Tensor cam, SymInt[2] size, float eps, float eps_low, str mode) -> Tensor",
 )
 def _triton_cam_eps_map(cam: torch.Tensor, size: list[int], eps: float, eps_low: float, mode: str) -> torch.Tensor:
-    out_size = _checks.check_cam_args(cam, size, eps, eps_low, mode, allow_float64=cam.device.type == "cpu")
+    out_size = _validate.validate_cam_args(cam, size, eps, eps_low, mode, allow_float64=cam.device.type == "cpu")
     return _loaded_triton_kernels().cam_eps_map.cam_eps_map(cam, out_size, eps, eps_low, mode)
 
 
 @_triton_cam_eps_map.register_fake
 def _triton_cam_eps_map_fake(cam, size, eps, eps_low, mode):
-    height, width = _checks.check_cam_args(cam, size, eps, eps_low, mode, allow_float64=cam.device.type == "cpu")
+    height, width = _validate.validate_cam_args(cam, size, eps, eps_low, mode, allow_float64=cam.device.type == "cpu")
     channels = 3 if mode == "jet" else 1
     return cam.new_empty((cam.shape[0], channels, height, width), dtype=torch.float32)

@@ -70,7 +70,7 @@ def full_eps_share(eps_maps: torch.Tensor, eps: float) -> torch.Tensor:
     return (eps_maps.detach().float().cpu() == torch.tensor(eps, dtype=torch.float32)).float().mean(1)
 
 
-def _check_budget_inputs(images, eps_maps, titles, object_masks) -> None:
+def _validate_budget_inputs(images, eps_maps, titles, object_masks) -> None:
     if not isinstance(images, torch.Tensor) or images.dim() != 4 or images.shape[1] not in (1, 3):
         raise ConfigError(f"images must be a (B, 3, H, W) tensor, got {_shape_text(images)}")
     b, _, h, w = images.shape
@@ -110,7 +110,7 @@ def budget_overlay_figure(images: torch.Tensor, eps_maps: torch.Tensor, eps: flo
     from matplotlib.lines import Line2D
     from matplotlib.patches import Patch
 
-    _check_budget_inputs(images, eps_maps, titles, object_masks)
+    _validate_budget_inputs(images, eps_maps, titles, object_masks)
     images = images.detach().float().cpu().clamp(0, 1)
     share = full_eps_share(eps_maps, eps)
     levels = SHARE_LEVELS[eps_maps.shape[1]]
@@ -184,7 +184,7 @@ def _number(record: dict, key: str, position: int) -> float:
     return float(value)
 
 
-def _check_records(records) -> None:
+def _validate_records(records) -> None:
     if not isinstance(records, (list, tuple)) or not records:
         raise ConfigError("records must be a non-empty list of metrics.jsonl lines (one dict per finished epoch), "
                           f"got {records!r}"[:300])
@@ -289,7 +289,7 @@ def training_curves_figure(records: list[dict], title: str):
     require_matplotlib(CURVES_PNG)
     from matplotlib.ticker import MaxNLocator
 
-    _check_records(records)
+    _validate_records(records)
     epochs = _epochs(records)
     fig, axes = _figure(3, 1, figsize=(7.0, 8.0), height_ratios=[1, 1.15, 1])
     loss_ax, acc_ax, time_ax = axes[:, 0]

@@ -12,7 +12,7 @@ import math
 import numpy as np
 import torch
 
-from . import _checks
+from . import _validate
 
 # matplotlib's "jet" segment data: (x, value) breakpoints per channel (matplotlib/_cm.py).
 JET_BREAKPOINTS = {
@@ -45,9 +45,9 @@ def _eps_in(eps, dtype):
 
 def pgd_step_(x_adv, grad, x_nat, eps, step_size, lo=0.0, hi=1.0):
     """In place: x_adv <- clip(clamp(x_adv + step_size*sign(grad), x_nat - eps, x_nat + eps), lo, hi)."""
-    _checks.check_attack_tensors(x_adv, grad, x_nat)
-    _checks.check_eps(eps, x_adv)
-    _checks.check_scalars(step_size, lo, hi)
+    _validate.validate_attack_tensors(x_adv, grad, x_nat)
+    _validate.validate_eps(eps, x_adv)
+    _validate.validate_scalars(step_size, lo, hi)
     ct = _compute_dtype(x_adv.dtype)
     x = x_adv.to(ct) + float(step_size) * _sign_nan_zero(grad.to(ct))
     x_adv.copy_(_project(x, x_nat.to(ct), _eps_in(eps, ct), float(lo), float(hi)))
@@ -56,9 +56,9 @@ def pgd_step_(x_adv, grad, x_nat, eps, step_size, lo=0.0, hi=1.0):
 
 def project_(x_adv, x_nat, eps, lo=0.0, hi=1.0):
     """In place: x_adv <- clip(clamp(x_adv, x_nat - eps, x_nat + eps), lo, hi)."""
-    _checks.check_attack_tensors(x_adv, None, x_nat)
-    _checks.check_eps(eps, x_adv)
-    _checks.check_scalars(0.0, lo, hi)
+    _validate.validate_attack_tensors(x_adv, None, x_nat)
+    _validate.validate_eps(eps, x_adv)
+    _validate.validate_scalars(0.0, lo, hi)
     ct = _compute_dtype(x_adv.dtype)
     x_adv.copy_(_project(x_adv.to(ct), x_nat.to(ct), _eps_in(eps, ct), float(lo), float(hi)))
     return x_adv
@@ -219,7 +219,7 @@ def cam_eps_map(cam, size, eps, eps_low, mode="jet"):
     (B, 3, H, W) for mode "jet" (the released mask, docs/method.md §3) or (B, 1, H, W) for mode
     "cam" (channel-shared). eps where the standardised value is > 1, eps_low elsewhere; a degenerate
     CAM (all equal, or non-finite) gives eps_low everywhere."""
-    size = _checks.check_cam_args(cam, size, eps, eps_low, mode)
+    size = _validate.validate_cam_args(cam, size, eps, eps_low, mode)
     batch = cam.shape[0]
     if batch == 0:
         return torch.empty(0, 3 if mode == "jet" else 1, *size, dtype=torch.float32, device=cam.device)

@@ -13,7 +13,7 @@ RobustBench's `benchmark()` (robustbench 1.1) does, for CIFAR-10 / CIFAR-100 und
 Here the same steps run, with two differences that make a number reproducible and trustworthy, and are
 recorded: the model is put in eval mode (RobustBench only warns when it is not), and AutoAttack gets a
 fixed seed (RobustBench passes none, so AutoAttack seeds itself from the clock and two runs can differ by
-a few examples). The model checks AutoAttack warns about (`aa_checks`) run first and are reported.
+a few examples). The model checks AutoAttack warns about (`model_audit`) run first and are reported.
 """
 from __future__ import annotations
 
@@ -24,9 +24,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .aa_checks import check_model
+from .model_audit import audit_model
 from .errors import ConfigError
-from .evaluate import autoattack_source, run_standard_evaluation, standard_autoattack
+from .evaluation import autoattack_source, run_standard_evaluation, standard_autoattack
 from .extras import require
 from .modes import eval_mode
 
@@ -92,7 +92,7 @@ class ProtocolResult:
     seed: int
     clean_correct: int
     autoattack_correct: int
-    checks: list  # aa_checks.Verdict, in aa_checks.CHECKS order
+    checks: list  # model_audit.Verdict, in model_audit.AUDITED order
     autoattack: str  # the package that ran it, with its version
     seconds: dict
 
@@ -119,11 +119,11 @@ class ProtocolResult:
 
 def evaluate_robustbench(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, dataset: str = "cifar10",
                          eps: float = 8 / 255, batch_size: int = BATCH_SIZE, device=None, seed: int = 0,
-                         verbose: bool = True, on_checks=None) -> ProtocolResult:
+                         verbose: bool = True, on_audit=None) -> ProtocolResult:
     """RobustBench's benchmark() steps 2-4 on (x, y) (from `load_test_set`), with the model in eval mode and
     AutoAttack seeded with `seed`. device: where the model runs (None: where its parameters are; else the
     model is moved there, as benchmark() does). `verbose` lets AutoAttack print its per-attack progress;
-    `on_checks`, if given, is called with the verdicts of `aa_checks.check_model` (first batch) before
+    `on_audit`, if given, is called with the verdicts of `model_audit.audit_model` (first batch) before
     AutoAttack starts."""
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ConfigError(f"batch_size must be a positive int, got {batch_size!r}")
@@ -136,9 +136,9 @@ def evaluate_robustbench(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, 
         model.to(device)
     seconds = {}
     with eval_mode(model):
-        checks = check_model(model, x[:batch_size].to(device), y[:batch_size].to(device))
-        if on_checks is not None:
-            on_checks(checks)
+        checks = audit_model(model, x[:batch_size].to(device), y[:batch_size].to(device))
+        if on_audit is not None:
+            on_audit(checks)
         start = time.perf_counter()
         clean = _accuracy(model, x, y, batch_size, device)
         seconds["clean"] = time.perf_counter() - start

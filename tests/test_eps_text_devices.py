@@ -47,11 +47,11 @@ def test_only_cpu_and_cuda_are_accepted(other):
 
 
 def test_budget_checks_are_one_rule():
-    from part_fast.eps_text import check_budget, check_budgets
+    from part_fast.eps_text import validate_budget, validate_budgets
 
-    check_budgets(8 / 255, 7 / 255)
-    check_budget("eps", 1)
+    validate_budgets(8 / 255, 7 / 255)
+    validate_budget("eps", 1)
     with pytest.raises(ConfigError, match=r"^need 0 <= eps_low <= eps <= 1, got eps_low=8/255 \(0.0314\) > eps=4/255"):
-        check_budgets(4 / 255, 8 / 255)
+        validate_budgets(4 / 255, 8 / 255)
     with pytest.raises(ConfigError, match=r"^--eps must be in \[0, 1\], got --eps=2040/255 \(8.0000\); .*8/255"):
-        check_budget("--eps", 8)
+        validate_budget("--eps", 8)

@@ -137,7 +137,7 @@ for name, call in (("evaluate", lambda: evaluate(linear, [(xs, ys)], progress=Fa
     try:
         call()
     except ImportError as error:
-        errors[name] = [type(error).__name__, isinstance(error, part_fast.evaluate.MissingExtraError), str(error)]
+        errors[name] = [type(error).__name__, isinstance(error, part_fast.evaluation.MissingExtraError), str(error)]
 report["errors"] = errors
 report["loaded"] = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
 print(json.dumps(report))

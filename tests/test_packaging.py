@@ -188,7 +188,7 @@ def test_editable_install_imports_the_kernels_from_the_checkout(editable):
 
 def test_torchattacks_version_advised_is_the_one_ci_installs(monkeypatch):
     """The 'aa-release' error message tells users to install the torchattacks release CI tests with."""
-    from part_fast import evaluate
+    from part_fast import evaluation as evaluate
 
     pins = re.findall(r"torchattacks==([\w.]+)", (ROOT / ".ci" / "run").read_text())
     assert pins == [evaluate.TORCHATTACKS_VERSION], pins

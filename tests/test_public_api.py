@@ -19,7 +19,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # name -> the submodule that defines it
 PUBLIC = {"PixelBudget": "part_fast.budget", "PGD": "part_fast.attacks", "MMA": "part_fast.attacks",
-          "compute_cam": "part_fast.cam", "get_model": "part_fast.models"}
+          "compute_cam": "part_fast.cam", "evaluate": "part_fast.evaluation", "get_model": "part_fast.models"}
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -30,30 +30,16 @@ def test_top_level_name_is_the_submodule_object(name, module):
     assert name in part_fast.__all__ and name in dir(part_fast)
 
 
-def test_evaluate_is_the_submodule_and_calls_its_function(monkeypatch):
-    # `part_fast.evaluate` is both the submodule (its old paths) and, called, its evaluate().
-    module = sys.modules["part_fast.evaluate"]
-    assert part_fast.evaluate is module
-    assert "evaluate" in part_fast.__all__ and "evaluate" in dir(part_fast)
-    assert inspect.signature(part_fast.evaluate) == inspect.signature(module.evaluate)
-    calls = []
-    monkeypatch.setattr(module, "evaluate", lambda *args, **kwargs: calls.append((args, kwargs)) or {"natural": 1.0})
-    assert part_fast.evaluate("model", "loader", attacks=("natural",)) == {"natural": 1.0}
-    assert calls == [(("model", "loader"), {"attacks": ("natural",)})]
-
-
 def test_submodule_paths_keep_working():
-    from part_fast import evaluate as evaluate_module
     from part_fast.attacks import MMA, PGD
     from part_fast.budget import PixelBudget
     from part_fast.cam import compute_cam
-    from part_fast.evaluate import ATTACKS, TORCHATTACKS_VERSION, evaluate
-    import part_fast.evaluate as imported_as
+    from part_fast.evaluation import ATTACKS, TORCHATTACKS_VERSION, evaluate
 
     assert (PGD, MMA, PixelBudget, compute_cam) == (part_fast.PGD, part_fast.MMA, part_fast.PixelBudget,
                                                    part_fast.compute_cam)
-    assert inspect.isfunction(evaluate) and evaluate.__module__ == "part_fast.evaluate"
-    assert evaluate_module is imported_as is sys.modules["part_fast.evaluate"]
+    assert inspect.isfunction(part_fast.evaluate) and part_fast.evaluate is evaluate
+    assert evaluate.__module__ == "part_fast.evaluation"
     assert ATTACKS[0] == "natural" and TORCHATTACKS_VERSION
 
 
@@ -62,7 +48,6 @@ def test_star_import_gives_the_public_api():
     exec("from part_fast import *", namespace)
     for name, module in PUBLIC.items():
         assert namespace[name] is getattr(importlib.import_module(module), name)
-    assert namespace["evaluate"] is part_fast.evaluate and callable(namespace["evaluate"])
     assert namespace["cam_eps_map"] is part_fast.ops.cam_eps_map
     assert set(part_fast.__all__) <= set(dir(part_fast))
 
@@ -126,7 +111,7 @@ def test_readme_example_runs_as_written(capsys):
     printed = capsys.readouterr().out
     assert set(ast.literal_eval(printed.strip().splitlines()[-1])) == {"natural", "pgd20", "mma", "seconds", "examples"}
     # The top-level evaluate is the function's result (same seed, same examples).
-    direct = part_fast.evaluate.evaluate(model, [(x, y)], attacks=("natural", "pgd20"), progress=False)
+    direct = part_fast.evaluation.evaluate(model, [(x, y)], attacks=("natural", "pgd20"), progress=False)
     top = part_fast.evaluate(model, [(x, y)], attacks=("natural", "pgd20"), progress=False)
     same = ("natural", "pgd20", "examples")
     assert {k: top[k] for k in same} == {k: direct[k] for k in same}

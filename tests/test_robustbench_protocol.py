@@ -84,7 +84,7 @@ def test_the_protocol_finds_the_known_accuracies(cifar):
     x, y = rbp.load_test_set("cifar10", data_dir, N_EXAMPLES)
     seen = []
     result = rbp.evaluate_robustbench(model, x, y, eps=EPS, batch_size=BATCH, seed=0, verbose=False,
-                                      on_checks=seen.append)
+                                      on_audit=seen.append)
     assert (result.clean_acc, result.autoattack_acc) == (CLEAN, ROBUST)
     assert (result.clean_correct, result.autoattack_correct, result.n_examples) == (32, 16, 40)
     assert seen == [result.checks] and result.checks_passed
@@ -166,7 +166,7 @@ def test_agrees_exactly_with_robustbench_benchmark(cifar, robustbench, tmp_path,
     everything else is robustbench's own code: its loader, batching, AutoAttack call and JSON writer."""
     import robustbench.eval as rb_eval
 
-    from part_fast.evaluate import load_autoattack
+    from part_fast.evaluation import load_autoattack
 
     data_dir, model = cifar
     aa_cls = rb_eval.AutoAttack

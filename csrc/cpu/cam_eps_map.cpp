@@ -10,7 +10,7 @@
 #include <algorithm>
 #include <vector>
 
-#include "checks.h"
+#include "validate.h"
 #include "part_fast_math.h"
 
 namespace part_fast {
@@ -80,8 +80,8 @@ Threshold zscore_threshold(const double* values, int64_t n) {
 }
 
 Tensor cam_eps_map_cpu(const Tensor& cam_in, std::vector<int64_t> size, double eps, double eps_low, std::string mode) {
-  check_cam_args(cam_in, size, eps, eps_low, mode, /*allow_double=*/true);
-  check_cpu_tensor(cam_in, "cam");
+  validate_cam_args(cam_in, size, eps, eps_low, mode, /*allow_double=*/true);
+  validate_cpu_tensor(cam_in, "cam");
   const bool jet = mode == "jet";
   const int64_t batch = cam_in.size(0), h = cam_in.size(1), w = cam_in.size(2);
   const int64_t out_h = size[0], out_w = size[1];

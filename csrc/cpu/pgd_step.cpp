@@ -1,7 +1,7 @@
 // CPU kernels of pgd_step_ and project_: one pass over x_adv, grad, x_nat and eps, in place.
 //
 // x_adv, grad and x_nat share one dense layout, so they are streamed by linear memory index. eps is walked
-// by the EpsPlan of checks.h: a scalar, a tensor laid out like x, or a broadcast/strided tensor visited
+// by the EpsPlan of validate.h: a scalar, a tensor laid out like x, or a broadcast/strided tensor visited
 // row by row (a row being the innermost coalesced dim, where eps is constant, contiguous or strided).
 // The inner loops are plain counted loops over float math that GCC auto-vectorises at -O3.
 #include <torch/csrc/stable/library.h>
@@ -10,7 +10,7 @@
 #include <algorithm>
 #include <optional>
 
-#include "checks.h"
+#include "validate.h"
 #include "part_fast_math.h"
 
 namespace part_fast {
@@ -156,8 +156,8 @@ void update_cpu(const Tensor& x_adv, const Tensor* grad, const Tensor& x_nat, co
 template <bool kHasStep>
 void update_dispatch(const Tensor& x_adv, const Tensor* grad, const Tensor& x_nat,
                      const std::optional<Tensor>& eps_map, double eps, double step_size, double lo, double hi) {
-  check_cpu_tensor(x_adv, "x_adv");
-  const EpsPlan plan = check_pgd_args(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi, /*allow_double=*/true);
+  validate_cpu_tensor(x_adv, "x_adv");
+  const EpsPlan plan = validate_pgd_args(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi, /*allow_double=*/true);
   if (x_adv.numel() == 0) return;
   const bool eps_is_float = eps_map.has_value() && eps_map->scalar_type() == ScalarType::Float;
   dispatch_float</*kDouble=*/true>(x_adv.scalar_type(), [&](auto tag) {

@@ -8,7 +8,7 @@
 #include <string>
 #include <vector>
 
-#include "checks.h"
+#include "validate.h"
 #include "cuda/cam_eps_map_device.cuh"
 #include "cuda/cuda_utils.cuh"
 
@@ -41,7 +41,7 @@ void launch(const Tensor& cam, Tensor& out, const Geometry& g, double eps, doubl
 
 // The same signature as csrc/cpu's kernel.
 Tensor cam_eps_map_cuda(const Tensor& cam, std::vector<int64_t> size, double eps, double eps_low, std::string mode) {
-  check_cam_args(cam, size, eps, eps_low, mode, /*allow_double=*/false);
+  validate_cam_args(cam, size, eps, eps_low, mode, /*allow_double=*/false);
   const bool jet = mode == "jet";
   const int64_t B = cam.size(0), h = cam.size(1), w = cam.size(2);
   const int64_t H = size[0], W = size[1];

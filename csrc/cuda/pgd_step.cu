@@ -7,7 +7,7 @@
 #include <limits>
 #include <optional>
 
-#include "checks.h"
+#include "validate.h"
 #include "cuda/cuda_utils.cuh"
 #include "cuda/pgd_step_device.cuh"
 

@@ -2,7 +2,7 @@
 // decisions that pick its instance (kernel arguments, vector width, eps walk). pgd_step.cu launches it;
 // tests/test_cuda_emulation.py compiles this same header as C++ and runs it on the CPU.
 //
-// x_adv, grad and x_nat share one dense layout (contiguous or channels_last, see check_attack_tensors),
+// x_adv, grad and x_nat share one dense layout (contiguous or channels_last, see validate_attack_tensors),
 // so they are streamed by linear memory index with 16-byte vector accesses when every pointer allows it.
 // The per-element arithmetic is part_fast_math.h's, the same code the CPU kernels run.
 #pragma once
@@ -10,7 +10,7 @@
 #include <cstdint>
 #include <optional>
 
-#include "checks.h"
+#include "validate.h"
 #include "cuda/int_divider.cuh"
 #include "part_fast_math.h"
 
@@ -239,11 +239,11 @@ struct Inputs {
   double eps, step, lo, hi;
 };
 
-// The op's arguments, checked by checks.h, with the eps plan. grad is null for project_.
+// The op's arguments, checked by validate.h, with the eps plan. grad is null for project_.
 inline Inputs checked_inputs(const Tensor& x_adv, const Tensor* grad, const Tensor& x_nat,
                              const std::optional<Tensor>& eps_map, double eps, double step_size, double lo,
                              double hi) {
-  const EpsPlan plan = check_pgd_args(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi, /*allow_double=*/false);
+  const EpsPlan plan = validate_pgd_args(x_adv, grad, x_nat, eps_map, eps, step_size, lo, hi, /*allow_double=*/false);
   return Inputs{x_adv, grad, x_nat, eps_map, plan, eps, step_size, lo, hi};
 }
 

@@ -92,10 +92,10 @@ def check_part_step(ctx: Context):
 
     batch = 16 if ctx.quick or not ctx.cuda else 128
     steps = 2 if ctx.quick or not ctx.cuda else 10
-    cfg = TrainConfig(out="(check: no run directory)", arch="resnet18", method="part", batch_size=batch, steps=steps,
+    config = TrainConfig(out="(check: no run directory)", arch="resnet18", method="part", batch_size=batch, steps=steps,
                       warmup=0, amp="bf16", channels_last=True, device=str(ctx.device), augment=False,
                       eval_examples=0, seed=0).resolved()
-    state = build_state(cfg, num_classes=10, device=ctx.device, dist_info=Distributed())
+    state = build_state(config, num_classes=10, device=ctx.device, ranks=Distributed())
     recorder = _RecordingBudget(state.budget)
     state.budget = recorder
     gen = torch.Generator().manual_seed(6)
@@ -107,7 +107,7 @@ def check_part_step(ctx: Context):
     loss = result.loss
     x_dev = x.to(ctx.device).contiguous(memory_format=torch.channels_last)
     with state.autocast():
-        recomputed = PixelBudget(cfg.eps, cfg.eps_low, cfg.cam, cfg.mask, layer=CAM_LAYERS["resnet18"])(before, x_dev)
+        recomputed = PixelBudget(config.eps, config.eps_low, config.cam, config.mask, layer=CAM_LAYERS["resnet18"])(before, x_dev)
     used = recorder.maps[0]
     flips = int((used != recomputed).sum())
     moved = any(not torch.equal(a, b) for a, b in zip(before.parameters(), state.model.parameters()))

@@ -43,7 +43,7 @@ def with_default(help: str, default) -> str:
     return f"{help} (default: {default})"
 
 
-def check_positive(flag: str, value) -> None:
+def validate_positive(flag: str, value) -> None:
     if value is not None and value < 1:
         raise ConfigError(f"{flag} must be a positive integer, got {value}")
 
@@ -61,9 +61,9 @@ def run_test_loader(config: TrainConfig, data_dir, test_subset, batch_size):
 
     from .. import data as data_mod
 
-    _, test_set, info = data_mod.build_datasets(config.dataset, data_dir or config.data_dir,
+    _, test_set, data_info = data_mod.build_datasets(config.dataset, data_dir or config.data_dir,
                                                 test_subset=test_subset or config.test_subset, seed=config.seed)
-    return DataLoader(test_set, batch_size=batch_size), test_set, info
+    return DataLoader(test_set, batch_size=batch_size), test_set, data_info
 
 
 def create_folder_of(path: Path, flag: str) -> None:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 from ..devices import AUTO, parse_device
 from ..errors import ConfigError
-from ..eps_text import check_budget
+from ..eps_text import validate_budget
 from ..robustbench_protocol import BATCH_SIZE as RB_BATCH_SIZE
 from ..robustbench_protocol import DATASETS as RB_DATASETS
 from ..robustbench_protocol import N_EXAMPLES as RB_N_EXAMPLES
-from .common import DEVICE_HELP, announced_device, check_positive, fraction, run_test_loader, with_default, write_json
+from .common import DEVICE_HELP, announced_device, validate_positive, fraction, run_test_loader, with_default, write_json
 
 PROTOCOLS = ("attacks", "robustbench")
 DEFAULT_ATTACKS = ("natural", "pgd20", "mma", "aa")
@@ -53,16 +53,16 @@ def eval_parser(sub) -> None:
                                      "robustbench-<dataset>-Linf.json beside it"))
 
 
-def _check_eval_numbers(args) -> None:
+def _validate_eval_numbers(args) -> None:
     """Both protocols: the device name first (names before numbers), then the budget and the counts."""
     parse_device(args.device)
-    check_budget("--eps", args.eps)
-    check_positive("--batch-size", args.batch_size)
-    check_positive("--test-subset", args.test_subset)
+    validate_budget("--eps", args.eps)
+    validate_positive("--batch-size", args.batch_size)
+    validate_positive("--test-subset", args.test_subset)
 
 
 def cmd_eval(args) -> int:
-    from ..evaluate import ATTACK_LABELS, ATTACKS, evaluate
+    from ..evaluation import ATTACK_LABELS, ATTACKS, evaluate
     from ..train import load_model
 
     if args.protocol == "robustbench":
@@ -73,15 +73,15 @@ def cmd_eval(args) -> int:
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise ConfigError(f"--attacks: unknown {unknown}; choose from {', '.join(ATTACKS)}")
-    _check_eval_numbers(args)
+    _validate_eval_numbers(args)
     if args.step_size is not None:
-        check_budget("--step-size", args.step_size)
+        validate_budget("--step-size", args.step_size)
     device = announced_device("eval", args.device)
     model, config = load_model(args.checkpoint, device)
     loader, _, _ = run_test_loader(config, args.data_dir, args.test_subset, args.batch_size or 256)
     step = args.step_size if args.step_size is not None else config.resolved().step_size
     result = evaluate(model, loader, attacks=attacks, eps=args.eps, alpha=step, device=device, seed=args.seed,
-                      progress=sys.stderr.isatty(), on_checks=_print_checks)
+                      progress=sys.stderr.isatty(), on_audit=_print_verdicts)
     result.update({"checkpoint": str(args.checkpoint), "eps": args.eps, "step_size": step, "device": str(device),
                    "date": time.strftime("%Y-%m-%d %H:%M:%S"), "labels": {a: ATTACK_LABELS[a] for a in attacks}})
     lines = ["| attack | accuracy | seconds |", "|---|---|---|"]
@@ -92,7 +92,7 @@ def cmd_eval(args) -> int:
     return 0
 
 
-def _print_checks(verdicts) -> None:
+def _print_verdicts(verdicts) -> None:
     """One line per AutoAttack check, then a warning when any failed (the number is then not to be trusted)."""
     for verdict in verdicts:
         print(verdict.line())
@@ -104,7 +104,7 @@ def _print_checks(verdicts) -> None:
 
 
 def _eval_robustbench(args) -> int:
-    from ..evaluate import num_classes_of
+    from ..evaluation import num_classes_of
     from ..robustbench_protocol import evaluate_robustbench, load_test_set, model_info
     from ..train import load_model
 
@@ -113,7 +113,7 @@ def _eval_robustbench(args) -> int:
                           "version standard")
     if args.step_size is not None:
         raise ConfigError("--step-size does not apply to --protocol robustbench: AutoAttack sets its own steps")
-    _check_eval_numbers(args)
+    _validate_eval_numbers(args)
     device = announced_device("eval", args.device)
     model, config = load_model(args.checkpoint, device)
     dataset = args.dataset or (config.dataset if config.dataset in RB_DATASETS else None)
@@ -129,7 +129,7 @@ def _eval_robustbench(args) -> int:
     print(f"RobustBench protocol: {dataset}, first {n_examples} test images, L-inf eps {args.eps:.6g}, original "
           f"AutoAttack standard, batch {batch_size}, seed {args.seed}", flush=True)
     result = evaluate_robustbench(model, x, y, dataset=dataset, eps=args.eps, batch_size=batch_size, device=device,
-                                  seed=args.seed, on_checks=_print_checks)
+                                  seed=args.seed, on_audit=_print_verdicts)
     print(f"clean accuracy: {100 * result.clean_acc:.2f}% | AutoAttack accuracy: {100 * result.autoattack_acc:.2f}%"
           f" ({result.n_examples} examples, {result.autoattack})")
     run = Path(args.checkpoint).resolve().parent

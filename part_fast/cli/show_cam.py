@@ -33,22 +33,22 @@ def cmd_show_cam(args) -> int:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
     device = announced_device("show-cam", args.device)
     model, config = load_model(args.checkpoint, device)
-    _, test_set, info = run_test_loader(config, args.data_dir, args.n, args.n)
+    _, test_set, data_info = run_test_loader(config, args.data_dir, args.n, args.n)
     n = min(args.n, len(test_set))
     images = torch.stack([test_set[i][0] for i in range(n)]).to(device)
-    cfg = config.resolved()
-    budget = PixelBudget(cfg.eps, cfg.eps_low, cfg.cam, args.mask or cfg.mask, layer=CAM_LAYERS.get(cfg.arch))
+    config = config.resolved()
+    budget = PixelBudget(config.eps, config.eps_low, config.cam, args.mask or config.mask, layer=CAM_LAYERS.get(config.arch))
     eps_maps = budget(model, images)
     with torch.no_grad():
         pred = model(images).argmax(1).tolist()
-    titles = [f"{info.classes[test_set[i][1]]}\npred {info.classes[p]}" for i, p in enumerate(pred)]
+    titles = [f"{data_info.classes[test_set[i][1]]}\npred {data_info.classes[p]}" for i, p in enumerate(pred)]
     from .. import data as data_mod
 
     masks = data_mod.object_mask_of(test_set)
     out = Path(args.out)
     create_folder_of(out, "--out")
     with writing(out, "--out"):
-        path = budget_overlay_png(out, images, eps_maps, cfg.eps, titles, None if masks is None else masks[:n],
-                                  suptitle=budget_title(cfg.arch, cfg.cam, args.mask or cfg.mask, cfg.eps, cfg.eps_low))
+        path = budget_overlay_png(out, images, eps_maps, config.eps, titles, None if masks is None else masks[:n],
+                                  suptitle=budget_title(config.arch, config.cam, args.mask or config.mask, config.eps, config.eps_low))
     print(f"wrote {path}")
     return 0

@@ -36,7 +36,7 @@ def with_normalization(model: nn.Module, mean, std) -> nn.Sequential:
     return nn.Sequential(Normalize(mean, std), model)
 
 
-def check_arch(name) -> None:
+def validate_arch(name) -> None:
     """`name` is an architecture get_model builds (checked without building it); else a ConfigError listing
     the bundled names."""
     if isinstance(name, str) and name in BUNDLED:
@@ -51,7 +51,7 @@ def check_arch(name) -> None:
 
 def get_model(name: str, num_classes: int = 10) -> nn.Module:
     """A bundled architecture, or a torchvision classification model (untrained) by its builder name."""
-    check_arch(name)
+    validate_arch(name)
     if name in BUNDLED:
         return BUNDLED[name](num_classes=num_classes)
     return _torchvision(name).models.get_model(name, weights=None, num_classes=num_classes)
@@ -63,5 +63,5 @@ def _torchvision(name: str):
                                   "name is torchvision's)")
 
 
-__all__ = ["BUNDLED", "CAM_LAYERS", "Normalize", "check_arch", "cnn_small", "get_model", "preact_resnet18", "resnet18", "resnet_small",
+__all__ = ["BUNDLED", "CAM_LAYERS", "Normalize", "validate_arch", "cnn_small", "get_model", "preact_resnet18", "resnet18", "resnet_small",
            "with_normalization", "wrn34_10"]

@@ -11,9 +11,9 @@ from .. import data as data_mod
 from ..budget import MASKS
 from ..cam import CAM_METHODS
 from ..devices import AUTO, parse_device
-from ..eps_text import check_budget, check_budgets
+from ..eps_text import validate_budget, validate_budgets
 from ..errors import ConfigError
-from ..models import BUNDLED, check_arch
+from ..models import BUNDLED, validate_arch
 from .methods import METHOD, METHODS, Method
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -123,7 +123,7 @@ class TrainConfig:
         warmup = self.warmup
         if warmup is None and isinstance(self.epochs, int):
             warmup = self.epochs // WARMUP_SHARE
-        cfg = dataclasses.replace(
+        config = dataclasses.replace(
             self,
             warmup=warmup,
             lr=defaults["lr"] if self.lr is None else float(self.lr),
@@ -132,8 +132,8 @@ class TrainConfig:
             milestones=tuple(int(m) for m in self.milestones),
             save_every_minutes=float(self.save_every_minutes),
         )
-        cfg.validate()
-        return cfg
+        config.validate()
+        return config
 
     def validate_names(self) -> None:
         """The named settings (method, dataset, arch, cam, mask, start, amp, device), checked before any
@@ -141,7 +141,7 @@ class TrainConfig:
         need(isinstance(self.out, str) and self.out != "", f"out must name the run directory, got {self.out!r}")
         need(self.method in METHOD, f"method must be one of {tuple(METHOD)}, got {self.method!r}")
         need(self.dataset in data_mod.DATASETS, f"dataset must be one of {data_mod.DATASETS}, got {self.dataset!r}")
-        check_arch(self.arch)
+        validate_arch(self.arch)
         need(self.cam in CAM_METHODS, f"cam must be one of {CAM_METHODS}, got {self.cam!r}")
         need(self.mask in MASKS, f"mask must be one of {MASKS}, got {self.mask!r}")
         need(self.start in AT_PART_STARTS, f"start must be one of {AT_PART_STARTS}, got {self.start!r}")
@@ -162,9 +162,9 @@ class TrainConfig:
         need(self.weight_decay is None or self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}")
         need(isinstance(self.batch_size, int) and self.batch_size >= 2, f"batch_size must be an int >= 2, got {self.batch_size!r}")
         need(isinstance(self.steps, int) and self.steps >= 0, f"steps must be an int >= 0, got {self.steps!r}")
-        check_budgets(self.eps, self.eps_low)
+        validate_budgets(self.eps, self.eps_low)
         if self.step_size is not None:
-            check_budget("step_size", self.step_size)
+            validate_budget("step_size", self.step_size)
         need(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(all(m >= 1 for m in self.milestones), f"milestones must be epochs >= 1 after warm-up, got {self.milestones}")
@@ -179,12 +179,12 @@ class TrainConfig:
         # attack would never move. bf16 has float32's range.
         need(not (self.amp == "fp16" and self.base == "trades"),
              f"amp fp16 would stall the {self.method} attack (its KL gradients underflow in fp16); use --amp bf16")
-        # "auto" is checked by the trainer once the device is known (check_device).
+        # "auto" is checked by the trainer once the device is known (validate_device).
         device = parse_device(self.device)
         if device is not None:
-            self.check_device(device.type)
+            self.validate_device(device.type)
 
-    def check_device(self, kind: str) -> None:
+    def validate_device(self, kind: str) -> None:
         """The settings that need a kind of device, against the one the run uses ('cpu', 'cuda', ...)."""
         need(not (self.amp == "fp16" and kind == "cpu"), "amp fp16 needs a GPU; use --amp bf16 on the CPU")
         need(not (self.sync_bn and kind != "cuda"),

@@ -131,13 +131,13 @@ class Distributed:
                 dist.broadcast(t, 0)
 
 
-def _device_for(name: str, info: Distributed) -> torch.device:
+def _device_for(name: str, ranks: Distributed) -> torch.device:
     """The device this rank trains on: part_fast.devices' reading of `name` ('auto' is the GPU when there is
     one), and under torchrun a CUDA device is this process's own GPU, cuda:LOCAL_RANK."""
     device = resolve_device(name)
     if device.type == "cuda":
-        if info.enabled:
-            device = torch.device("cuda", info.local_rank)  # one GPU per process
+        if ranks.enabled:
+            device = torch.device("cuda", ranks.local_rank)  # one GPU per process
         if device.index is not None:
             torch.cuda.set_device(device)  # Triton launches, pinned copies and NCCL follow the current device
     return device
@@ -154,11 +154,11 @@ def session(device_name: str, timeout_minutes: float | None = None) -> Iterator[
 
     Returns:
         (yields) this rank's Distributed, whose .device is the device to train on."""
-    info = Distributed.from_env()
-    device = _device_for(device_name, info)
-    info.device = device
-    if not info.enabled or dist.is_initialized():
-        yield info  # alone, or inside a group the caller owns (and tears down)
+    ranks = Distributed.from_env()
+    device = _device_for(device_name, ranks)
+    ranks.device = device
+    if not ranks.enabled or dist.is_initialized():
+        yield ranks  # alone, or inside a group the caller owns (and tears down)
         return
     import torch._dynamo  # noqa: F401 - before init_process_group, or it pins the group (see the module doc)
 
@@ -166,9 +166,9 @@ def session(device_name: str, timeout_minutes: float | None = None) -> Iterator[
     timeout = None if timeout_minutes is None else timedelta(minutes=timeout_minutes)
     _init_process_group(backend, timeout)
     if backend != "gloo":  # destroy_process_group() destroys it with the rest
-        info.host_group = dist.new_group(backend="gloo", timeout=timeout)
+        ranks.host_group = dist.new_group(backend="gloo", timeout=timeout)
     try:
-        yield info
+        yield ranks
     except AGREED_STOPS as err:
         _teardown(err, wait_for_peers=True)
         raise

@@ -13,7 +13,7 @@ from .distributed import Distributed
 from .sampler import ResumableDistributedSampler
 
 
-def data_loaders(config: TrainConfig, info: Distributed):
+def data_loaders(config: TrainConfig, ranks: Distributed):
     """(train loader, its sampler, evaluation loader or None, DataInfo) of this rank.
 
     The training loader yields this rank's share of each global batch of config.batch_size (which must split
@@ -23,24 +23,24 @@ def data_loaders(config: TrainConfig, info: Distributed):
         return data_mod.build_datasets(config.dataset, config.data_dir, download=download,
                                        train_subset=config.train_subset, test_subset=config.test_subset, seed=config.seed)
 
-    if config.download and info.enabled:
+    if config.download and ranks.enabled:
         # Rank 0 downloads alone; the others read what it fetched (one writer per folder).
         error = None
-        if info.is_main:
+        if ranks.is_main:
             try:
                 build(True)
             except Exception as err:  # noqa: BLE001 - the other ranks must hear of it
                 error = err
-        info.raise_together(error, lambda _: UserError("rank 0 could not download the dataset; see its error"))
-    if config.batch_size % info.world:
-        raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {info.world} processes "
+        ranks.raise_together(error, lambda _: UserError("rank 0 could not download the dataset; see its error"))
+    if config.batch_size % ranks.world:
+        raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {ranks.world} processes "
                           "(it is the global batch, split evenly)")
-    train_set, test_set, data_info = build(config.download and not info.enabled)
-    local_batch = config.batch_size // info.world
+    train_set, test_set, data_info = build(config.download and not ranks.enabled)
+    local_batch = config.batch_size // ranks.world
     if len(train_set) < config.batch_size:
         raise ConfigError(f"the training set has {len(train_set)} examples, fewer than one batch of {config.batch_size}")
-    sampler = ResumableDistributedSampler(train_set, num_replicas=info.world, rank=info.rank, seed=config.seed)
-    pin = info.device.type == "cuda"
+    sampler = ResumableDistributedSampler(train_set, num_replicas=ranks.world, rank=ranks.rank, seed=config.seed)
+    pin = ranks.device.type == "cuda"
     # The loader gets its own generator (it only seeds worker processes, whose datasets draw nothing) so it
     # never consumes the caller's global one.
     train_loader = DataLoader(train_set, batch_size=local_batch, sampler=sampler, num_workers=config.workers,
@@ -50,9 +50,9 @@ def data_loaders(config: TrainConfig, info: Distributed):
     eval_loader = None
     if config.eval_examples:
         n = min(config.eval_examples, len(test_set))
-        if n < info.world:
-            raise ConfigError(f"eval_examples ({n} available) must be at least the number of processes ({info.world})")
-        shard = Subset(test_set, range(info.rank, n, info.world))
+        if n < ranks.world:
+            raise ConfigError(f"eval_examples ({n} available) must be at least the number of processes ({ranks.world})")
+        shard = Subset(test_set, range(ranks.rank, n, ranks.world))
         eval_loader = DataLoader(shard, batch_size=max(local_batch, 1), num_workers=config.workers, pin_memory=pin,
                                  worker_init_fn=preemption.ignore_stop_signals)
     return train_loader, sampler, eval_loader, data_info

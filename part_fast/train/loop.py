@@ -27,7 +27,7 @@ from torch import nn
 from ..devices import describe_device
 from ..errors import (CheckpointWriteError, ConfigError, Interrupted, OutputWriteError, TrainingDiverged, UserError,
                       report)
-from ..evaluate import evaluate
+from ..evaluation import evaluate
 from ..extras import progress_bar
 from . import checkpoint, distributed, preemption, rundir
 from . import progress as epoch_progress
@@ -50,8 +50,8 @@ def train(config: TrainConfig, *, resume: bool | str = False, log=print) -> list
     if resume not in (False, True, "auto"):
         raise ConfigError(f"resume must be False, True or 'auto', got {resume!r}")
     config = config.resolved()
-    with distributed.session(config.device, config.collective_timeout) as info:
-        return _Trainer(config, info, log if info.is_main else _silent).run(resume)
+    with distributed.session(config.device, config.collective_timeout) as ranks:
+        return _Trainer(config, ranks, log if ranks.is_main else _silent).run(resume)
 
 
 def _silent(*_args) -> None:
@@ -70,10 +70,10 @@ def _all_finite(model: nn.Module) -> bool:
 
 
 class _Trainer:
-    def __init__(self, config: TrainConfig, info: Distributed, log):
-        self.config, self.info, self.log = config, info, log
+    def __init__(self, config: TrainConfig, ranks: Distributed, log):
+        self.config, self.ranks, self.log = config, ranks, log
         self.out = Path(config.out)
-        self.show = _progress_enabled(config, info.is_main)
+        self.show = _progress_enabled(config, ranks.is_main)
         self.history: list[dict] = []
         self.progress: EpochProgress | None = None  # restored mid-epoch sums, used by the next epoch
         self.last_save = _clock()
@@ -84,42 +84,42 @@ class _Trainer:
 
     # -------------------------------------------------------------------------------------- set-up
     def run(self, resume) -> list[dict]:
-        cfg, info = self.config, self.info
-        cfg.check_device(info.device.type)  # "auto" became a device only now
-        self.log(f"part-fast train: device {describe_device(info.device)}")  # first, before minutes of set-up
-        if cfg.tensorboard:
+        config, ranks = self.config, self.ranks
+        config.validate_device(ranks.device.type)  # "auto" became a device only now
+        self.log(f"part-fast train: device {describe_device(ranks.device)}")  # first, before minutes of set-up
+        if config.tensorboard:
             rundir.summary_writer_class()  # every rank: a missing package stops them all, before any work
         # Data and model first: a missing dataset or an unknown architecture is reported before RUN_DIR
         # exists, so a corrected rerun needs no --resume.
-        self.train_loader, self.sampler, self.eval_loader, data_info = data_loaders(cfg, info)
+        self.train_loader, self.sampler, self.eval_loader, data_info = data_loaders(config, ranks)
         self.steps_per_epoch = len(self.train_loader)
-        self.state = build_state(cfg, data_info.num_classes, info.device, info)
-        self.rng = StepRandomness(cfg.seed, info.rank, info.device, cfg.augment)
-        ckpt = rundir.prepare_on_all_ranks(cfg, info, resume, warn=self._warn)
+        self.state = build_state(config, data_info.num_classes, ranks.device, ranks)
+        self.rng = StepRandomness(config.seed, ranks.rank, ranks.device, config.augment)
+        ckpt = rundir.prepare_on_all_ranks(config, ranks, resume, warn=self._warn)
         if ckpt is not None:
             self._restore(ckpt)
         elif resume:  # stopped before the first checkpoint: its steps are redone
             self._write(self.out / rundir.STEPS, lambda: rundir.trim_steps_log(self.out, 0))
-        unused = len(self.train_loader.dataset) - self.steps_per_epoch * cfg.batch_size
+        unused = len(self.train_loader.dataset) - self.steps_per_epoch * config.batch_size
         if unused:
             self.log(f"part-fast train: {unused} of the {len(self.train_loader.dataset)} training examples are left "
-                     f"out of each epoch: only whole batches of {cfg.batch_size} are trained (the last partial batch "
+                     f"out of each epoch: only whole batches of {config.batch_size} are trained (the last partial batch "
                      "is dropped), and which examples are left out changes with each epoch's shuffle")
-        if self.state.epoch >= cfg.epochs:
+        if self.state.epoch >= config.epochs:
             self._agree(None)
-            self.log(f"{self.out} has already trained {self.state.epoch}/{cfg.epochs} epochs; nothing to do")
+            self.log(f"{self.out} has already trained {self.state.epoch}/{config.epochs} epochs; nothing to do")
             return self.history
         steps_log = None
-        if cfg.log_steps and info.is_main:
+        if config.log_steps and ranks.is_main:
             steps_log = self._write(self.out / rundir.STEPS, lambda: open(self.out / rundir.STEPS, "a"))
-        if cfg.tensorboard and info.is_main:
+        if config.tensorboard and ranks.is_main:
             self.tensorboard = self._write(self.out / rundir.TENSORBOARD,
                                            lambda: rundir.TensorBoardLog(self.out, self.history))
         try:
-            with preemption.stop_requests(announce=info.is_main) as stop:
+            with preemption.stop_requests(announce=ranks.is_main) as stop:
                 self.last_save = _clock()
-                epochs = progress_bar(range(self.state.epoch, cfg.epochs), desc=f"{cfg.method} epochs",
-                                      disable=not self.show, initial=self.state.epoch, total=cfg.epochs)
+                epochs = progress_bar(range(self.state.epoch, config.epochs), desc=f"{config.method} epochs",
+                                      disable=not self.show, initial=self.state.epoch, total=config.epochs)
                 for epoch in epochs:
                     self._epoch(epoch, stop, steps_log)
         finally:
@@ -134,7 +134,7 @@ class _Trainer:
 
     def _write(self, path: Path, write):
         """Run rank 0's write of `path`; a failure is kept for the next agreement (see write_failure)."""
-        if not self.info.is_main or self.write_failure is not None:
+        if not self.ranks.is_main or self.write_failure is not None:
             return None
         try:
             return write()
@@ -152,7 +152,7 @@ class _Trainer:
     def _agree(self, stop: preemption.StopRequest | None) -> bool:
         """One collective between steps: every rank raises if rank 0 failed a write, and learns whether
         any rank was asked to stop."""
-        stop_votes, write_votes = self.info.agree([stop is not None and stop.requested,
+        stop_votes, write_votes = self.ranks.agree([stop is not None and stop.requested,
                                                    self.write_failure is not None])
         if write_votes:
             raise self._write_error()
@@ -163,25 +163,25 @@ class _Trainer:
         check (that would make the host wait for the device every step); this runs before every checkpoint,
         log line and epoch end, so nothing written ever comes from past a non-finite loss."""
         first = progress.first_non_finite_step()
-        firsts = [int(f) for (f,) in self.info.all_gather([-1 if first is None else first]) if f >= 0]
+        firsts = [int(f) for (f,) in self.ranks.all_gather([-1 if first is None else first]) if f >= 0]
         if firsts:
-            cfg = self.config
+            config = self.config
             step = min(firsts)
-            raise TrainingDiverged(f"the {cfg.method} loss became non-finite (nan or inf) at global step {step} "
+            raise TrainingDiverged(f"the {config.method} loss became non-finite (nan or inf) at global step {step} "
                                    f"(epoch {self.state.epoch + 1}); the last checkpoint "
                                    f"({self.out / checkpoint.LAST}) holds the weights before it")
 
     def _refuse_non_finite(self, when: str) -> None:
         """TrainingDiverged on every rank if any holds a non-finite weight or BatchNorm statistic (a finite
         loss can still give an overflowing update); the last checkpoint is never one of them."""
-        (non_finite,) = self.info.all_sum([0.0 if _all_finite(self.state.model) else 1.0])
+        (non_finite,) = self.ranks.all_sum([0.0 if _all_finite(self.state.model) else 1.0])
         if non_finite:
             raise TrainingDiverged(f"the weights became non-finite {when}; the last checkpoint "
                                    f"({self.out / checkpoint.LAST}) holds finite weights")
 
     def _restore(self, ckpt: dict) -> None:
-        state, info = self.state, self.info
-        saved_world = ckpt.get("world", 1)  # another than info.world only with allow_world_change (rundir.prepare)
+        state, ranks = self.state, self.ranks
+        saved_world = ckpt.get("world", 1)  # another than ranks.world only with allow_world_change (rundir.prepare)
         if ckpt.get("steps_per_epoch") != self.steps_per_epoch:
             raise UserError(f"the run has {ckpt.get('steps_per_epoch')} steps per epoch but would continue with "
                             f"{self.steps_per_epoch}: the data or the batch size changed")
@@ -192,16 +192,16 @@ class _Trainer:
         state.epoch, state.step_in_epoch, state.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         self.history = list(ckpt.get("metrics", []))
         if ckpt.get("epoch_progress") is not None:
-            self.progress = epoch_progress.restored(ckpt["epoch_progress"], info.rank, saved_world, info.world,
-                                                    info.device)
+            self.progress = epoch_progress.restored(ckpt["epoch_progress"], ranks.rank, saved_world, ranks.world,
+                                                    ranks.device)
         if ckpt.get("rank_buffers") is not None:
             saved = ckpt["rank_buffers"]
             with torch.no_grad():  # a rank the checkpoint did not have takes rank 0's BatchNorm statistics
-                for buffer, value in zip(state.model.buffers(), saved[info.rank if info.rank < len(saved) else 0],
+                for buffer, value in zip(state.model.buffers(), saved[ranks.rank if ranks.rank < len(saved) else 0],
                                          strict=True):
                     buffer.copy_(value)
-        if saved_world != info.world:
-            self._warn(f"warning: the run was trained by {saved_world} process(es) and continues with {info.world} "
+        if saved_world != ranks.world:
+            self._warn(f"warning: the run was trained by {saved_world} process(es) and continues with {ranks.world} "
                        f"({flag_of('allow_world_change')}): the same examples in every global batch, other random "
                        "streams and BatchNorm statistics, so no longer bit-equal to an uninterrupted run")
         self._write(self.out / rundir.METRICS, lambda: rundir.write_metrics(self.out, self.history))
@@ -210,16 +210,16 @@ class _Trainer:
 
     # -------------------------------------------------------------------------------------- epochs
     def _epoch(self, epoch: int, stop: preemption.StopRequest, steps_log) -> None:
-        cfg, state, info = self.config, self.state, self.info
-        part_phase = cfg.is_part and epoch >= cfg.warmup
+        config, state, ranks = self.config, self.state, self.ranks
+        part_phase = config.is_part and epoch >= config.warmup
         attack = inner_attack(state, part_phase)
         first = state.step_in_epoch  # > 0 only right after a mid-epoch resume
-        progress = self.progress or EpochProgress(info.device)
+        progress = self.progress or EpochProgress(ranks.device)
         self.progress = None
-        self.sampler.set_epoch(epoch, start=first * (cfg.batch_size // info.world))
+        self.sampler.set_epoch(epoch, start=first * (config.batch_size // ranks.world))
         lr = state.optimizer.param_groups[0]["lr"]
         started = time.perf_counter() - progress.elapsed
-        batches = progress_bar(self.train_loader, desc=f"epoch {epoch + 1}/{cfg.epochs}", disable=not self.show,
+        batches = progress_bar(self.train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not self.show,
                                leave=False, initial=first, total=self.steps_per_epoch)
         show_every = max(1, self.steps_per_epoch // 20)  # reading the bar's loss waits for the device: not every step
         for step, (x, y) in enumerate(batches, start=first):
@@ -229,13 +229,13 @@ class _Trainer:
             state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
             progress.add(r, state.global_step)
             # Host numbers only (gloo, never the device): every rank stops, or saves, after the same step.
-            stop_votes, save_votes, write_votes = info.agree([stop.requested, info.is_main and self._minutes_due(),
+            stop_votes, save_votes, write_votes = ranks.agree([stop.requested, ranks.is_main and self._minutes_due(),
                                                               self.write_failure is not None])
             if write_votes:  # a log line of an earlier step could not be written
                 raise self._write_error()
             progress.elapsed = time.perf_counter() - started
-            if cfg.log_steps:  # (every rank: a collective)
-                loss_sum, examples, non_finite = info.all_sum(
+            if config.log_steps:  # (every rank: a collective)
+                loss_sum, examples, non_finite = ranks.all_sum(
                     [r.value("loss_sum"), r.value("examples"), r.value("non_finite")])
                 if non_finite:
                     self._refuse_diverged(progress)
@@ -250,7 +250,7 @@ class _Trainer:
                 raise self._interrupted(stop)
             # On the epoch's last step the epoch's checkpoint follows, at once when there is no evaluation.
             skip = step + 1 == self.steps_per_epoch and self.eval_loader is None
-            if not skip and (save_votes or (cfg.save_every_steps and state.global_step % cfg.save_every_steps == 0)):
+            if not skip and (save_votes or (config.save_every_steps and state.global_step % config.save_every_steps == 0)):
                 self._save(progress)
         state.sync()  # the host ran ahead of the device: the epoch ends when the device is done
         progress.elapsed = time.perf_counter() - started
@@ -262,32 +262,32 @@ class _Trainer:
 
     def _end_epoch(self, epoch: int, part_phase: bool, lr: float, progress: EpochProgress,
                    stop: preemption.StopRequest) -> None:
-        cfg, state, info = self.config, self.state, self.info
+        config, state, ranks = self.config, self.state, self.ranks
         # A signal after the last step's collective: stop now rather than after the evaluation.
         if self._agree(stop):
             self._save(progress)
             raise self._interrupted(stop)
         self._refuse_diverged(progress)
         state.scheduler.step()
-        sums = dict(zip(STAT_NAMES, info.all_sum(list(progress.sums().values()))))
+        sums = dict(zip(STAT_NAMES, ranks.all_sum(list(progress.sums().values()))))
         n = sums["examples"]
-        (steps,) = info.all_sum([progress.steps])
+        (steps,) = ranks.all_sum([progress.steps])
         # Every rank gets rank 0's BatchNorm statistics: they are what the checkpoint holds, and the ranks
         # evaluate their shards of the test set with one model.
-        info.broadcast_(list(state.model.buffers()))
+        ranks.broadcast_(list(state.model.buffers()))
         self._refuse_non_finite(f"in epoch {epoch + 1}")  # before the evaluation, and for the epoch's checkpoint
         record = {
             "epoch": epoch + 1,
-            "phase": ("part" if part_phase else "warmup") if cfg.is_part else cfg.method,
+            "phase": ("part" if part_phase else "warmup") if config.is_part else config.method,
             "lr": lr,
             "train_loss": sums["loss_sum"] / n,
             "train_adv_acc": 100 * sums["correct_adv"] / n,
-            "train_nat_acc": 100 * sums["correct_nat"] / n if cfg.training_method.natural_logits else None,
+            "train_nat_acc": 100 * sums["correct_nat"] / n if config.training_method.natural_logits else None,
             "train_examples": int(n),
             "eps_high_fraction": sums["eps_high"] / steps,
             "epoch_seconds": progress.elapsed,
         }
-        if cfg.time_stages:
+        if config.time_stages:
             record.update({f"{k}_seconds": v for k, v in progress.seconds.items()})
         if self.eval_loader is not None:
             record.update(self._evaluate())
@@ -297,40 +297,40 @@ class _Trainer:
         self._write(self.out / rundir.METRICS, lambda: rundir.write_metrics(self.out, self.history))
         if self.tensorboard is not None:
             self._write(self.out / rundir.TENSORBOARD, lambda: self.tensorboard.add(record))
-        self.log(_summary_line(record, cfg))
+        self.log(_summary_line(record, config))
         # A signal that came during the evaluation: the epoch's checkpoint is already written.
         if self._agree(stop):
             raise self._interrupted(stop)
 
     def _evaluate(self) -> dict:
-        cfg, state, info = self.config, self.state, self.info
-        res = evaluate(state.attack_model, self.eval_loader, attacks=("natural", "pgd20"), eps=cfg.eps,
-                       alpha=cfg.step_size, device=state.device, seed=cfg.seed, progress=False)
+        config, state, ranks = self.config, self.state, self.ranks
+        res = evaluate(state.attack_model, self.eval_loader, attacks=("natural", "pgd20"), eps=config.eps,
+                       alpha=config.step_size, device=state.device, seed=config.seed, progress=False)
         n = res["examples"]
-        nat, pgd, total = info.all_sum([res["natural"] * n / 100, res["pgd20"] * n / 100, n])
+        nat, pgd, total = ranks.all_sum([res["natural"] * n / 100, res["pgd20"] * n / 100, n])
         return {"test_nat_acc": 100 * nat / total, "test_pgd20_acc": 100 * pgd / total, "test_examples": int(total)}
 
     # ---------------------------------------------------------------------------------- checkpoints
     def _save(self, progress: EpochProgress | None) -> None:
         """Every rank calls it (it gathers their state); rank 0 writes; all learn whether that worked."""
-        state, info = self.state, self.info
+        state, ranks = self.state, self.ranks
         mid_epoch = progress is not None
         if mid_epoch:  # (the epoch's own checkpoint follows the epoch end's checks)
             self._refuse_diverged(progress)
             self._refuse_non_finite(f"by step {state.global_step}")
-        per_rank_progress = epoch_progress.gathered(progress, info) if mid_epoch else None
+        per_rank_progress = epoch_progress.gathered(progress, ranks) if mid_epoch else None
         # Between epochs every rank holds rank 0's BatchNorm statistics; in the middle of one each rank has
         # its own, and resuming exactly needs them all.
-        rank_buffers = info.all_gather_tensors(list(state.model.buffers())) if mid_epoch and info.enabled else None
+        rank_buffers = ranks.all_gather_tensors(list(state.model.buffers())) if mid_epoch and ranks.enabled else None
         error = None
-        if info.is_main:
+        if ranks.is_main:
             try:
                 checkpoint.save(self.out / checkpoint.LAST, checkpoint.contents(
-                    state, config=self.config, steps_per_epoch=self.steps_per_epoch, world=info.world,
+                    state, config=self.config, steps_per_epoch=self.steps_per_epoch, world=ranks.world,
                     metrics=self.history, epoch_progress=per_rank_progress, rank_buffers=rank_buffers))
             except CheckpointWriteError as err:
                 error = err
-        info.raise_together(error, lambda _: CheckpointWriteError(
+        ranks.raise_together(error, lambda _: CheckpointWriteError(
             f"rank 0 could not write the checkpoint in {self.out}; see its error"))
         self.last_save = _clock()
 
@@ -345,8 +345,8 @@ class _Trainer:
         return Interrupted(signum, str(self.out / checkpoint.LAST), state.global_step, where)
 
 
-def _summary_line(r: dict, cfg: TrainConfig) -> str:
-    parts = [f"epoch {r['epoch']}/{cfg.epochs} [{r['phase']}]", f"loss {r['train_loss']:.4f}",
+def _summary_line(r: dict, config: TrainConfig) -> str:
+    parts = [f"epoch {r['epoch']}/{config.epochs} [{r['phase']}]", f"loss {r['train_loss']:.4f}",
              f"train adv {r['train_adv_acc']:.1f}%"]
     if "test_nat_acc" in r:
         parts.append(f"test nat {r['test_nat_acc']:.1f}% pgd20 {r['test_pgd20_acc']:.1f}%")

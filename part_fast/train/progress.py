@@ -93,11 +93,11 @@ def _state_of(vector) -> dict:
     return state
 
 
-def gathered(progress: EpochProgress, info: Distributed) -> list[dict]:
+def gathered(progress: EpochProgress, ranks: Distributed) -> list[dict]:
     """Every rank's state_dict(), in rank order: what a mid-epoch checkpoint holds. A collective: every rank
     calls it (the values travel as one float64 vector per rank, in FIELDS' order)."""
     state = progress.state_dict()
-    return [_state_of(vector) for vector in info.all_gather([state[k] for k in FIELDS])]
+    return [_state_of(vector) for vector in ranks.all_gather([state[k] for k in FIELDS])]
 
 
 def regrouped(states: list[dict], rank: int) -> dict:

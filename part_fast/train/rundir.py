@@ -68,7 +68,7 @@ def saved_config(out: str | Path) -> dict | None:
     return saved
 
 
-def check_same_config(saved: dict, config: TrainConfig, where: Path) -> None:
+def validate_same_config(saved: dict, config: TrainConfig, where: Path) -> None:
     now = config.to_json()
     changed = sorted(k for k in set(saved) | set(now) if k not in RESUMABLE_CHANGES and saved.get(k) != now.get(k))
     if changed:
@@ -77,10 +77,10 @@ def check_same_config(saved: dict, config: TrainConfig, where: Path) -> None:
                              f"{', '.join(flag_of(k) for k in RESUMABLE_CHANGES if k != 'out')} may change")
 
 
-def check_resumable(ckpt: dict, path: Path, config: TrainConfig, world: int) -> None:
+def validate_resumable(ckpt: dict, path: Path, config: TrainConfig, world: int) -> None:
     """ConfigMismatch or WorldSizeMismatch when the checkpoint at `path` cannot continue as `config` on
     `world` processes."""
-    check_same_config(ckpt["config"], config, path)
+    validate_same_config(ckpt["config"], config, path)
     saved_world = ckpt.get("world", 1)
     if saved_world != world and not config.allow_world_change:
         raise WorldSizeMismatch(
@@ -111,38 +111,38 @@ def prepare(config: TrainConfig, resume: bool | str, warn: Callable[[str], None]
         raise RunDirMissing(f"--resume: run directory {out} does not exist")
     saved = saved_config(out)
     if saved is not None:
-        check_same_config(saved, config, out / CONFIG)
-    found = checkpoint.newest_intact(out, warn, accept=lambda ckpt, path: check_resumable(ckpt, path, config, world))
+        validate_same_config(saved, config, out / CONFIG)
+    found = checkpoint.newest_intact(out, warn, accept=lambda ckpt, path: validate_resumable(ckpt, path, config, world))
     remove_stale_temp_files(out)  # left by a process killed while it wrote
     if saved != config.to_json():
         atomic_write_json(out / CONFIG, config.to_json())  # with the safe changes: it says what the run is now
     return found  # None: stopped before its first checkpoint, start over in the same directory
 
 
-def prepare_on_all_ranks(config: TrainConfig, info: Distributed, resume: bool | str,
+def prepare_on_all_ranks(config: TrainConfig, ranks: Distributed, resume: bool | str,
                          warn: Callable[[str], None]) -> dict | None:
     """Rank 0 prepares RUN_DIR and picks the checkpoint (one process decides, so ranks cannot race on the
     files); the others read the checkpoint it picked. Every failure is agreed: all ranks raise, at the same
     point, so none is left waiting in a collective."""
     # 1. Same settings everywhere, checked before rank 0 touches a file.
-    theirs = info.broadcast_object(config.to_json())
+    theirs = ranks.broadcast_object(config.to_json())
     differs = sorted(k for k, v in config.to_json().items() if theirs.get(k) != v)
-    (mismatches,) = info.all_sum([1.0 if differs else 0.0])
+    (mismatches,) = ranks.all_sum([1.0 if differs else 0.0])
     if mismatches:
         raise RunDirError(f"{int(mismatches)} process(es) were started with other settings than rank 0"
                           + (f" (this one: {', '.join(differs)})" if differs else ""))
     # 2. Rank 0 prepares RUN_DIR.
     found, error = None, None
-    if info.is_main:
+    if ranks.is_main:
         try:
-            found = prepare(config, resume, warn, info.world)
+            found = prepare(config, resume, warn, ranks.world)
         except UserError as err:  # (some are OSErrors too: RunDirExists, RunDirMissing)
             error = err
         except OSError as err:  # an unwritable or vanished RUN_DIR: the user's to fix
             error = RunDirError(f"cannot prepare the run directory {config.out}: {err.strerror or err}")
         except Exception as err:  # noqa: BLE001 - a bug: the other ranks must hear of it, or they wait forever
             error = err
-    verdict = info.broadcast_object({"error": str(error) if error else None,
+    verdict = ranks.broadcast_object({"error": str(error) if error else None,
                                      "checkpoint": str(found[1]) if found else None})
     if error is not None:
         raise error
@@ -150,13 +150,13 @@ def prepare_on_all_ranks(config: TrainConfig, info: Distributed, resume: bool | 
         raise RunDirError(f"rank 0 could not prepare {config.out}: {verdict['error']}")
     # 3. The others read the checkpoint rank 0 picked.
     ckpt, failure = (found[0] if found else None), None
-    if not info.is_main and verdict["checkpoint"] is not None:
+    if not ranks.is_main and verdict["checkpoint"] is not None:
         try:
             ckpt = checkpoint.read(verdict["checkpoint"])
         except CheckpointError as err:
-            failure = RunDirError(f"rank {info.rank} cannot read the checkpoint rank 0 picked: {err} (RUN_DIR "
+            failure = RunDirError(f"rank {ranks.rank} cannot read the checkpoint rank 0 picked: {err} (RUN_DIR "
                                   "must be on a filesystem that every node sees)")
-    info.raise_together(failure, lambda failed: RunDirError(
+    ranks.raise_together(failure, lambda failed: RunDirError(
         f"{failed} process(es) could not read {verdict['checkpoint']}; see their errors"))
     return ckpt
 

@@ -94,7 +94,7 @@ class RunState:
     scheduler: torch.optim.lr_scheduler.LambdaLR
     scaler: torch.amp.GradScaler
     device: torch.device
-    dist: Distributed
+    ranks: Distributed
     budget: PixelBudget
     num_classes: int = 10
     epoch: int = 0  # completed epochs
@@ -102,10 +102,10 @@ class RunState:
     global_step: int = 0  # optimiser steps taken in all
 
     def autocast(self):
-        cfg = self.config
-        if cfg.amp is None:
+        config = self.config
+        if config.amp is None:
             return nullcontext()
-        return torch.autocast(self.device.type, dtype=AMP_DTYPES[cfg.amp])
+        return torch.autocast(self.device.type, dtype=AMP_DTYPES[config.amp])
 
     def sync(self):
         if self.device.type == "cuda":
@@ -118,17 +118,17 @@ def build_model(config: TrainConfig, num_classes: int) -> nn.Module:
     return model
 
 
-def build_state(config: TrainConfig, num_classes: int, device: torch.device, dist_info: Distributed) -> RunState:
+def build_state(config: TrainConfig, num_classes: int, device: torch.device, ranks: Distributed) -> RunState:
     with torch.random.fork_rng(devices=[]):  # the initial weights depend on the seed alone
         torch.manual_seed(config.seed)
         model = build_model(config, num_classes).to(device)
-    if config.sync_bn and dist_info.enabled:
+    if config.sync_bn and ranks.enabled:
         model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
     if config.channels_last:
         model = model.to(memory_format=torch.channels_last)
     attack_model = torch.compile(model) if config.compile else model
     outer: nn.Module = _OuterForward(attack_model)
-    if dist_info.enabled:
+    if ranks.enabled:
         ids = [device.index] if device.type == "cuda" else None
         outer = nn.parallel.DistributedDataParallel(outer, device_ids=ids)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
@@ -137,16 +137,16 @@ def build_state(config: TrainConfig, num_classes: int, device: torch.device, dis
         optimizer, lambda e: lr_factor(e, config.warmup, config.milestones))
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     budget = PixelBudget(config.eps, config.eps_low, config.cam, config.mask, layer=CAM_LAYERS.get(config.arch))
-    return RunState(config, model, attack_model, outer, optimizer, scheduler, scaler, device, dist_info, budget,
+    return RunState(config, model, attack_model, outer, optimizer, scheduler, scaler, device, ranks, budget,
                     num_classes=num_classes)
 
 
 def inner_attack(state: RunState, part_phase: bool) -> PGD:
     """The inner maximisation of the run's method in this phase (methods.py says which loss and start)."""
-    cfg = state.config
-    method = cfg.training_method
-    return PGD(state.attack_model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps, loss=method.inner_loss,
-               start=method.attack_start(part_phase, cfg.start))
+    config = state.config
+    method = config.training_method
+    return PGD(state.attack_model, eps=config.eps, alpha=config.step_size, steps=config.steps, loss=method.inner_loss,
+               start=method.attack_start(part_phase, config.start))
 
 
 # The per-step numbers a step leaves on the device, summed over the epoch without reading them back.
@@ -201,12 +201,12 @@ def train_step(state: RunState, x: torch.Tensor, y: torch.Tensor, *, part_phase:
 
     Nothing here waits for the device (unless config.time_stages): a non-finite loss is counted in the
     result's stats, which the loop checks before anything is saved or logged."""
-    cfg, device, method = state.config, state.device, state.config.training_method
-    clock = _StageClock(state, cfg.time_stages)
+    config, device, method = state.config, state.device, state.config.training_method
+    clock = _StageClock(state, config.time_stages)
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if augment_gen is not None:
         x = data_mod.augment_batch(x, augment_gen)
-    if cfg.channels_last:
+    if config.channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     clock.lap("data")
 
@@ -229,7 +229,7 @@ def train_step(state: RunState, x: torch.Tensor, y: torch.Tensor, *, part_phase:
             logits_nat, logits_adv = state.outer(x, x_adv)
         else:
             (logits_adv,), logits_nat = state.outer(x_adv), None
-        loss = method.outer_loss(logits_nat, logits_adv, y, cfg.beta)
+        loss = method.outer_loss(logits_nat, logits_adv, y, config.beta)
     # A non-finite loss still steps (every rank must join the gradient all-reduce); the loop refuses to save
     # or log past it, and the checkpoint before it is kept.
     state.scaler.scale(loss).backward()
@@ -246,7 +246,7 @@ def train_step(state: RunState, x: torch.Tensor, y: torch.Tensor, *, part_phase:
             (logits_adv.argmax(1) == y).sum().double(),
             (logits_nat.argmax(1) == y).sum().double() if logits_nat is not None else loss64.new_zeros(()),
             loss64.new_full((), float(n)),
-            (eps_map == cfg.eps).double().mean() if eps_map is not None else loss64.new_ones(()),
+            (eps_map == config.eps).double().mean() if eps_map is not None else loss64.new_ones(()),
             (~finite).double(),
         ])
     return StepResult(stats, clock.seconds)

@@ -18,7 +18,7 @@ void cam_blocks(const Tensor& cam, Tensor& out, const cam_device::Geometry& g, f
 }
 
 Tensor cam_eps_map(const Tensor& cam_in, int64_t H, int64_t W, double eps, double eps_low, bool jet) {
-  check_cam_args(cam_in, {H, W}, eps, eps_low, jet ? "jet" : "cam", /*allow_double=*/false);
+  validate_cam_args(cam_in, {H, W}, eps, eps_low, jet ? "jet" : "cam", /*allow_double=*/false);
   const Tensor cam = torch::stable::contiguous(cam_in);
   const cam_device::Geometry g = cam_device::make_geometry(cam.size(1), cam.size(2), H, W);
   // Poisoned: an element the kernel does not write stays NaN and fails the comparison.

@@ -17,7 +17,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .aa_checks import check_model
+from .model_audit import audit_model
 from .attacks import MMA, PGD
 from .devices import resolve_device
 from .errors import ConfigError
@@ -142,14 +142,14 @@ def make_attack(name: str, model: nn.Module, eps: float, alpha: float, device, s
 
 
 def evaluate(model: nn.Module, loader, attacks=("natural", "pgd20", "mma", "aa"), eps: float = 8 / 255,
-             alpha: float = 2 / 255, device=None, seed: int = 0, progress: bool = True, on_checks=None) -> dict:
+             alpha: float = 2 / 255, device=None, seed: int = 0, progress: bool = True, on_audit=None) -> dict:
     """Accuracy (%) of `model` on `loader` under each attack, plus per-attack seconds in result["seconds"].
 
     Every attack sees the same examples; inputs are in [0, 1]. The model is evaluated in eval mode and its
     mode restored. device: 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device (None: the model's).
     When an AutoAttack runs ("aa" or "aa-release"), result["autoattack_checks"] holds the verdicts of
-    `aa_checks.check_model` on the first batch, checked before any attack (a failed check is reported, and
-    the attacks still run, as AutoAttack itself does); `on_checks`, if given, is called with them then."""
+    `model_audit.audit_model` on the first batch, checked before any attack (a failed check is reported, and
+    the attacks still run, as AutoAttack itself does); `on_audit`, if given, is called with them then."""
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise ConfigError(f"unknown attacks {unknown}; choose from {ATTACKS}")
@@ -166,9 +166,9 @@ def evaluate(model: nn.Module, loader, attacks=("natural", "pgd20", "mma", "aa")
             for x, y in progress_bar(loader, desc="evaluate", disable=not progress, leave=False):
                 x, y = x.to(device), y.to(device)
                 if verdicts is None and any(a in AUTOATTACKS for a in attacks):
-                    verdicts = check_model(model, x, y)
-                    if on_checks is not None:
-                        on_checks(verdicts)
+                    verdicts = audit_model(model, x, y)
+                    if on_audit is not None:
+                        on_audit(verdicts)
                 total += y.shape[0]
                 for name, run in runners.items():
                     start = time.perf_counter()

@@ -1,8 +1,9 @@
-"""The model checks AutoAttack itself warns about, run before any AutoAttack evaluation and reported as verdicts.
+"""The model audit: the rules AutoAttack itself warns about (its "checks"), verified before any AutoAttack
+evaluation and reported as verdicts.
 
 AutoAttack's guarantees hold for a deterministic classifier that returns logits and whose input gradients
 exist. When a model breaks one of these rules AutoAttack only logs a warning, and the number it prints can
-still look like robustness. So every check here returns a verdict with the figure it measured, one line in
+still look like robustness. So every rule here gets a verdict with the figure it measured, one line in
 the eval output and one entry in its JSON:
 
 - logits: the outputs are not a probability distribution (AutoAttack's own test: every output in
@@ -36,7 +37,8 @@ from .modes import eval_mode
 # passes agree when the normalised outputs are within DETERMINISM_TOL.
 PROBABILITY_TOL = 1e-5
 DETERMINISM_TOL = 1e-4
-CHECKS = ("logits", "deterministic", "eval mode", "input gradients")
+# What the audit verifies, in report order (the names are AutoAttack's: its output and JSON say "check").
+AUDITED = ("logits", "deterministic", "eval mode", "input gradients")
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,7 @@ class Verdict:
         return asdict(self)
 
 
-def _check_logits(out: torch.Tensor) -> Verdict:
+def _audit_logits(out: torch.Tensor) -> Verdict:
     # AutoAttack's tolerance is for float32 outputs; a bf16 / fp16 softmax row is only within a few of its
     # own rounding units of 1, so the tolerance widens to two of them there.
     tol = PROBABILITY_TOL if out.dtype in (torch.float32, torch.float64) else \
@@ -74,7 +76,7 @@ def _normalised(out: torch.Tensor) -> torch.Tensor:
     return out / (out.norm(dim=1, keepdim=True) + 1e-10)
 
 
-def _check_deterministic(model: nn.Module, x: torch.Tensor, first: torch.Tensor) -> Verdict:
+def _audit_deterministic(model: nn.Module, x: torch.Tensor, first: torch.Tensor) -> Verdict:
     with torch.no_grad():
         second = model(x)
     changed = int((first.argmax(1) != second.argmax(1)).sum())
@@ -87,7 +89,7 @@ def _check_deterministic(model: nn.Module, x: torch.Tensor, first: torch.Tensor)
     return Verdict("deterministic", passed, detail)
 
 
-def _check_eval_mode(model: nn.Module) -> Verdict:
+def _audit_eval_mode(model: nn.Module) -> Verdict:
     training = [name or "(the model)" for name, m in model.named_modules() if m.training]
     batch_stats = [name for name, m in model.named_modules()
                    if isinstance(m, _BatchNorm) and m.running_mean is None]
@@ -129,7 +131,7 @@ _NO_INPUT_GRADIENT = Verdict("input gradients", False, "the loss does not depend
                                                        "(is the input detached or the forward under no_grad?)")
 
 
-def _check_input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Verdict:
+def _audit_input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Verdict:
     """The gradient AutoAttack checks (its check_zero_gradients looks at the DLR loss) must be finite and
     non-zero for every example AutoAttack attacks, i.e. every correctly classified one (on a misclassified
     example whose label ranks third the DLR loss is constant, so its zero gradient means nothing). The
@@ -165,27 +167,27 @@ def _check_input_gradients(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -
     return Verdict("input gradients", passed, detail)
 
 
-def check_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[Verdict]:
-    """The four verdicts (in CHECKS order) for `model` on the batch (x, y), x in [0, 1] on the model's device.
+def audit_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[Verdict]:
+    """The four verdicts (in AUDITED order) for `model` on the batch (x, y), x in [0, 1] on the model's device.
 
     Each check runs even when an earlier one failed; a check that raises is a failed verdict naming the
     error, never the end of the evaluation. The caller's random streams are left as they were (a randomised
     model draws from forked ones), so the attacks that follow start from the same random numbers."""
     with torch.random.fork_rng(devices=[x.device] if x.device.type == "cuda" else []):
-        return _check_model(model, x, y)
+        return _audit_model(model, x, y)
 
 
-def _check_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[Verdict]:
+def _audit_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[Verdict]:
     verdicts = []
     with eval_mode(model):
         try:
             with torch.no_grad():
                 first = model(x)
         except Exception as err:  # noqa: BLE001 - reported as the verdict of every check
-            return [Verdict(name, False, f"the forward pass raised {type(err).__name__}: {err}") for name in CHECKS]
-        steps = (lambda: _check_logits(first), lambda: _check_deterministic(model, x, first),
-                 lambda: _check_eval_mode(model), lambda: _check_input_gradients(model, x, y))
-        for name, step in zip(CHECKS, steps):
+            return [Verdict(name, False, f"the forward pass raised {type(err).__name__}: {err}") for name in AUDITED]
+        steps = (lambda: _audit_logits(first), lambda: _audit_deterministic(model, x, first),
+                 lambda: _audit_eval_mode(model), lambda: _audit_input_gradients(model, x, y))
+        for name, step in zip(AUDITED, steps):
             try:
                 verdicts.append(step())
             except Exception as err:  # noqa: BLE001

@@ -8,8 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from part_fast import aa_checks
-from part_fast.aa_checks import CHECKS, check_model
+from part_fast import model_audit
+from part_fast.model_audit import AUDITED, audit_model
 from template_net import TemplateNet, examples, templates
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -22,8 +22,8 @@ def batch(n=6, seed=0):
 
 
 def verdicts_of(model, x, y) -> dict:
-    out = check_model(model, x, y)
-    assert [v.check for v in out] == list(CHECKS)
+    out = audit_model(model, x, y)
+    assert [v.check for v in out] == list(AUDITED)
     return {v.check: v for v in out}
 
 
@@ -218,7 +218,7 @@ def test_half_precision_softmax_is_caught():
 def test_a_forward_that_raises_fails_every_check_with_the_error():
     _, x, y = batch()
     verdicts = verdicts_of(Broken(), x, y)
-    assert failed(verdicts) == set(CHECKS)
+    assert failed(verdicts) == set(AUDITED)
     assert all("RuntimeError: shape mismatch" in v.detail for v in verdicts.values())
 
 
@@ -227,12 +227,12 @@ def test_checks_leave_random_numbers_and_modes_alone():
     model = AlwaysDropout(TemplateNet(t)).train()
     model.inner.eval()
     state = torch.random.get_rng_state()
-    check_model(model, x, y)
+    audit_model(model, x, y)
     assert torch.equal(torch.random.get_rng_state(), state)
     assert model.training and not model.inner.training
     assert all(p.grad is None for p in model.parameters())
 
 
 def test_verdict_json_round_trip():
-    verdict = aa_checks.Verdict("logits", True, "fine")
-    assert aa_checks.Verdict(**verdict.to_json()) == verdict
+    verdict = model_audit.Verdict("logits", True, "fine")
+    assert model_audit.Verdict(**verdict.to_json()) == verdict

@@ -1,7 +1,7 @@
 """Argument checks shared by every Python-side backend (reference, triton).
 
-The C++ ops (csrc/checks.h) make the same checks with the same words and raise ValueError. The stable ABI
-they are built on cannot raise TypeError, so part_fast.ops runs check_kernel_dtypes before a compiled op:
+The C++ ops (csrc/validate.h) make the same checks with the same words and raise ValueError. The stable ABI
+they are built on cannot raise TypeError, so part_fast.ops runs validate_kernel_dtypes before a compiled op:
 a bad argument raises the same exception type (ValueError / TypeError) naming the same argument whichever
 backend runs.
 """
@@ -38,25 +38,25 @@ def device_of(x, name: str) -> torch.device:
     return x.device
 
 
-def check_float_tensor(x: torch.Tensor, name: str, allow_float64: bool = True) -> None:
+def validate_float_tensor(x: torch.Tensor, name: str, allow_float64: bool = True) -> None:
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     allowed = FLOAT_DTYPES if allow_float64 else FLOAT_DTYPES[:3]
     if x.dtype not in allowed:
         names = ", ".join(_dtype_name(d) for d in allowed)
-        where = "" if allow_float64 else "; float64 is CPU-only"  # the C++ checks' wording (csrc/checks.h)
+        where = "" if allow_float64 else "; float64 is CPU-only"  # the C++ checks' wording (csrc/validate.h)
         raise TypeError(f"{name} must be a floating-point tensor ({names}{where}), got {_dtype_name(x.dtype)}")
 
 
-def check_attack_tensors(x_adv, grad, x_nat, allow_float64=True):
+def validate_attack_tensors(x_adv, grad, x_nat, allow_float64=True):
     """x_adv, (grad), x_nat: same 4-D shape, dtype, device and dense layout."""
-    check_float_tensor(x_adv, "x_adv", allow_float64)
+    validate_float_tensor(x_adv, "x_adv", allow_float64)
     if x_adv.dim() != 4:
         raise ValueError(f"x_adv must be 4-D (B, C, H, W), got shape {tuple(x_adv.shape)}")
     fmt = memory_format_of(x_adv, "x_adv")
     others = [("x_nat", x_nat)] if grad is None else [("grad", grad), ("x_nat", x_nat)]
     for name, t in others:
-        check_float_tensor(t, name, allow_float64)
+        validate_float_tensor(t, name, allow_float64)
         if t.shape != x_adv.shape:
             raise ValueError(f"{name} must have the same shape as x_adv {tuple(x_adv.shape)}, got {tuple(t.shape)}")
         if t.dtype != x_adv.dtype:
@@ -69,8 +69,8 @@ def check_attack_tensors(x_adv, grad, x_nat, allow_float64=True):
     return fmt
 
 
-def check_kernel_dtypes(x_adv, others, eps_map=None) -> None:
-    """The TypeErrors of check_attack_tensors / check_eps / check_cam_args, before a compiled op (whose own
+def validate_kernel_dtypes(x_adv, others, eps_map=None) -> None:
+    """The TypeErrors of validate_attack_tensors / validate_eps / validate_cam_args, before a compiled op (whose own
     checks raise ValueError for a wrong dtype). x_adv: the first tensor (x_adv, or cam); others: (name,
     tensor) pairs that must share its dtype; eps_map: None or the tensor budget. float64 only on the CPU."""
     # The common case first, in a few attribute reads: this runs before every compiled op call.
@@ -82,9 +82,9 @@ def check_kernel_dtypes(x_adv, others, eps_map=None) -> None:
         else:
             return
     name = "cam" if not others else "x_adv"
-    check_float_tensor(x_adv, name, allow_float64=x_adv.device.type == "cpu")
+    validate_float_tensor(x_adv, name, allow_float64=x_adv.device.type == "cpu")
     for other_name, t in others:
-        check_float_tensor(t, other_name, allow_float64=x_adv.device.type == "cpu")
+        validate_float_tensor(t, other_name, allow_float64=x_adv.device.type == "cpu")
         if t.dtype != x_adv.dtype:
             raise TypeError(f"{other_name} must have x_adv's dtype {_dtype_name(x_adv.dtype)}, got {_dtype_name(t.dtype)}")
     if eps_map is not None and eps_map.dtype not in (torch.float32, x_adv.dtype):
@@ -92,7 +92,7 @@ def check_kernel_dtypes(x_adv, others, eps_map=None) -> None:
                         f"got {_dtype_name(eps_map.dtype)}")
 
 
-def check_eps(eps, x_adv: torch.Tensor) -> None:
+def validate_eps(eps, x_adv: torch.Tensor) -> None:
     """eps: a float >= 0, or a floating tensor broadcastable to x_adv on its device (float32 or x_adv's dtype)."""
     if isinstance(eps, torch.Tensor):
         if eps.dtype not in (torch.float32, x_adv.dtype):
@@ -115,7 +115,7 @@ def check_eps(eps, x_adv: torch.Tensor) -> None:
         raise ValueError(f"eps must be a finite number >= 0, got {eps}")
 
 
-def check_scalars(step_size, lo, hi) -> None:
+def validate_scalars(step_size, lo, hi) -> None:
     for name, v in (("step_size", step_size), ("lo", lo), ("hi", hi)):
         if isinstance(v, bool) or not isinstance(v, (int, float)):
             raise TypeError(f"{name} must be a float, got {type(v).__name__}")
@@ -143,8 +143,8 @@ def normalize_size(size) -> tuple[int, int]:
     return tuple(s if isinstance(s, torch.SymInt) else int(s) for s in size)
 
 
-def check_cam_args(cam, size, eps, eps_low, mode, allow_float64=True) -> tuple[int, int]:
-    check_float_tensor(cam, "cam", allow_float64)
+def validate_cam_args(cam, size, eps, eps_low, mode, allow_float64=True) -> tuple[int, int]:
+    validate_float_tensor(cam, "cam", allow_float64)
     if cam.dim() != 3:
         raise ValueError(f"cam must be 3-D (B, h, w), got shape {tuple(cam.shape)}")
     if cam.shape[1] == 0 or cam.shape[2] == 0:

@@ -10,7 +10,7 @@ import types
 import pytest
 import torch
 
-from part_fast.evaluate import ATTACKS, MissingExtraError, _install_zero_gradients_shim, evaluate, load_autoattack
+from part_fast.evaluation import ATTACKS, MissingExtraError, _install_zero_gradients_shim, evaluate, load_autoattack
 from template_net import TemplateNet, templates
 
 EPS, ALPHA = 8 / 255, 2 / 255

@@ -1,5 +1,5 @@
 // Argument checks and the eps iteration plan, shared by the CPU and CUDA kernels. Errors name the
-// argument and the expected form in part_fast._checks' words: ValueError in Python (see stable_types.h).
+// argument and the expected form in part_fast._validate's words: ValueError in Python (see stable_types.h).
 #pragma once
 
 #include <torch/csrc/stable/device.h>
@@ -55,16 +55,16 @@ inline bool has_layout(const Tensor& t, Layout4d layout) {
 }
 
 // A scalar budget (eps, eps_low), as the Python checks word it: NaN fails the comparison, inf isfinite.
-inline void check_budget(double v, const char* name) {
+inline void validate_budget(double v, const char* name) {
   PF_CHECK_VALUE(v >= 0 && std::isfinite(v), name, " must be a finite number >= 0, got ", v);
 }
 
 // The CPU kernels read data pointers on the host; the other tensors' devices are then checked against t's.
-inline void check_cpu_tensor(const Tensor& t, const char* name) {
+inline void validate_cpu_tensor(const Tensor& t, const char* name) {
   PF_CHECK_VALUE(t.is_cpu(), name, " must be a CPU tensor for the CPU kernel, got ", device_str(t.device()));
 }
 
-inline void check_float_tensor(const Tensor& t, const char* name, bool allow_double) {
+inline void validate_float_tensor(const Tensor& t, const char* name, bool allow_double) {
   const ScalarType st = t.scalar_type();
   const bool ok = st == ScalarType::Float || st == ScalarType::Half || st == ScalarType::BFloat16 ||
                   (allow_double && st == ScalarType::Double);
@@ -74,9 +74,9 @@ inline void check_float_tensor(const Tensor& t, const char* name, bool allow_dou
 }
 
 // The dense layout shared by x_adv, grad and x_nat: contiguous or channels_last, identical for all.
-inline Layout4d check_attack_tensors(const Tensor& x_adv, const Tensor* grad, const Tensor& x_nat,
+inline Layout4d validate_attack_tensors(const Tensor& x_adv, const Tensor* grad, const Tensor& x_nat,
                                      bool allow_double) {
-  check_float_tensor(x_adv, "x_adv", allow_double);
+  validate_float_tensor(x_adv, "x_adv", allow_double);
   PF_CHECK_VALUE(x_adv.dim() == 4, "x_adv must be 4-D (B, C, H, W), got shape ", shape_str(x_adv.sizes()));
   Layout4d layout = Layout4d::kContiguous;
   if (!x_adv.is_contiguous()) {
@@ -87,8 +87,8 @@ inline Layout4d check_attack_tensors(const Tensor& x_adv, const Tensor* grad, co
   const auto x_sizes = x_adv.sizes();
   const ScalarType x_type = x_adv.scalar_type();
   const auto x_device = x_adv.device();
-  auto check_other = [&](const Tensor& t, const char* name) {
-    check_float_tensor(t, name, allow_double);
+  auto validate_other = [&](const Tensor& t, const char* name) {
+    validate_float_tensor(t, name, allow_double);
     PF_CHECK_VALUE(t.sizes().equals(x_sizes), name, " must have the same shape as x_adv ", shape_str(x_sizes),
                    ", got ", shape_str(t.sizes()));
     PF_CHECK_VALUE(t.scalar_type() == x_type, name, " must have x_adv's dtype ", dtype_name(x_type), ", got ",
@@ -99,13 +99,13 @@ inline Layout4d check_attack_tensors(const Tensor& x_adv, const Tensor* grad, co
                    layout == Layout4d::kContiguous ? "contiguous" : "channels_last", "), got strides ",
                    shape_str(t.strides()));
   };
-  if (grad != nullptr) check_other(*grad, "grad");
-  check_other(x_nat, "x_nat");
+  if (grad != nullptr) validate_other(*grad, "grad");
+  validate_other(x_nat, "x_nat");
   return layout;
 }
 
-inline void check_scalars(double eps, double step_size, double lo, double hi) {
-  check_budget(eps, "eps");
+inline void validate_scalars(double eps, double step_size, double lo, double hi) {
+  validate_budget(eps, "eps");
   PF_CHECK_VALUE(step_size >= 0, "step_size must be >= 0, got ", step_size);
   PF_CHECK_VALUE(!std::isnan(lo) && !std::isnan(hi), "lo and hi must not be NaN");
   PF_CHECK_VALUE(lo <= hi, "lo must be <= hi, got lo=", lo, ", hi=", hi);
@@ -180,25 +180,25 @@ inline EpsPlan make_eps_plan(const std::optional<Tensor>& eps_map, const Tensor&
 
 // Every argument check of pgd_step_ / project_ (grad null for project_), the same for each device, and the
 // plan the kernel walks eps by.
-inline EpsPlan check_pgd_args(const Tensor& x_adv, const Tensor* grad, const Tensor& x_nat,
+inline EpsPlan validate_pgd_args(const Tensor& x_adv, const Tensor* grad, const Tensor& x_nat,
                               const std::optional<Tensor>& eps_map, double eps, double step_size, double lo,
                               double hi, bool allow_double) {
-  const Layout4d layout = check_attack_tensors(x_adv, grad, x_nat, allow_double);
+  const Layout4d layout = validate_attack_tensors(x_adv, grad, x_nat, allow_double);
   // The scalar eps is only the budget when no eps_map is given (and a tensor eps is not scanned).
-  check_scalars(eps_map.has_value() ? 0.0 : eps, step_size, lo, hi);
+  validate_scalars(eps_map.has_value() ? 0.0 : eps, step_size, lo, hi);
   return make_eps_plan(eps_map, x_adv, layout);
 }
 
-inline void check_cam_args(const Tensor& cam, const std::vector<int64_t>& size, double eps, double eps_low,
+inline void validate_cam_args(const Tensor& cam, const std::vector<int64_t>& size, double eps, double eps_low,
                            const std::string& mode, bool allow_double) {
-  check_float_tensor(cam, "cam", allow_double);
+  validate_float_tensor(cam, "cam", allow_double);
   PF_CHECK_VALUE(cam.dim() == 3, "cam must be 3-D (B, h, w), got shape ", shape_str(cam.sizes()));
   PF_CHECK_VALUE(cam.size(1) > 0 && cam.size(2) > 0, "cam must have a non-empty map, got shape ",
                  shape_str(cam.sizes()));
   PF_CHECK_VALUE(size.size() == 2, "size must be a pair (H, W)");
   PF_CHECK_VALUE(size[0] > 0 && size[1] > 0, "size must be positive, got (", size[0], ", ", size[1], ")");
-  check_budget(eps, "eps");
-  check_budget(eps_low, "eps_low");
+  validate_budget(eps, "eps");
+  validate_budget(eps_low, "eps_low");
   PF_CHECK_VALUE(eps_low <= eps, "eps_low must be <= eps, got eps_low=", eps_low, ", eps=", eps);
   PF_CHECK_VALUE(mode == "jet" || mode == "cam", "mode must be 'jet' or 'cam', got '", mode, "'");
 }

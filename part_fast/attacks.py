@@ -48,7 +48,17 @@ class PGD:
     released code's start: x + U(-eps, eps) with the global eps, not clipped), "normal" (x + 0.001 N(0, 1),
     the TRADES/MART start, projected), or None (start at x).
     loss: "ce" (cross-entropy on the labels), "kl" (TRADES inner maximisation: KL from the model's clean
-    prediction), "cw" (margin: largest wrong logit minus the true logit)."""
+    prediction), "cw" (margin: largest wrong logit minus the true logit).
+
+    Args:
+        model: the classifier attacked, in eval mode during the attack (its mode restored).
+        eps: the scalar budget (a call's eps_map overrides it); alpha: the step; steps: how many.
+        start, loss: as above.
+        lo, hi: the valid input range ([0, 1]: then eps and alpha above 1 are refused as typos for k/255).
+
+    Shape:
+        `__call__(x, y)`: x (B, C, H, W), y (B,) int64 -> x_adv (B, C, H, W) float32, in x's memory layout.
+    """
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 10,
                  start: str | None = "uniform", loss: str = "ce", lo: float = 0.0, hi: float = 1.0):
@@ -68,9 +78,18 @@ class PGD:
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor | None = None, eps_map=None,
                  generator: torch.Generator | None = None, clean_logits: torch.Tensor | None = None) -> torch.Tensor:
-        """Adversarial examples for (x, y). eps_map (any form pgd_step_ accepts) overrides the scalar eps.
-        clean_logits: for loss "kl", the eval-mode logits of x if the caller already has them (the PART
-        budget's CAM forward), which saves the attack its own clean forward."""
+        """Adversarial examples for (x, y).
+
+        Args:
+            x: the clean batch; y: its labels (not needed for loss "kl").
+            eps_map: the per-pixel budget, any form pgd_step_ accepts (e.g. PixelBudget's map); overrides eps.
+            generator: the random start's generator (None: torch's global one).
+            clean_logits: for loss "kl", the eval-mode logits of x if the caller already has them (the PART
+                budget's CAM forward), which saves the attack its own clean forward.
+
+        Returns:
+            x_adv, float32, within the budget of x and within [lo, hi].
+        """
         _validate_inputs(x, y)
         if y is None and self.loss != "kl":
             raise ValueError(f"loss {self.loss!r} needs the labels y")
@@ -122,7 +141,16 @@ class PGD:
 class MMA:
     """Minimum-margin attack (Gao et al., ICML 2022): a targeted margin PGD toward each of the k most
     likely wrong classes, keeping per example the adversarial example with the largest wrong-minus-true
-    margin."""
+    margin.
+
+    Args:
+        model: the classifier attacked; eps, alpha, steps, start, lo, hi: as PGD's.
+        k: how many of the most likely wrong classes are targeted.
+        confidence: the lead over the true logit the targeted loss asks for; it stops pushing beyond it.
+
+    Shape:
+        `__call__(x, y, eps_map=None, generator=None)`: x (B, C, H, W), y (B,) -> x_adv (B, C, H, W) float32.
+    """
 
     def __init__(self, model: nn.Module, eps: float = 8 / 255, alpha: float = 2 / 255, steps: int = 20, k: int = 3,
                  confidence: float = 50.0, start: str | None = "uniform", lo: float = 0.0, hi: float = 1.0):

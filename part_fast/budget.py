@@ -21,9 +21,19 @@ class PixelBudget:
     prose. The map is computed from `x` itself, so it always belongs to the images it will attack
     (after augmentation): the release's mask/image misalignment cannot happen.
 
-    layer: the module (or its name) whose (B, K, h, w) output the CAM reads; None finds it on known
-    architectures (`layer4`, `block3`, `features`), and on any other model the error lists the modules
-    with a 4-D output, deepest first."""
+    Args:
+        eps: the budget of the pixels the mask selects (inputs in [0, 1]: 8/255 is 8 / 255).
+        eps_low: the budget of the others, 0 <= eps_low <= eps.
+        method: the CAM ("gradcam", as released; see cam.CAM_METHODS).
+        mask: "jet" or "cam", as above.
+        layer: the module (or its name) whose (B, K, h, w) output the CAM reads; None finds it on known
+            architectures (`layer4`, `block3`, `features`), and on any other model the error lists the
+            modules with a 4-D output, deepest first.
+
+    Shape:
+        `__call__(model, x)`: x (B, C, H, W) -> eps map (B, 3, H, W) for mask "jet", (B, 1, H, W) for
+        mask "cam", float32, every value eps or eps_low.
+    """
 
     def __init__(self, eps: float = 8 / 255, eps_low: float = 7 / 255, method: str = "gradcam", mask: str = "jet",
                  layer: str | nn.Module | None = None):
@@ -38,6 +48,7 @@ class PixelBudget:
         self.eps, self.eps_low, self.method, self.mask, self.layer = float(eps), float(eps_low), method, mask, layer
 
     def __call__(self, model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """The eps map for the batch `x` (see the class's Shape): one CAM forward of `model` in eval mode."""
         return self.with_logits(model, x)[0]
 
     def with_logits(self, model: nn.Module, x: torch.Tensor):

@@ -207,10 +207,26 @@ def compute_cam(
     y: torch.Tensor | None = None,
     return_logits: bool = False,
 ):
-    """CAMs (B, h, w) float32 of `x` (B, C, H, W) for the class `target` selects: "pred" (the model's own
-    argmax, as the release), "label" (with y=) or a tensor of class indices. layer: the module (or its
-    name) whose 4-D output the CAM reads; None finds it on known architectures (see find_layer). With
-    return_logits=True also returns the (detached) logits of the eval-mode forward."""
+    """Class activation maps of `x` in one batched forward (eval mode) and a backward through the head only.
+
+    Args:
+        model: any classifier; its mode is restored afterwards.
+        x: the batch, inputs as the model takes them.
+        method: "gradcam" (the release's), "xgradcam" or "layercam" (CAM_METHODS).
+        layer: the module (or its name) whose 4-D output the CAM reads; None finds it on known architectures
+            (see find_layer).
+        target: the class each map explains: "pred" (the model's own argmax, as the release), "label" (with
+            y=) or a tensor of class indices.
+        y: the labels, for target="label".
+        return_logits: also return the (detached) logits of the eval-mode forward.
+
+    Returns:
+        The CAMs, float32, before ReLU and normalisation (cam_eps_map does those); with return_logits=True
+        the pair (cams, logits).
+
+    Shape:
+        x: (B, C, H, W) -> cams (B, h, w), (h, w) the layer's spatial size; logits (B, classes).
+    """
     if method not in CAM_METHODS:
         raise ConfigError(f"method must be one of {CAM_METHODS}, got {method!r}")
     validate_grad_possible("CAMs need gradients of the head")

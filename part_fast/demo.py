@@ -13,6 +13,7 @@ method."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import statistics
@@ -31,7 +32,11 @@ from .devices import describe_device, resolve_device
 from .evaluation import evaluate
 from .models import CAM_LAYERS
 from .files import atomic_write_text
+from .logs import watching
 from .train import TrainConfig, load_model, train
+from .train import loop as train_loop
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -66,17 +71,31 @@ def budget_on_object(model, images: torch.Tensor, masks: torch.Tensor, budget: P
     }
 
 
-def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), *, log=print, progress: bool | None = None,
+def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), *, progress: bool | None = None,
              device: str | torch.device = "auto") -> dict:
+    """Train AT and PART on `shapes` with a small CNN, evaluate both, and write OUT/{at,part}/ (their run
+    directories), OUT/summary.{json,md} and OUT/budget_maps.png. Logs its steps, the trainer's lines (indented)
+    and the table at INFO (part_fast.logs).
+
+    Args:
+        out: a new or empty directory.
+        settings: the sizes and budgets (the defaults finish in minutes on 2 CPU cores).
+        progress: progress bars (None: when stderr is a terminal).
+        device: "auto", "cpu", "cuda" or a torch.device.
+
+    Returns:
+        summary.json's dict: per method the accuracies, epoch times and where the time went; PART's budget
+        on the object; the settings and the PNG's path.
+    """
     device = resolve_device(device)
     out = Path(out)
     if out.exists() and any(out.iterdir()):
         raise FileExistsError(f"demo output directory {out} exists and is not empty; pass another --out")
-    log(f"demo: device {describe_device(device)}")
+    logger.info(f"demo: device {describe_device(device)}")
     if device.type == "cpu":
         busy = busy_elsewhere()
         if busy is not None and busy >= BUSY_CORES:
-            log(f"demo: other processes are using {busy:.1f} of the {os.cpu_count()} cores; the epochs will be slow "
+            logger.info(f"demo: other processes are using {busy:.1f} of the {os.cpu_count()} cores; the epochs will be slow "
                 f"while they do ({_SHARED_CORES_ADVICE})")
     out.mkdir(parents=True, exist_ok=True)
     s = settings
@@ -90,15 +109,12 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), *, log=pr
                           eps=s.eps, eps_low=s.eps_low, steps=s.steps, step_size=s.step_size, seed=s.seed,
                           train_subset=s.train_size, test_subset=s.test_size, eval_examples=0, progress=progress,
                           time_stages=True)  # its table splits the time by stage
-        log(f"demo: training {method.upper()} ({s.epochs} epochs, {s.train_size} shapes images, PGD-{s.steps})")
+        logger.info(f"demo: training {method.upper()} ({s.epochs} epochs, {s.train_size} shapes images, PGD-{s.steps})")
         load = EpochLoad()
 
-        def train_log(line: str) -> None:
-            load.observe(line)
-            log("  " + line)
-
         start = time.perf_counter()
-        history = train(config, log=train_log)
+        with watching(train_loop.__name__, load.observe, prefix="  "):
+            history = train(config)
         train_seconds = time.perf_counter() - start
         model, _ = load_model(out / method / "last.pt", device)
         scores = evaluate(model, test_loader, attacks=("natural", "pgd20"), eps=s.eps, alpha=s.step_size,
@@ -134,8 +150,8 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), *, log=pr
     atomic_write_text(out / "summary.json", json.dumps(results, indent=2) + "\n")
     table = summary_table(results)
     atomic_write_text(out / "summary.md", table + "\n")
-    log(table)
-    log(f"budget maps: {png}")
+    logger.info(table)
+    logger.info(f"budget maps: {png}")
     return results
 
 

@@ -143,13 +143,27 @@ def make_attack(name: str, model: nn.Module, eps: float, alpha: float, device, s
 
 def evaluate(model: nn.Module, loader, attacks=("natural", "pgd20", "mma", "aa"), eps: float = 8 / 255,
              alpha: float = 2 / 255, device=None, seed: int = 0, progress: bool = True, on_audit=None) -> dict:
-    """Accuracy (%) of `model` on `loader` under each attack, plus per-attack seconds in result["seconds"].
+    """Accuracy (%) of `model` on `loader` under each attack, every attack on the same examples.
 
-    Every attack sees the same examples; inputs are in [0, 1]. The model is evaluated in eval mode and its
-    mode restored. device: 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device (None: the model's).
-    When an AutoAttack runs ("aa" or "aa-release"), result["autoattack_checks"] holds the verdicts of
-    `model_audit.audit_model` on the first batch, checked before any attack (a failed check is reported, and
-    the attacks still run, as AutoAttack itself does); `on_audit`, if given, is called with them then."""
+    The model is evaluated in eval mode and its mode restored. When an AutoAttack runs ("aa" or
+    "aa-release"), `model_audit.audit_model` audits the model on the first batch before any attack (a failed
+    rule is reported and the attacks still run, as AutoAttack itself does).
+
+    Args:
+        model: the classifier; inputs in [0, 1].
+        loader: an iterable of (x, y) batches.
+        attacks: names from ATTACKS: "natural", "pgd20", "mma", "aa" (AutoAttack, standard version),
+            "aa-release" (torchattacks' AutoAttack, as the release evaluated).
+        eps, alpha: the L-inf budget and the PGD / MMA step.
+        device: "auto", "cpu", "cuda", "cuda:N" or a torch.device (None: the model's).
+        seed: the attacks' random starts.
+        progress: a progress bar.
+        on_audit: called with the audit's verdicts as soon as they exist.
+
+    Returns:
+        {attack: accuracy in %} for each attack, plus "seconds" ({attack: seconds}), "examples" (the count)
+        and, with an AutoAttack, "autoattack_checks" (the audit's verdicts as dicts).
+    """
     unknown = [a for a in attacks if a not in ATTACKS]
     if unknown:
         raise ConfigError(f"unknown attacks {unknown}; choose from {ATTACKS}")

@@ -253,8 +253,23 @@ def _split_eps(eps):
 def pgd_step_(x_adv, grad, x_nat, eps, step_size, lo=0.0, hi=1.0):
     """In place: x_adv <- clip(clamp(x_adv + step_size*sign(grad), x_nat - eps, x_nat + eps), lo, hi).
 
-    eps: a float or a tensor broadcastable to x_adv (e.g. (B,1,H,W), (B,C,H,W), (1,C,1,1)).
-    sign(NaN) = 0; half types are computed in float32. Returns x_adv."""
+    One PGD step with a per-pixel budget, in one pass over memory. sign(NaN) = 0; half types are computed in
+    float32 and rounded once.
+
+    Args:
+        x_adv: the adversarial batch, updated in place; float32 / float16 / bfloat16 (float64 on the CPU).
+        grad: the loss gradient with respect to x_adv; same shape, dtype and memory layout.
+        x_nat: the clean batch; same shape, dtype and layout.
+        eps: a float, or a tensor broadcastable to x_adv (e.g. (B,1,H,W), (B,C,H,W), (1,C,1,1)), any strides.
+        step_size: the step along sign(grad).
+        lo, hi: the valid input range.
+
+    Returns:
+        x_adv (the same tensor).
+
+    Shape:
+        x_adv, grad, x_nat: (B, C, H, W), contiguous or channels_last, all three alike.
+    """
     backend = select_backend(_validate.device_of(x_adv, "x_adv"))
     if backend in ("cpu", "cuda"):
         eps_map, eps_value = _split_eps(eps)
@@ -273,7 +288,20 @@ def pgd_step_(x_adv, grad, x_nat, eps, step_size, lo=0.0, hi=1.0):
 
 
 def project_(x_adv, x_nat, eps, lo=0.0, hi=1.0):
-    """In place: x_adv <- clip(clamp(x_adv, x_nat - eps, x_nat + eps), lo, hi). Returns x_adv."""
+    """In place: x_adv <- clip(clamp(x_adv, x_nat - eps, x_nat + eps), lo, hi): pgd_step_ without the step.
+
+    Args:
+        x_adv: the batch to project, updated in place; float32 / float16 / bfloat16 (float64 on the CPU).
+        x_nat: the clean batch; same shape, dtype and memory layout.
+        eps: a float, or a tensor broadcastable to x_adv, any strides.
+        lo, hi: the valid input range.
+
+    Returns:
+        x_adv (the same tensor).
+
+    Shape:
+        x_adv, x_nat: (B, C, H, W), contiguous or channels_last, both alike.
+    """
     backend = select_backend(_validate.device_of(x_adv, "x_adv"))
     if backend in ("cpu", "cuda"):
         eps_map, eps_value = _split_eps(eps)
@@ -288,8 +316,22 @@ def project_(x_adv, x_nat, eps, lo=0.0, hi=1.0):
 
 
 def cam_eps_map(cam, size, eps, eps_low, mode="jet"):
-    """Raw CAM (B, h, w) -> per-pixel budget: (B, 3, H, W) float32 for mode "jet" (the released mask),
-    (B, 1, H, W) for mode "cam" (channel-shared). `size` is (H, W) or an int."""
+    """Raw CAM -> per-pixel budget in one pass: upsampling, normalisation and the eps / eps_low choice.
+
+    Args:
+        cam: raw class activation maps (ReLU and min-max are applied here); float32 / float16 / bfloat16
+            (float64 on the CPU).
+        size: the image size (H, W), or an int for a square image.
+        eps: the budget of the pixels the mask selects; eps_low: of the others.
+        mode: "jet" (the released mask: bicubic upsampling, matplotlib's jet colours, standardised per
+            channel, docs/method.md §3) or "cam" (the map itself, channel-shared, as the paper's prose).
+
+    Returns:
+        A new float32 tensor of eps and eps_low values.
+
+    Shape:
+        cam: (B, h, w) -> (B, 3, H, W) for mode "jet", (B, 1, H, W) for mode "cam".
+    """
     backend = select_backend(_validate.device_of(cam, "cam"))
     if backend == "reference":
         return reference.cam_eps_map(cam, size, eps, eps_low, mode)

@@ -1,5 +1,6 @@
 """Fixtures of the tests. What the op tests share besides fixtures is in helpers.py, imported first here
 because it sets TRITON_INTERPRET before Triton can be imported."""
+import logging
 import tarfile
 from pathlib import Path
 
@@ -14,6 +15,13 @@ from part_fast import ops
 def gen(request) -> torch.Generator:
     """A CPU generator seeded by the test's node id (test name + params): fresh but reproducible inputs."""
     return torch.Generator().manual_seed(seed_of(request.node.nodeid))
+
+
+@pytest.fixture
+def logged(caplog):
+    """What part_fast logs at INFO and above during the test: `logged.messages`, in order."""
+    caplog.set_level(logging.INFO, logger="part_fast")
+    return caplog
 
 
 @pytest.fixture(autouse=True)

@@ -31,11 +31,11 @@ def by_name_status(saved: dict, status: str = SKIP) -> dict:
 
 @pytest.fixture
 def ctx():
-    return Context(torch.device("cpu"), quick=True, log=lambda line: None)  # quick: 3 shapes, 2 of them odd
+    return Context(torch.device("cpu"), quick=True)  # quick: 3 shapes, 2 of them odd
 
 
 def test_correctness_section_passes_on_the_cpu(ctx):
-    report = run_check("cpu", quick=True, sections=("environment", "correctness"), log=lambda line: None)
+    report = run_check("cpu", quick=True, sections=("environment", "correctness"))
     statuses = {o.name: o.status for o in report.outcomes}
     assert statuses == {"versions": INFO, "GPU": INFO, "backends loaded": PASS, "fast backends to check": PASS,
                         "cpu: pgd_step_ / project_ vs reference": PASS, "cpu: cam_eps_map vs reference": PASS,
@@ -61,7 +61,7 @@ def test_a_backend_that_differs_fails_and_names_the_case(ctx, monkeypatch):
 
 def test_a_crash_is_a_failed_check_not_the_end_of_the_run():
     report = CheckReport({"date": "2026-12-03T00:00:00", "cpu": "x", "torch": "t", "python": "p"}, "cpu", True)
-    recorder = Recorder(report, log=lambda line: None)
+    recorder = Recorder(report)
     recorder.check("timings", "boom", lambda: 1 / 0)
     recorder.check("timings", "fine", lambda: (None, "3 µs", {"us": 3}))
     assert [(o.name, o.status) for o in report.outcomes] == [("boom", FAIL), ("fine", INFO)]
@@ -142,7 +142,7 @@ def test_a_failed_check_exits_1(monkeypatch, capsys):
 
     def failing(device, *, quick, out=None):
         report = CheckReport(runner.machine_info(torch.device("cpu")), "cpu", quick)
-        Recorder(report, log=lambda line: None).check("correctness", "cpu: cam_eps_map vs reference",
+        Recorder(report).check("correctness", "cpu: cam_eps_map vs reference",
                                                       lambda: (False, "3 cases differ", {}))
         return report
 
@@ -154,7 +154,7 @@ def test_a_failed_check_exits_1(monkeypatch, capsys):
 
 def test_no_fast_backend_fails_without_ending_the_run(monkeypatch):
     monkeypatch.setattr(correctness, "device_backends", lambda ctx: [])
-    report = run_check("cpu", quick=True, sections=("correctness",), log=lambda line: None)
+    report = run_check("cpu", quick=True, sections=("correctness",))
     assert [(o.name, o.status, o.figure) for o in report.outcomes] == [
         ("fast backends to check", FAIL, "no fast backend usable on cpu: only the reference")]
 
@@ -163,4 +163,4 @@ def test_out_folder_that_cannot_be_made_fails_before_the_work(tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("")
     with pytest.raises(OSError):
-        run_check("cpu", quick=True, out=blocker / "sub", sections=("environment",), log=lambda line: None)
+        run_check("cpu", quick=True, out=blocker / "sub", sections=("environment",))

@@ -3,6 +3,7 @@ the previous checkpoint, a full disk, and one-line errors for damaged files."""
 from __future__ import annotations
 
 import errno
+import logging
 import os
 import stat
 import zipfile
@@ -170,13 +171,13 @@ def test_stale_temporary_files_of_dead_processes_are_removed(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- through the trainer
-def test_resume_falls_back_to_the_previous_checkpoint_and_ends_exact(tmp_path, capsys, one_thread):
-    straight = train(tiny(tmp_path / "straight", epochs=3), log=quiet)
+def test_resume_falls_back_to_the_previous_checkpoint_and_ends_exact(tmp_path, logged, one_thread):
+    straight = train(tiny(tmp_path / "straight", epochs=3))
     out = tmp_path / "run"
-    train(tiny(out, epochs=2), log=quiet)
+    train(tiny(out, epochs=2))
     _flip_a_byte_of_the_weights(out / "last.pt")  # epoch 2's checkpoint; previous.pt holds epoch 1's
-    resumed = train(tiny(out, epochs=3), resume=True, log=quiet)
-    err = capsys.readouterr().err.strip().splitlines()
+    resumed = train(tiny(out, epochs=3), resume=True)
+    err = [r.getMessage() for r in logged.records if r.levelno >= logging.WARNING]
     assert len(err) == 1 and err[0].startswith(f"part-fast: warning: {out / 'last.pt'} is damaged")
     assert "resuming from" in err[0] and "(step 3, after epoch 1)" in err[0]
     assert without_timings(resumed) == without_timings(straight)
@@ -292,7 +293,7 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path, monkeypatch, one_th
     monkeypatch.setattr(loop, "train_step", overflowing)
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match="non-finite by step 3"):
-        train(tiny(out, save_every_steps=1, batch_size=16, train_subset=64), log=quiet)
+        train(tiny(out, save_every_steps=1, batch_size=16, train_subset=64))
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["global_step"] == 2
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())

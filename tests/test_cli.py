@@ -145,10 +145,10 @@ def test_budget_on_object_counts_what_it_says():
 
 
 @pytest.mark.slow
-def test_demo_runs_small(tmp_path):
+def test_demo_runs_small(tmp_path, logged):
     settings = DemoSettings(train_size=128, test_size=64, epochs=2, warmup=1, batch_size=64, steps=1)
-    lines = []
-    results = run_demo(tmp_path / "demo", settings, log=lines.append)
+    results = run_demo(tmp_path / "demo", settings)
+    lines = logged.messages
     for method in ("at", "part"):
         r = results[method]
         assert 0 <= r["pgd20"] <= r["natural"] <= 100
@@ -159,8 +159,11 @@ def test_demo_runs_small(tmp_path):
     names = sorted(p.name for p in (tmp_path / "demo").iterdir())
     assert names == ["at", "budget_maps.png", "part", "summary.json", "summary.md"]
     assert "| PART |" in lines[-2] and summary_table(results) == lines[-2]
+    # The trainer's epoch lines, indented under the demo's, and each seen by the epoch-load sampler.
+    assert [line.split(" [")[0] for line in lines if line.startswith("  epoch ")] == ["  epoch 1/2", "  epoch 2/2"] * 2
+    assert all(isinstance(c, float) for m in ("at", "part") for c in results[m]["other_processes_cores"])
     with pytest.raises(FileExistsError):
-        run_demo(tmp_path / "demo", settings, log=lines.append)
+        run_demo(tmp_path / "demo", settings)
 
 
 def test_train_help_shows_every_setting_with_its_default(capsys):

@@ -122,30 +122,29 @@ class _Stop(Exception):
     pass
 
 
-def test_run_demo_says_its_device_and_trains_there(tmp_path, monkeypatch):
+def test_run_demo_says_its_device_and_trains_there(tmp_path, monkeypatch, logged):
     seen = []
 
-    def fake_train(cfg, log):
-        seen.append(cfg)
+    def fake_train(config):
+        seen.append(config)
         raise _Stop
 
     monkeypatch.setattr(demo, "train", fake_train)
     monkeypatch.setattr(demo, "busy_elsewhere", lambda seconds=0.5: 0.0)
-    lines = []
     with pytest.raises(_Stop):
-        demo.run_demo(tmp_path / "d", demo.DemoSettings(train_size=20, test_size=10), log=lines.append, device="cpu")
+        demo.run_demo(tmp_path / "d", demo.DemoSettings(train_size=20, test_size=10), device="cpu")
+    lines = logged.messages
     assert lines[0] == f"demo: device {describe_device(torch.device('cpu'))}"
     assert lines[1] == "demo: training AT (10 epochs, 20 shapes images, PGD-3)"
     assert seen[0].device == "cpu" and seen[0].method == "at" and seen[0].time_stages
 
 
-def test_run_demo_warns_at_once_when_the_cores_are_busy(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo, "train", lambda cfg, log: (_ for _ in ()).throw(_Stop()))
+def test_run_demo_warns_at_once_when_the_cores_are_busy(tmp_path, monkeypatch, logged):
+    monkeypatch.setattr(demo, "train", lambda config: (_ for _ in ()).throw(_Stop()))
     monkeypatch.setattr(demo, "busy_elsewhere", lambda seconds=0.5: 1.3)
-    lines = []
     with pytest.raises(_Stop):
-        demo.run_demo(tmp_path / "d", demo.DemoSettings(train_size=20, test_size=10), log=lines.append, device="cpu")
-    assert lines[1].startswith(f"demo: other processes are using 1.3 of the {demo.os.cpu_count()} cores; the epochs "
+        demo.run_demo(tmp_path / "d", demo.DemoSettings(train_size=20, test_size=10), device="cpu")
+    assert logged.messages[1].startswith(f"demo: other processes are using 1.3 of the {demo.os.cpu_count()} cores; the epochs "
                                "will be slow while they do (torch's threads wait for each other")
 
 
@@ -156,6 +155,6 @@ def test_run_demo_warns_at_once_when_the_cores_are_busy(tmp_path, monkeypatch):
 ])
 def test_run_demo_refuses_a_bad_device_before_writing_anything(tmp_path, device, message):
     with pytest.raises(ConfigError) as err:
-        demo.run_demo(tmp_path / "d", device=device, log=lambda line: None)
+        demo.run_demo(tmp_path / "d", device=device)
     assert str(err.value) == message
     assert not (tmp_path / "d").exists()

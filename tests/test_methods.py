@@ -116,8 +116,8 @@ def test_a_step_waits_for_the_device_only_when_stages_are_timed(tmp_path, monkey
 def test_metrics_have_the_stage_split_only_when_asked(tmp_path):
     from part_fast.train import train
 
-    plain = train(tiny(tmp_path / "plain", epochs=1, warmup=0), log=lambda *a: None)
-    timed = train(tiny(tmp_path / "timed", epochs=1, warmup=0, time_stages=True), log=lambda *a: None)
+    plain = train(tiny(tmp_path / "plain", epochs=1, warmup=0))
+    timed = train(tiny(tmp_path / "timed", epochs=1, warmup=0, time_stages=True))
     assert not any(k.endswith("_seconds") and k != "epoch_seconds" for k in plain[0])
     assert {k for k in timed[0] if k.endswith("_seconds")} == {"epoch_seconds", "data_seconds", "budget_seconds",
                                                                "attack_seconds", "update_seconds"}

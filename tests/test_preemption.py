@@ -13,7 +13,7 @@ from part_fast import cli
 from part_fast.errors import Interrupted
 from part_fast.train import load_checkpoint, loop, train
 from part_fast.train.rundir import RunDirError
-from trainer_helpers import (assert_same_weights, cli_train, env, metric_lines, quiet, step_lines, tiny,
+from trainer_helpers import (assert_same_weights, cli_train, env, metric_lines, step_lines, tiny,
                              wait_for_steps, weights, without_timings)
 
 # 8 steps per epoch, 2 epochs (warm-up, then PART).
@@ -24,7 +24,7 @@ MID = dict(train_subset=128, batch_size=16, epochs=2, warmup=1, log_steps=True)
 def reference(tmp_path_factory, one_thread):
     """The uninterrupted run every interrupted one must end equal to."""
     out = tmp_path_factory.mktemp("preemption") / "ref"
-    history = train(tiny(out, **MID), log=quiet)
+    history = train(tiny(out, **MID))
     return out, history
 
 
@@ -51,7 +51,7 @@ def test_signal_finishes_the_step_writes_an_exact_checkpoint_and_resume_is_exact
     _signal_during_step(monkeypatch, 11, signum)  # epoch 2, step 3
     out = tmp_path / "cut"
     with pytest.raises(Interrupted) as stopped:
-        train(tiny(out, **MID), log=quiet)
+        train(tiny(out, **MID))
     err = stopped.value
     assert (err.signum, err.exit_code, err.global_step) == (signum, 128 + signum, 11)
     assert f"stopped by {signal.Signals(signum).name} after step 11 (epoch 2, step 3/8)" in str(err)
@@ -63,7 +63,7 @@ def test_signal_finishes_the_step_writes_an_exact_checkpoint_and_resume_is_exact
     assert {s: signal.getsignal(s) for s in before} == before, "the caller's signal handlers are restored"
 
     monkeypatch.undo()
-    resumed = train(tiny(out, **MID), resume=True, log=quiet)
+    resumed = train(tiny(out, **MID), resume=True)
     assert_same_weights(weights(ref), weights(out))
     assert without_timings(resumed) == without_timings(ref_history)
     assert [s["loss"] for s in step_lines(out)] == [s["loss"] for s in step_lines(ref)]
@@ -76,7 +76,7 @@ def test_a_repeated_or_forwarded_signal_is_the_same_request(tmp_path, monkeypatc
     one request, and the checkpoint is written."""
     _signal_during_step(monkeypatch, 5, *signums)
     with pytest.raises(Interrupted, match=rf"stopped by {signal.Signals(signums[0]).name} after step 5 "):
-        train(tiny(tmp_path / "run", **MID), log=quiet)
+        train(tiny(tmp_path / "run", **MID))
     assert load_checkpoint(tmp_path / "run" / "last.pt")["global_step"] == 5
 
 
@@ -100,7 +100,7 @@ def test_ctrl_c_pressed_again_stops_at_once_without_saving(tmp_path, monkeypatch
     monkeypatch.setattr(loop, "train_step", step)
     out = tmp_path / "run"
     with pytest.raises(KeyboardInterrupt):
-        train(tiny(out, **MID), log=quiet)
+        train(tiny(out, **MID))
     assert not (out / "last.pt").exists(), "no checkpoint of an interrupted step"
     assert signal.getsignal(signal.SIGINT) is before
 
@@ -114,7 +114,7 @@ def test_signal_during_the_epoch_end_evaluation_stops_after_the_epoch_checkpoint
 
     monkeypatch.setattr(loop, "evaluate", signalled_evaluate)
     with pytest.raises(Interrupted, match=r"after step 8 \(after epoch 1\)"):
-        train(tiny(tmp_path / "run", **MID, eval_examples=16), log=quiet)
+        train(tiny(tmp_path / "run", **MID, eval_examples=16))
     ckpt = load_checkpoint(tmp_path / "run" / "last.pt")
     assert (ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]) == (1, 0, 8)
     assert ckpt["metrics"][0]["test_examples"] == 16, "the evaluation finished and is in the checkpoint"
@@ -134,7 +134,7 @@ def _saved_positions(monkeypatch) -> list[tuple[int, int, int]]:
 
 def test_save_every_steps(tmp_path, monkeypatch, one_thread):
     saved = _saved_positions(monkeypatch)
-    train(tiny(tmp_path / "run", **MID, save_every_steps=3, save_every_minutes=0), log=quiet)
+    train(tiny(tmp_path / "run", **MID, save_every_steps=3, save_every_minutes=0))
     # Every 3 steps, and at each epoch's end (a step save falling on the end is not written twice).
     assert [g for _, _, g in saved] == [3, 6, 8, 9, 12, 15, 16]
     assert saved[1] == (0, 6, 6) and saved[2] == (1, 0, 8)
@@ -151,7 +151,7 @@ def test_save_every_minutes_by_rank_0s_clock(tmp_path, monkeypatch, one_thread):
         return real(*args, **kwargs)
 
     monkeypatch.setattr(loop, "train_step", step_taking_25_s)
-    train(tiny(tmp_path / "run", **MID, save_every_minutes=1), log=quiet)
+    train(tiny(tmp_path / "run", **MID, save_every_minutes=1))
     # Due once 60 s passed since the last checkpoint (75 s = 3 steps); the epoch's checkpoint restarts the clock.
     assert [g for _, _, g in saved] == [3, 6, 8, 11, 14, 16]
 
@@ -186,21 +186,22 @@ def test_cli_sigterm_in_a_real_process_then_resume_with_only_out(tmp_path):
 
 
 # ------------------------------------------------------------------------------------ auto-resume
-def test_auto_resume_starts_fresh_then_continues(tmp_path, one_thread):
-    straight = train(tiny(tmp_path / "straight", epochs=2), log=quiet)
+def test_auto_resume_starts_fresh_then_continues(tmp_path, one_thread, logged):
+    straight = train(tiny(tmp_path / "straight", epochs=2))
     out = tmp_path / "auto"
-    first = train(tiny(out, epochs=1), resume="auto", log=quiet)  # nothing there: a new run
+    first = train(tiny(out, epochs=1), resume="auto")  # nothing there: a new run
     assert len(first) == 1
-    lines = []
-    again = train(tiny(out, epochs=2), resume="auto", log=lines.append)  # a run there: continue it
+    logged.clear()
+    again = train(tiny(out, epochs=2), resume="auto")  # a run there: continue it
+    lines = logged.messages
     assert lines[0].startswith("part-fast train: device cpu")  # said first, before the set-up
     assert lines[1] == f"resumed {out} at step 3, after epoch 1"
     assert without_timings(again) == without_timings(straight)
     assert_same_weights(weights(tmp_path / "straight"), weights(out))
     # Re-running a finished run (a scheduler's requeue after completion) does nothing, and says so.
-    lines.clear()
-    assert without_timings(train(tiny(out, epochs=2), resume="auto", log=lines.append)) == without_timings(straight)
-    assert lines[-1] == f"{out} has already trained 2/2 epochs; nothing to do"
+    logged.clear()
+    assert without_timings(train(tiny(out, epochs=2), resume="auto")) == without_timings(straight)
+    assert logged.messages[-1] == f"{out} has already trained 2/2 epochs; nothing to do"
 
 
 def test_auto_resume_refuses_a_folder_that_holds_something_else(tmp_path):
@@ -208,7 +209,7 @@ def test_auto_resume_refuses_a_folder_that_holds_something_else(tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(RunDirError, match="not empty but holds no part_fast run"):
-        train(tiny(out), resume="auto", log=quiet)
+        train(tiny(out), resume="auto")
     assert (out / "notes.txt").read_text() == "mine"
 
 

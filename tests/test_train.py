@@ -13,7 +13,7 @@ from part_fast import train as train_mod
 from part_fast.attacks import PGD
 from part_fast.train import METHOD, TrainConfig, TrainingDiverged, load_checkpoint, lr_factor, train
 
-from trainer_helpers import (assert_same_weights, cli_train, env, quiet, step_lines, tiny, wait_for_steps, weights,
+from trainer_helpers import (assert_same_weights, cli_train, env, step_lines, tiny, wait_for_steps, weights,
                              without_timings)
 
 
@@ -79,10 +79,10 @@ def test_the_resolved_warmup_is_saved_and_kept_by_a_longer_resume(tmp_path):
     """config.json holds the number the run trained with: --resume --epochs 8 on a 4-epoch run keeps its
     1 warm-up epoch (a quarter of 8 would be 2, a change of what was trained)."""
     out = tmp_path / "run"
-    train(tiny(out, epochs=4, warmup=None, train_subset=64), log=quiet)
+    train(tiny(out, epochs=4, warmup=None, train_subset=64))
     assert json.loads((out / "config.json").read_text())["warmup"] == 1
     saved = json.loads((out / "config.json").read_text())
-    history = train(TrainConfig.from_json({**saved, "epochs": 5}), resume=True, log=quiet)
+    history = train(TrainConfig.from_json({**saved, "epochs": 5}), resume=True)
     assert [r["phase"] for r in history] == ["warmup", "part", "part", "part", "part"]
     assert json.loads((out / "config.json").read_text())["warmup"] == 1
 
@@ -110,16 +110,16 @@ def test_global_batch_must_split_evenly_across_processes(tmp_path):
 
 def test_unknown_arch_fails_before_the_run_dir_exists(tmp_path):
     with pytest.raises(ValueError, match="unknown architecture"):
-        train(tiny(tmp_path / "run", arch="resnet-nope"), log=quiet)
+        train(tiny(tmp_path / "run", arch="resnet-nope"))
     assert not (tmp_path / "run").exists()
 
 
-def test_auto_device_is_resolved_where_the_run_starts_and_kept_auto_in_config_json(tmp_path):
+def test_auto_device_is_resolved_where_the_run_starts_and_kept_auto_in_config_json(tmp_path, logged):
     from part_fast.devices import describe_device, resolve_device
 
     out = tmp_path / "run"
-    lines = []
-    train(tiny(out, epochs=1, train_subset=64), log=lines.append)
+    train(tiny(out, epochs=1, train_subset=64))
+    lines = logged.messages
     assert json.loads((out / "config.json").read_text())["device"] == "auto"
     assert lines[0] == f"part-fast train: device {describe_device(resolve_device('auto'))}"
     assert lines[0].startswith("part-fast train: device cuda:" if torch.cuda.is_available() else
@@ -129,25 +129,24 @@ def test_auto_device_is_resolved_where_the_run_starts_and_kept_auto_in_config_js
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU resolution of 'auto'; this machine has CUDA")
 def test_device_dependent_settings_are_checked_against_the_resolved_device(tmp_path):
     with pytest.raises(ValueError, match="amp fp16 needs a GPU"):
-        train(tiny(tmp_path / "fp16", amp="fp16"), log=quiet)
+        train(tiny(tmp_path / "fp16", amp="fp16"))
     with pytest.raises(ValueError, match="sync_bn needs CUDA"):
-        train(tiny(tmp_path / "sync", sync_bn=True), log=quiet)
+        train(tiny(tmp_path / "sync", sync_bn=True))
     with pytest.raises(ValueError, match="device 'cuda' requested but CUDA is not available here"):
-        train(tiny(tmp_path / "cuda", device="cuda"), log=quiet)
+        train(tiny(tmp_path / "cuda", device="cuda"))
     assert not any(tmp_path.iterdir()), "a refused run leaves no directory behind"
 
 
-def test_a_dropped_partial_batch_is_said_once(tmp_path):
-    lines = []
-    history = train(tiny(tmp_path / "odd", epochs=2, train_subset=100), log=lines.append)
-    dropped = [line for line in lines if "left out" in line]
+def test_a_dropped_partial_batch_is_said_once(tmp_path, logged):
+    history = train(tiny(tmp_path / "odd", epochs=2, train_subset=100))
+    dropped = [line for line in logged.messages if "left out" in line]
     assert dropped == ["part-fast train: 4 of the 100 training examples are left out of each epoch: only whole "
                        "batches of 32 are trained (the last partial batch is dropped), and which examples are left "
                        "out changes with each epoch's shuffle"]
     assert [r["train_examples"] for r in history] == [96, 96]
-    lines.clear()
-    train(tiny(tmp_path / "even", epochs=1, train_subset=64), log=lines.append)
-    assert not [line for line in lines if "left out" in line]
+    logged.clear()
+    train(tiny(tmp_path / "even", epochs=1, train_subset=64))
+    assert logged.messages and not [line for line in logged.messages if "left out" in line]
 
 
 # ------------------------------------------------------------------------------------------ TensorBoard
@@ -175,9 +174,9 @@ def test_tensorboard_holds_the_metrics_also_after_a_resume(tmp_path, one_thread)
     pytest.importorskip("tensorboard", reason="tensorboard is not installed (pip install 'part_fast[tensorboard]')")
     out = tmp_path / "run"
     settings = dict(method="part-trades", train_subset=64, eval_examples=16, time_stages=True, tensorboard=True)
-    train(tiny(out, epochs=1, **settings), log=quiet)
+    train(tiny(out, epochs=1, **settings))
     # A resume writes a second event file; TensorBoard shows each epoch once, as metrics.jsonl has it.
-    train(tiny(out, epochs=2, **settings), resume=True, log=quiet)
+    train(tiny(out, epochs=2, **settings), resume=True)
     assert len(list((out / "tensorboard").glob("events.out.tfevents.*"))) == 2
     expected, got = _expected_scalars(out), _tensorboard_scalars(out)
     assert {"train_loss", "test_pgd20_acc", "train_nat_acc", "attack_seconds", "lr"} <= set(expected)
@@ -193,14 +192,14 @@ def test_tensorboard_without_the_package_is_a_clear_error(tmp_path, monkeypatch)
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # what `import` sees when it is missing
     with pytest.raises(ValueError, match=r'^tensorboard needs the tensorboard package, which is not installed: '
                                          r'pip install "part_fast\[tensorboard\]"$'):
-        train(tiny(tmp_path / "run", tensorboard=True), log=quiet)
+        train(tiny(tmp_path / "run", tensorboard=True))
     assert not (tmp_path / "run").exists()
 
 
 # ------------------------------------------------------------------------------------- run directory
 def test_run_dir_contents_and_checkpoint_keys(tmp_path):
     out = tmp_path / "run"
-    history = train(tiny(out, epochs=2, eval_examples=32, log_steps=True, time_stages=True), log=quiet)
+    history = train(tiny(out, epochs=2, eval_examples=32, log_steps=True, time_stages=True))
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "last.pt", "metrics.jsonl", "previous.pt",
                                                      "steps.jsonl"]
     config = json.loads((out / "config.json").read_text())
@@ -234,30 +233,30 @@ def test_existing_run_dir_is_not_overwritten(tmp_path):
     out.mkdir()
     (out / "notes.txt").write_text("mine")
     with pytest.raises(FileExistsError, match="--resume"):
-        train(tiny(out), log=quiet)
+        train(tiny(out))
     assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_resume_with_another_config_is_refused(tmp_path):
     out = tmp_path / "run"
-    train(tiny(out, epochs=1), log=quiet)
+    train(tiny(out, epochs=1))
     with pytest.raises(ValueError, match="--eps-low"):
-        train(tiny(out, epochs=2, eps_low=6 / 255), resume=True, log=quiet)
+        train(tiny(out, epochs=2, eps_low=6 / 255), resume=True)
 
 
 def test_same_seed_same_run_other_seed_other_run(tmp_path):
-    a = train(tiny(tmp_path / "a", epochs=2), log=quiet)
-    b = train(tiny(tmp_path / "b", epochs=2), log=quiet)
+    a = train(tiny(tmp_path / "a", epochs=2))
+    b = train(tiny(tmp_path / "b", epochs=2))
     assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
     assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
-    train(tiny(tmp_path / "c", epochs=2, seed=4), log=quiet)
+    train(tiny(tmp_path / "c", epochs=2, seed=4))
     assert not torch.equal(weights(tmp_path / "a")["linear.weight"], weights(tmp_path / "c")["linear.weight"])
 
 
 def test_resume_in_process_equals_uninterrupted(tmp_path):
-    full = train(tiny(tmp_path / "full", method="part-trades"), log=quiet)
-    train(tiny(tmp_path / "cut", method="part-trades", epochs=1), log=quiet)
-    resumed = train(tiny(tmp_path / "cut", method="part-trades"), resume=True, log=quiet)
+    full = train(tiny(tmp_path / "full", method="part-trades"))
+    train(tiny(tmp_path / "cut", method="part-trades", epochs=1))
+    resumed = train(tiny(tmp_path / "cut", method="part-trades"), resume=True)
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
     assert without_timings(resumed) == without_timings(full)
     assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 3
@@ -323,7 +322,7 @@ def test_nan_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tm
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"the part loss became non-finite \(nan or inf\) at global step 5 "
                                                r"\(epoch 2\)"):
-        train(tiny(out, save_every_steps=save_every_steps, log_steps=True), log=quiet)
+        train(tiny(out, save_every_steps=save_every_steps, log_steps=True))
     ckpt = load_checkpoint(out / "last.pt")
     assert ckpt["global_step"] == (4 if save_every_steps else 3)
     assert all(torch.isfinite(v).all() for v in ckpt["model"].values() if v.is_floating_point())
@@ -334,14 +333,14 @@ def test_nan_loss_without_step_logs_is_caught_at_the_epoch_end(tmp_path, monkeyp
     _poison_outer_loss(monkeypatch, "part", after_calls=4)
     out = tmp_path / "run"
     with pytest.raises(TrainingDiverged, match=r"at global step 5 \(epoch 2\)"):
-        train(tiny(out), log=quiet)
+        train(tiny(out))
     assert load_checkpoint(out / "last.pt")["global_step"] == 3
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
 def test_amp_bf16_and_channels_last_train_like_float32(tmp_path):
-    fp32 = train(tiny(tmp_path / "fp32", epochs=2), log=quiet)
-    bf16 = train(tiny(tmp_path / "bf16", epochs=2, amp="bf16", channels_last=True), log=quiet)
+    fp32 = train(tiny(tmp_path / "fp32", epochs=2))
+    bf16 = train(tiny(tmp_path / "bf16", epochs=2, amp="bf16", channels_last=True))
     assert [r["phase"] for r in bf16] == ["warmup", "part"]
     for a, b in zip(fp32, bf16):  # bf16 keeps 8 bits of mantissa: the losses agree to a few per cent
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=0.05)
@@ -351,7 +350,7 @@ def test_amp_bf16_and_channels_last_train_like_float32(tmp_path):
 
 @pytest.mark.parametrize("method", ["at", "trades", "mart", "part-mart"])
 def test_every_method_trains(tmp_path, method):
-    history = train(tiny(tmp_path / method, epochs=3, method=method, lr=0.02), log=quiet)
+    history = train(tiny(tmp_path / method, epochs=3, method=method, lr=0.02))
     assert len(history) == 3
     assert history[-1]["train_loss"] < history[0]["train_loss"]  # it learns
     assert (history[0]["train_nat_acc"] is None) == (method in ("at", "part"))
@@ -377,14 +376,14 @@ def test_train_step_budget_belongs_to_the_attacked_batch(tmp_path, monkeypatch):
         return real_call(self, x, y, eps_map=eps_map, **kw)
 
     monkeypatch.setattr(PGD, "__call__", spy)
-    train(tiny(tmp_path / "run", epochs=2), log=quiet)
+    train(tiny(tmp_path / "run", epochs=2))
     assert checks == [(True, False)] * 3
 
 
 # ------------------------------------------------------------------------------------------ real data
 def test_trains_briefly_on_real_cifar10_images(tmp_path, cifar_subset_dir):
     history = train(tiny(tmp_path / "run", dataset="imagefolder", data_dir=str(cifar_subset_dir), epochs=2,
-                         train_subset=128, test_subset=64, batch_size=64, eval_examples=64), log=quiet)
+                         train_subset=128, test_subset=64, batch_size=64, eval_examples=64))
     assert [r["phase"] for r in history] == ["warmup", "part"]
     assert all(r["train_examples"] == 128 for r in history)
     assert 0 < history[1]["eps_high_fraction"] < 0.6
@@ -411,8 +410,8 @@ def test_inner_attack_per_method_and_phase(tmp_path, method, start, phase, expec
 def test_compile_trains_like_eager(tmp_path):
     """--compile (torch.compile of the model; the CAM keeps the eager module for its hook) trains to the
     same losses as eager, up to the compiler's float reassociation."""
-    eager = train(tiny(tmp_path / "eager", epochs=2, train_subset=64), log=quiet)
-    compiled = train(tiny(tmp_path / "compiled", epochs=2, train_subset=64, compile=True), log=quiet)
+    eager = train(tiny(tmp_path / "eager", epochs=2, train_subset=64))
+    compiled = train(tiny(tmp_path / "compiled", epochs=2, train_subset=64, compile=True))
     assert [r["phase"] for r in compiled] == ["warmup", "part"]
     for a, b in zip(eager, compiled):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-3)

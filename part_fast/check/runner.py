@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import logging
 import platform
 import re
 import time
@@ -17,6 +18,8 @@ import torch
 from ..devices import describe_device, resolve_device
 from ..extras import MissingExtraError
 from ..files import atomic_write_text
+
+logger = logging.getLogger(__name__)
 
 PASS, FAIL, INFO, SKIP = "pass", "fail", "info", "skip"
 SECTIONS = ("environment", "correctness", "models", "timings")
@@ -38,11 +41,10 @@ class Outcome:
 
 @dataclass
 class Context:
-    """What every check reads: the device, whether the run is --quick, and the log."""
+    """What every check reads: the device and whether the run is --quick."""
 
     device: torch.device
     quick: bool
-    log: Callable[[str], None] = print
 
     @property
     def cuda(self) -> bool:
@@ -97,8 +99,8 @@ class Recorder:
     """Runs checks one at a time: an exception is a failed check (its message and the innermost frames
     kept), never the end of the run."""
 
-    def __init__(self, report: CheckReport, log):
-        self.report, self.log = report, log
+    def __init__(self, report: CheckReport):
+        self.report = report
 
     def check(self, section: str, name: str, fn: Callable[[], tuple]) -> Outcome:
         """fn() -> (ok, figure, data): ok True / False for a verdict, None for a measurement."""
@@ -113,7 +115,7 @@ class Recorder:
             data = {"traceback": traceback.format_exc(limit=-6)}
         outcome = Outcome(section, name, status, figure, data, time.perf_counter() - start)
         self.report.outcomes.append(outcome)
-        self.log(f"  [{status}] {name}: {figure}")
+        logger.info(f"  [{status}] {name}: {figure}")
         return outcome
 
 
@@ -139,21 +141,31 @@ def report_stem(machine: dict) -> str:
 
 
 def run_check(device: str | torch.device = "auto", *, quick: bool = False, out: str | Path | None = None,
-              sections=SECTIONS, log=print) -> CheckReport:
-    """Run the sections on `device`; with `out`, write check-<date>-<machine>.json and .md there."""
+              sections=SECTIONS) -> CheckReport:
+    """Run the sections on `device`, logging each verdict at INFO as it comes (part_fast.logs).
+
+    Args:
+        device: "auto", "cpu", "cuda", "cuda:N" or a torch.device.
+        quick: shrink every case (seconds instead of minutes).
+        out: a folder to write check-<date>-<machine>.json and .md in (made if missing), or None.
+        sections: which of SECTIONS to run, in SECTIONS' order.
+
+    Returns:
+        The CheckReport: every outcome (section, name, pass / FAIL / skip / info, figure, data) and the machine.
+    """
     from . import correctness, environment, timing, training
 
     device = resolve_device(device)
     if out is not None:  # before minutes of work, not after: a folder that cannot be made fails now
         Path(out).mkdir(parents=True, exist_ok=True)
-    ctx = Context(device, quick, log)
+    ctx = Context(device, quick)
     report = CheckReport(machine_info(device), str(device), quick)
-    recorder = Recorder(report, log)
+    recorder = Recorder(report)
     started = time.perf_counter()
     modules = {"environment": environment, "correctness": correctness, "models": training, "timings": timing}
-    log(f"part-fast check: device {describe_device(device)}{' (quick)' if quick else ''}")
+    logger.info(f"part-fast check: device {describe_device(device)}{' (quick)' if quick else ''}")
     for section in sections:
-        log(f"[{SECTIONS.index(section) + 1}/{len(SECTIONS)}] {section}")
+        logger.info(f"[{SECTIONS.index(section) + 1}/{len(SECTIONS)}] {section}")
         modules[section].run(ctx, lambda name, fn, section=section: recorder.check(section, name, fn))
     report.seconds = time.perf_counter() - started
     if out is not None:
@@ -161,5 +173,5 @@ def run_check(device: str | torch.device = "auto", *, quick: bool = False, out: 
         stem = report_stem(report.machine) + ("-quick" if quick else "")
         atomic_write_text(folder / f"{stem}.json", json.dumps(report.to_json(), indent=2, default=str) + "\n")
         atomic_write_text(folder / f"{stem}.md", report.markdown())
-        log(f"wrote {folder / stem}.json and .md")
+        logger.info(f"wrote {folder / stem}.json and .md")
     return report

@@ -236,15 +236,15 @@ def _train_step_fn(ctx: Context, name: str, method: str, batch: int, steps: int,
 
     gen = torch.Generator().manual_seed(10)
     x, y = torch.rand((batch, 3, 32, 32), generator=gen), torch.randint(0, 10, (batch,), generator=gen)
-    cfg = TrainConfig(out="(check: no run directory)", arch="resnet18", method=method, batch_size=batch,
+    config = TrainConfig(out="(check: no run directory)", arch="resnet18", method=method, batch_size=batch,
                       steps=steps, warmup=0, amp=amp, channels_last=ctx.cuda, device=str(ctx.device),
                       augment=False, eval_examples=0, seed=0).resolved()
-    state = build_state(cfg, num_classes=10, device=ctx.device, dist_info=Distributed())
+    state = build_state(config, num_classes=10, device=ctx.device, ranks=Distributed())
     part_phase = method == "part"
     attack = inner_attack(state, part_phase)
     if name == "PART (release)":
         state.budget = _ReleaseBudget(state.budget)
-        attack = _ReleaseAttack(PGD(state.attack_model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps,
+        attack = _ReleaseAttack(PGD(state.attack_model, eps=config.eps, alpha=config.step_size, steps=config.steps,
                                     start="release", loss="ce"))
     attack_gen = torch.Generator(device=ctx.device).manual_seed(11)
 

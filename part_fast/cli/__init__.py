@@ -18,6 +18,7 @@ from pathlib import Path
 
 from ..errors import EXIT_DIVERGED, EXIT_USER_ERROR, USER_ERRORS, Interrupted, TrainingDiverged, report
 from ..extras import MissingExtraError
+from ..logs import console
 from .bench import bench_parser, cmd_bench
 from .check import check_parser, cmd_check
 from .common import DEVICE_HELP, fraction, int_list, with_default
@@ -63,7 +64,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     name = f"part-fast {args.command}"
     try:
-        return COMMANDS[args.command](args)
+        with console():  # the library's log lines, printed as the command always printed them
+            return COMMANDS[args.command](args)
     except Interrupted as err:
         if _is_rank0():
             report(f"{name}: {err}; resume with: {_resume_command(args.out)}")

@@ -49,6 +49,15 @@ def setting(default, help: str, *, kind: str, choices=None, flag: str | None = N
 
 @dataclass
 class TrainConfig:
+    """Every setting of a training run, with its default and help: the `part-fast train` flags are generated
+    from these fields, and RUN_DIR/config.json holds them (`to_json` / `from_json`).
+
+    Defaults are the released recipe (ResNet-18, PART, 80 epochs, SGD 0.01 with the dataset's weight decay,
+    PGD-10 at 8/255 with eps_low 7/255, the jet mask); None means "the dataset's default" (`resolved()`
+    fills them in) or "off". `validate()` refuses, in one line naming the field, values out of range and
+    combinations that cannot run. Only `out` is required.
+    """
+
     out: str = field(metadata={"help": "run directory", "kind": "str"})  # required
     dataset: str = setting("cifar10", "training data", kind="str", choices=data_mod.DATASETS)
     data_dir: str | None = setting(None, "dataset folder (not needed for shapes)", kind="str", shown="none")

@@ -17,6 +17,7 @@ only rank 0 writes files.
 """
 from __future__ import annotations
 
+import logging
 import sys
 import time
 from pathlib import Path
@@ -25,8 +26,7 @@ import torch
 from torch import nn
 
 from ..devices import describe_device
-from ..errors import (CheckpointWriteError, ConfigError, Interrupted, OutputWriteError, TrainingDiverged, UserError,
-                      report)
+from ..errors import CheckpointWriteError, ConfigError, Interrupted, OutputWriteError, TrainingDiverged, UserError
 from ..evaluation import evaluate
 from ..extras import progress_bar
 from . import checkpoint, distributed, preemption, rundir
@@ -37,25 +37,33 @@ from .loaders import data_loaders
 from .progress import EpochProgress
 from .step import STAT_NAMES, StepRandomness, build_state, inner_attack, train_step
 
+logger = logging.getLogger(__name__)
 _clock = time.monotonic  # what --save-every-minutes measures (a name of its own, so tests can drive it)
 
 
-def train(config: TrainConfig, *, resume: bool | str = False, log=print) -> list[dict]:
+def train(config: TrainConfig, *, resume: bool | str = False) -> list[dict]:
     """Train as `config` says, writing RUN_DIR = config.out (see rundir.py); returns the per-epoch metrics.
+
+    Rank 0 logs the run's lines (the device, one line per epoch, a resume) at INFO on this module's logger,
+    warnings at WARNING (part_fast.logs: the command line prints them; a script configures logging).
 
     resume: False starts a new run (RUN_DIR must not hold one); True continues the run in RUN_DIR from its
     newest intact checkpoint; "auto" does the one that applies, so one command line can be re-run by a
     scheduler or `torchrun --max-restarts`. Raises Interrupted after a SIGTERM / SIGINT (checkpoint
-    written), TrainingDiverged on a NaN / inf loss (the last good checkpoint kept)."""
+    written), TrainingDiverged on a NaN / inf loss (the last good checkpoint kept).
+
+    Args:
+        config: the run's settings (TrainConfig); resolved (dataset defaults filled in) and validated here.
+        resume: False, True or "auto", as above.
+
+    Returns:
+        One dict per epoch trained by this call (metrics.jsonl's records): losses, accuracies, timings.
+    """
     if resume not in (False, True, "auto"):
         raise ConfigError(f"resume must be False, True or 'auto', got {resume!r}")
     config = config.resolved()
     with distributed.session(config.device, config.collective_timeout) as ranks:
-        return _Trainer(config, ranks, log if ranks.is_main else _silent).run(resume)
-
-
-def _silent(*_args) -> None:
-    pass
+        return _Trainer(config, ranks).run(resume)
 
 
 # ------------------------------------------------------------------------------------------ the trainer
@@ -70,8 +78,8 @@ def _all_finite(model: nn.Module) -> bool:
 
 
 class _Trainer:
-    def __init__(self, config: TrainConfig, ranks: Distributed, log):
-        self.config, self.ranks, self.log = config, ranks, log
+    def __init__(self, config: TrainConfig, ranks: Distributed):
+        self.config, self.ranks = config, ranks
         self.out = Path(config.out)
         self.show = _progress_enabled(config, ranks.is_main)
         self.history: list[dict] = []
@@ -129,8 +137,14 @@ class _Trainer:
                 self.tensorboard.close()
         return self.history
 
-    def _warn(self, line: str) -> None:
-        report(f"part-fast: {line}")
+    def log(self, line: str) -> None:
+        """One of the run's lines: rank 0's only (every rank would repeat it)."""
+        if self.ranks.is_main:
+            logger.info(line)
+
+    @staticmethod
+    def _warn(line: str) -> None:
+        logger.warning(f"part-fast: {line}")
 
     def _write(self, path: Path, write):
         """Run rank 0's write of `path`; a failure is kept for the next agreement (see write_failure)."""

@@ -29,7 +29,7 @@ from part_fast import cpu_load, ops
 from part_fast.check.environment import cpu_model, triton_version
 from part_fast.check import inputs
 from part_fast.check.inputs import update_inputs  # noqa: F401 (the sections take it from here)
-from part_fast.check.timing import kernels_per_call  # noqa: F401 (idem)
+from part_fast.check.op_count import kernels_per_call  # noqa: F401 (idem)
 from part_fast.files import (
     MarkersMissing,
     atomic_write_text,

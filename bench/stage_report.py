@@ -34,8 +34,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils import _pytree as pytree
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from bench.common import (
     DEFAULT_DATA,
@@ -52,6 +50,7 @@ from part_fast import ops, reference
 from part_fast.attacks import PGD
 from part_fast.budget import PixelBudget
 from part_fast.cam import compute_cam
+from part_fast.check.op_count import OpCounter
 from part_fast.models import get_model
 
 EPS, EPS_LOW, ALPHA, STEPS = 8 / 255, 7 / 255, 2 / 255, 10
@@ -117,39 +116,14 @@ def cam_realistic_resnet18(x_cal: torch.Tensor, y_cal: torch.Tensor) -> tuple[nn
 
 
 # ------------------------------------------------- the release's stage, counted: aten ops and bytes
-class _TrafficCounter(TorchDispatchMode):
-    """Per aten op (views excluded): its name and the bytes of its tensor operands read and results
-    written, each counted once per op (an in-place op's tensor is read and written). `empty` allocates
-    and counts nothing. A launch / traffic estimate for the same ops on a GPU, not a cache model."""
-
-    def __init__(self):
-        super().__init__()
-        self.names, self.read, self.written = [], 0, 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if func.is_view:
-            return out
-        name = str(func.overloadpacket)
-        self.names.append(name)
-        if not name.startswith("aten.empty"):
-            seen = set()
-            for t in pytree.tree_leaves((args, kwargs or {})):
-                if isinstance(t, torch.Tensor) and id(t) not in seen:
-                    seen.add(id(t))
-                    self.read += t.nbytes
-            for t in pytree.tree_leaves(out):
-                if isinstance(t, torch.Tensor):
-                    self.written += t.nbytes
-        return out
-
-
 def count_traffic(fn) -> dict:
-    fn()  # lazy initialisation out of the count
-    with _TrafficCounter() as c:
+    """aten ops of one call of fn (after a first call: lazy initialisation out of the count) and their
+    operand bytes, counted by part_fast.check.op_count.OpCounter."""
+    fn()
+    with OpCounter() as c:
         fn()
     return {"ops": len(c.names), "by_op": dict(collections.Counter(c.names).most_common()),
-            "bytes_read": c.read, "bytes_written": c.written}
+            "bytes_read": c.bytes_read, "bytes_written": c.bytes_written}
 
 
 def release_counts(model: nn.Module, x: torch.Tensor) -> dict:

@@ -6,15 +6,19 @@
 - kernel launches (kernels_per_call) and the op sections' seeded inputs (update_inputs), both from
   part_fast.check, which measures the same things on a GPU; the CIFAR-10 subset (load_cifar_subset);
 - output: JSON written atomically (write_json), generated blocks in a README (readme_text,
-  write_readme_blocks), "—" for a missing table cell (cell).
+  write_readme_blocks), "—" for a missing table cell (cell);
+- progress messages: every module logs to its own `logging.getLogger(__name__)`; a program shows them with
+  show_messages (bare messages on a stream, as print showed them).
 """
 from __future__ import annotations
 
 import ctypes
 import datetime
 import json
+import logging
 import os
 import platform
+import sys
 import tarfile
 import tempfile
 import time
@@ -184,3 +188,27 @@ def write_readme_blocks(path, blocks: dict[tuple[str, str], str]) -> None:
 def cell(value, spec: str = "") -> str:
     """A table cell: the value formatted, or "—" where there is none."""
     return "—" if value is None else format(value, spec)
+
+
+# ---------------------------------------------------------------------------------------- messages
+def show_messages(*names: str, stream=None) -> None:
+    """Make the named loggers print their INFO (and higher) messages bare on `stream`, flushed, as the
+    harness's programs printed their progress before they logged it. A name below another one given is
+    skipped (its messages reach the parent's handler), and calling again replaces the handler instead of
+    adding a second.
+
+    Args:
+        names: logger names, e.g. a program's `__name__` and "bench" (every module of the harness).
+        stream: where the messages go (default: sys.stderr at call time).
+    """
+    for name in names:
+        if any(name.startswith(other + ".") for other in names if other != name):
+            continue
+        target = logging.getLogger(name)
+        for handler in [h for h in target.handlers if getattr(h, "shows_bench_messages", False)]:
+            target.removeHandler(handler)
+        handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.shows_bench_messages = True
+        target.addHandler(handler)
+        target.setLevel(logging.INFO)

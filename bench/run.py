@@ -11,8 +11,9 @@ Sections:
    and bf16: time, GB/s and the share of the clone() bandwidth measured in the same run (bench/ops_report.py);
 2. the CAM + budget stage against the release's per-image pipeline, emulated (bench/stage_report.py);
 3. one training step of AT, PART (ours), PART as released, TRADES, PART-T (bench/train_step.py);
-4. GPU evidence that needs no GPU: PTX widths and registers, CUDA registers and spills, projected H100
-   times, launches per PGD step (bench/gpu_evidence.py);
+4. GPU evidence that needs no GPU, read from the compiled code or counted: PTX widths and registers, CUDA
+   registers and spills, launches per call (bench/gpu_evidence.py); GPU times come only from
+   `part-fast check --device cuda` on a GPU;
 5. memory and scaling: peak memory of one training step of AT, PART (ours), PART as released and of the
    CAM + budget stage alone at batch 128 and 512; the budget stage's time and memory at 32, 64 and 224 px
    (bench/memory_report.py; on the device of --device: with cuda, GPU memory and times).
@@ -92,8 +93,10 @@ def section_train_step(quick: bool, log) -> dict:
 def section_gpu(quick: bool, log) -> dict:
     from bench import gpu_evidence
 
-    log("[4/5] GPU evidence: PTX, CUDA resource usage, projections, launches")
-    return gpu_evidence.run(quick=quick, log=lambda *a: None)
+    log("[4/5] GPU evidence: PTX, CUDA resource usage, launches")
+    result = gpu_evidence.measure(quick=quick)
+    result["markdown"] = gpu_evidence.markdown(result)
+    return result
 
 
 def section_memory(quick: bool, device: torch.device, log) -> dict:

@@ -105,3 +105,65 @@ def test_cpu_peak_memory_sees_a_known_allocation():
     big, nothing = (int(v) for v in done.stdout.split())
     assert abs(big - 64 * 2**20) < 4 * 2**20, big
     assert nothing < 2**20, nothing
+
+
+# ------------------------------------------------------------------ GPU evidence read from cuobjdump's text
+RESOURCE_USAGE = """
+Fatbin elf code:
+================
+arch = sm_80
+Resource usage:
+ Common:
+  GLOBAL:28 CONSTANT[4]:224
+ Function _ZN9part_fast10pgd_device10pgd_kernelE:
+  REG:28 STACK:0 SHARED:0 LOCAL:0 CONSTANT[0]:400 TEXTURE:0
+arch = sm_90
+Resource usage:
+ Function _ZN9part_fast10pgd_device10pgd_kernelE:
+  REG:31 STACK:8 SHARED:256 LOCAL:4 CONSTANT[0]:400 TEXTURE:0
+"""
+SASS = """
+arch = sm_90
+		Function : _ZN9part_fast10pgd_device10pgd_kernelE
+        /*0040*/                   LDG.E.128 R4, [R2.64] ;                   /* 0x0000000402047981 */
+        /*0050*/               @P0 LDG.E.128 R8, [R6.64] ;                   /* 0x0000000406087981 */
+        /*0060*/                   LDG.E.U16 R3, [R2.64] ;                   /* 0x0000000c02037981 */
+        /*0070*/                   STL [R1], R5 ;                            /* 0x0000000501007387 */
+        /*0080*/                   LDL R5, [R1] ;                            /* 0x0000000001057983 */
+        /*0090*/                   STG.E.128 [R2.64], R4 ;                   /* 0x0000000402007986 */
+"""
+
+
+def test_cuobjdump_resource_usage_is_read_per_arch_and_kernel():
+    from bench.cuobjdump import parse_resource_usage
+
+    usage = parse_resource_usage(RESOURCE_USAGE)
+    name = "_ZN9part_fast10pgd_device10pgd_kernelE"
+    assert usage == {(80, name): {"REG": 28, "STACK": 0, "SHARED": 0, "LOCAL": 0, "CONSTANT[0]": 400},
+                     (90, name): {"REG": 31, "STACK": 8, "SHARED": 256, "LOCAL": 4, "CONSTANT[0]": 400}}
+
+
+def test_sass_spills_and_access_widths_are_counted():
+    from bench.cuobjdump import parse_sass, sass_access_bits
+
+    code = parse_sass(SASS)[(90, "_ZN9part_fast10pgd_device10pgd_kernelE")]
+    assert (code["STL"], code["LDL"]) == (1, 1)
+    assert dict(code["LDG"]) == {"LDG.E.128": 2, "LDG.E.U16": 1}  # the predicated load counted too
+    assert dict(code["STG"]) == {"STG.E.128": 1}
+    assert [sass_access_bits(op) for op in ("LDG.E.128", "LDG.E.64", "STG.E.U16", "LDG.E.S8", "STG.E")] == [
+        128, 64, 16, 8, 32]
+
+
+def test_kernel_names_are_shortened_from_their_template_arguments():
+    from bench.cuobjdump import short_kernel_name
+
+    kinds = {"0": "scalar", "1": "dense", "2": "strided"}
+    pgd = ("void part_fast::pgd_device::pgd_kernel<8, true, (part_fast::EpsPlan::Kind)2, true, c10::Half, c10::Half, "
+           "unsigned int>(part_fast::pgd_device::PgdArgs<c10::Half, c10::Half, unsigned int>)")
+    assert short_kernel_name("_Z...", pgd, kinds) == "pgd_kernel<VEC 8, step, strided eps by rows, x f16, eps f16, u32 index>"
+    scalar = ("void part_fast::pgd_device::pgd_kernel<4, false, (part_fast::EpsPlan::Kind)0, false, float, float, "
+              "unsigned long>(part_fast::pgd_device::PgdArgs<float, float, unsigned long>)")
+    assert short_kernel_name("_Z...", scalar, kinds) == "pgd_kernel<VEC 4, project, scalar eps, x f32, u64 index>"
+    cam = ("void part_fast::cam_device::cam_eps_map_kernel<c10::Half, false>(c10::Half const*, float*, "
+           "part_fast::cam_device::Geometry, float, float)")
+    assert short_kernel_name("_Z...", cam, kinds) == "cam_eps_map_kernel<cam f16, cam>"

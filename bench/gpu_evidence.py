@@ -25,12 +25,20 @@ import functools
 import json
 import logging
 import os
-import time
 from pathlib import Path
 
 import torch
 
-from bench.common import EPS, EPS_LOW, STEP_SIZE, kernels_per_call, show_messages, update_inputs, write_json
+from bench.common import (
+    EPS,
+    EPS_LOW,
+    STEP_SIZE,
+    Stopwatch,
+    kernels_per_call,
+    show_messages,
+    update_inputs,
+    write_json,
+)
 from bench.cuobjdump import cuda_kernels
 from part_fast import ops, reference
 
@@ -73,14 +81,14 @@ def triton_ptx(archs=ARCHS, training_variants: bool = True) -> tuple[list[dict],
     if os.environ.get("TRITON_INTERPRET") == "1":
         notes.append("TRITON_INTERPRET=1: compiled by ptx.compile_kernels in a subprocess without it")
     for arch in archs:
-        t0 = time.perf_counter()
+        watch = Stopwatch()
         try:
             arch_rows = ptx.compile_kernels(arch, training_variants)
         except Exception as exc:  # noqa: BLE001 (a kernel that does not compile is a note saying why)
             notes.append(f"sm_{arch}: compile failed ({exc!r})"[:300])
             continue
         rows += arch_rows
-        logger.info("  triton sm_%s: %d kernels in %.1f s", arch, len(arch_rows), time.perf_counter() - t0)
+        logger.info("  triton sm_%s: %d kernels in %.1f s", arch, len(arch_rows), watch.elapsed())
     return rows, notes
 
 
@@ -258,13 +266,12 @@ def measure(quick: bool = False) -> dict:
         ("cuda_kernels", "4.2 CUDA kernels ...", ("cuda_kernels", "cuda_status"), cuda_kernels),
         ("launches", "4.3 launches ...", ("launches", "launch_notes"), launches),
     )
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     for name, progress, (rows_key, notes_key), part in parts:
-        t = time.perf_counter()
         logger.info(progress)
         result[rows_key], result[notes_key] = part()
-        timings[name] = time.perf_counter() - t
-    timings["total"] = time.perf_counter() - t0
+        timings[name] = watch.lap()
+    timings["total"] = watch.elapsed()
     result["timings_s"] = timings
     return result
 

@@ -30,13 +30,12 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.common import machine_info, synchronizer, write_json, write_readme_blocks
+from bench.common import Stopwatch, machine_info, time_calls, write_json, write_readme_blocks
 from bench.step_cases import release_cam_model
 from part_fast.budget import PixelBudget
 from part_fast.check.timing import cuda_peak_bytes
@@ -156,25 +155,11 @@ def _worker(specs_json: str) -> None:
     print(json.dumps([measure_one(s, torch.device("cpu")) for s in specs]), flush=True)
 
 
-# ------------------------------------------------------------------------------------------ times
-def best_seconds(call, device, reps: int) -> float:
-    sync = synchronizer(device)
-    call()  # warm-up
-    sync()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        call()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 # ------------------------------------------------------------------------------------------- the run
 def run(quick: bool = False, device=torch.device("cpu"), log=print) -> dict:
     cfg = QUICK if quick else FULL
     device = torch.device(device)
-    start = time.perf_counter()
+    watch = Stopwatch()
     step_specs = [{"kind": "step", "method": m[0], "arch": cfg["arch"], "batch": b, "steps": cfg["steps"]}
                   for b in cfg["batches"] for m in STEP_METHODS]
     stage_specs = [{"kind": kind, "impl": impl, "arch": cfg["arch"], "batch": b, "size": 32}
@@ -195,14 +180,14 @@ def run(quick: bool = False, device=torch.device("cpu"), log=print) -> dict:
         x, _ = _images(spec["batch"], spec["size"])
         x = x.to(device)
         call = _budget_call(spec["impl"], model, x, spec["arch"]) if spec["kind"] == "budget" else _forward_call(model, x)
-        spec["seconds"] = best_seconds(call, device, cfg["reps"])
+        spec["seconds"] = min(time_calls(call, device, cfg["reps"]))  # the quickest, after one warm-up call
         spec["ms_per_image"] = 1000 * spec["seconds"] / spec["batch"]
     return {"quick": quick, "config": {k: v for k, v in cfg.items()}, "device": str(device),
             "method": ("torch.cuda.max_memory_allocated - memory_allocated before" if device.type == "cuda" else
                        "peak RSS (VmHWM after /proc/self/clear_refs) minus RSS before, glibc malloc returning freed "
                        "memory (MALLOC_MMAP_THRESHOLD_=65536, MALLOC_TRIM_THRESHOLD_=0), after one warm-up call"),
             "steps": step_specs, "stage": stage_specs, "scaling": scaling_specs,
-            "seconds": time.perf_counter() - start}
+            "seconds": watch.elapsed()}
 
 
 # ------------------------------------------------------------------------------------------ rendering

@@ -27,13 +27,12 @@ import json
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
 
 from bench import memory_report, ops_report
-from bench.common import machine_info, timed_backends, write_json, write_readme_blocks
+from bench.common import Stopwatch, load_average, machine_info, timed_backends, write_json, write_readme_blocks
 from part_fast.files import atomic_write_bytes, atomic_write_text
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
@@ -211,7 +210,7 @@ SECTIONS = ("ops", "stage", "train_step", "gpu", "memory")
 
 
 def run(quick: bool, device: torch.device, log=print) -> dict:
-    start = time.perf_counter()
+    watch = Stopwatch()
     machine = machine_info(device)
     sections = {
         "ops": section_ops(device, quick, log),
@@ -222,8 +221,8 @@ def run(quick: bool, device: torch.device, log=print) -> dict:
         # Memory is measured in a worker process with its own malloc settings (see bench/memory_report.py).
         "memory": section_memory(quick, device, log),
     }
-    machine["load_average_after"] = os.getloadavg()
-    return {"quick": quick, "machine": machine, "sections": sections, "seconds": time.perf_counter() - start}
+    machine["load_average_after"] = load_average()
+    return {"quick": quick, "machine": machine, "sections": sections, "seconds": watch.elapsed()}
 
 
 def write_outputs(result: dict, out: Path) -> dict:

@@ -27,7 +27,6 @@ import functools
 import json
 import os
 import statistics
-import time
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,12 +36,14 @@ from torch import nn
 
 from bench.common import (
     DEFAULT_DATA,
-    Interference,
+    Runs,
+    Stopwatch,
     keep_freed_memory,
     kernels_per_call,
+    load_average,
     load_cifar_subset,
     machine_info,
-    time_blocks,
+    wait_quiet,
     write_json,
 )
 from part_fast.release import release_eps_map, release_host_part, release_update_pgd
@@ -82,7 +83,7 @@ def cam_realistic_resnet18(x_cal: torch.Tensor, y_cal: torch.Tensor) -> tuple[nn
     The trunk stays random. No parameter keeps a .grad."""
     torch.manual_seed(SEED)
     model = get_model("resnet18")
-    t0 = time.perf_counter()
+    watch = Stopwatch()
     for m in model.modules():
         if isinstance(m, nn.BatchNorm2d):
             m.reset_running_stats()
@@ -112,7 +113,7 @@ def cam_realistic_resnet18(x_cal: torch.Tensor, y_cal: torch.Tensor) -> tuple[nn
         calib_acc = (head(feats).argmax(1) == y_cal).float().mean().item()
     return model, {"setup": "BN statistics recalibrated + linear head fitted (L-BFGS, 50 it) on the calibration images; trunk random",
                    "calibration_images": len(x_cal), "calibration_accuracy": calib_acc,
-                   "setup_seconds": time.perf_counter() - t0}
+                   "setup_seconds": watch.elapsed()}
 
 
 # ------------------------------------------------- the release's stage, counted: aten ops and bytes
@@ -147,66 +148,6 @@ def torchattacks_update(adv, grad, images, eps, alpha):
     return torch.clamp(images + delta, min=0, max=1).detach()
 
 
-# --------------------------------------------------------------------------------------- timing
-def others_now(interval: float = 1.0) -> float:
-    with Interference() as it:
-        time.sleep(interval)
-    return it.others
-
-
-def wait_quiet(max_wait: float, threshold: float) -> float:
-    """Wait (up to max_wait s) until other processes use < threshold cores over a 1-s sample; returns
-    the seconds waited."""
-    t0 = time.perf_counter()
-    while max_wait > 0 and time.perf_counter() - t0 < max_wait and others_now() >= threshold:
-        pass
-    return time.perf_counter() - t0
-
-
-class Runs:
-    """Timed runs of one case: wall seconds and the other processes' CPU use (cores) during each."""
-
-    def __init__(self):
-        self.seconds, self.others, self.faults = [], [], []
-
-    def time(self, fn):
-        faults = _minor_faults()
-        with Interference() as it:
-            out = fn()
-        self.faults.append(_minor_faults() - faults)
-        self.seconds.append(it.seconds)
-        self.others.append(it.others)
-        return out
-
-    def add(self, seconds: float, others: float):
-        self.seconds.append(seconds)
-        self.others.append(others)
-
-    def best(self) -> int:
-        return min(range(len(self.seconds)), key=self.seconds.__getitem__)
-
-    def summary(self) -> dict:
-        b = self.best()
-        out = {"min_s": self.seconds[b], "median_s": statistics.median(self.seconds), "runs_s": self.seconds,
-               "others_cores_runs": self.others, "others_cores_best": self.others[b]}
-        if self.faults:
-            out |= {"minor_faults_runs": self.faults, "minor_faults_best": self.faults[b]}
-        return out
-
-
-def _loadavg():
-    return list(os.getloadavg())
-
-
-def _minor_faults() -> int:
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    except (ImportError, OSError):
-        return 0
-
-
 # ------------------------------------------------------------------------------------- the run
 class Session:
     """What every part of one run shares besides its inputs: the arguments, the progress log, the start
@@ -215,7 +156,7 @@ class Session:
     def __init__(self, args):
         self.args = args
         self.log = (lambda *a: print(*a, flush=True)) if args.verbose else (lambda *a: None)
-        self.started = time.perf_counter()
+        self.watch = Stopwatch()
         self.waited_s = 0.0
 
     def quiet(self) -> None:
@@ -223,7 +164,7 @@ class Session:
         self.waited_s += wait_quiet(self.args.wait_quiet, self.args.quiet_cores)
 
     def elapsed(self) -> float:
-        return time.perf_counter() - self.started
+        return self.watch.elapsed()
 
 
 def choose_malloc(args) -> str:
@@ -249,7 +190,7 @@ def describe_machine(malloc: str, torchattacks) -> dict:
 
     machine = machine_info(CPU)
     machine["malloc"] = malloc
-    machine["load_average_before"] = _loadavg()
+    machine["load_average_before"] = load_average()
     machine["torchattacks"] = getattr(torchattacks, "__version__", None)
     machine["matplotlib"], machine["pillow"], machine["numpy"] = matplotlib.__version__, PIL.__version__, np.__version__
     return machine
@@ -298,7 +239,7 @@ def time_cam_rounds(session: Session, budget: PixelBudget, model: nn.Module, x: 
     """Ours, compute_cam alone and the release's loop in interleaved rounds, so a busy spell of the machine
     falls on all three."""
     args = session.args
-    ours, cc, rel = Runs(), Runs(), Runs()
+    ours, cc, rel = Runs(count_faults=True), Runs(count_faults=True), Runs(count_faults=True)
     raw_cams, preds, heatmaps = [], [], []
     release_map = None
     for r in range(max(args.cam_reps, args.release_reps)):
@@ -318,7 +259,7 @@ def time_cam_rounds(session: Session, budget: PixelBudget, model: nn.Module, x: 
 
 def time_release_host_part(heatmaps: list, x: torch.Tensor) -> Runs:
     """The release's host part alone (PIL + matplotlib + numpy + copy back), on its own normalised CAMs."""
-    runs = Runs()
+    runs = Runs(count_faults=True)
     for _ in range(3):
         runs.time(lambda: [release_host_part(hm, x.shape[-2], x.shape[-1], CPU) for hm in heatmaps])
     return runs
@@ -336,9 +277,8 @@ def time_cam_eps_map(cam: torch.Tensor) -> dict[str, Runs]:
         for backend, backend_runs in runs.items():
             if backend not in ops.available_backends(CPU):
                 continue
-            with ops.use_backend(backend), Interference() as it:
-                blocks = time_blocks(one_map, CPU, 0.3)
-            backend_runs.add(statistics.median(blocks), it.others)
+            with ops.use_backend(backend):
+                backend_runs.time_blocks(one_map, CPU, 0.3)
     return runs
 
 
@@ -445,7 +385,7 @@ def time_attacks(session: Session, loops: list) -> tuple[list[Runs], dict]:
     """(runs per loop, each loop's last adversarial batch) from interleaved rounds, then extra runs of
     the loops whose quickest run was disturbed, while the time budget lasts."""
     args = session.args
-    runs = [Runs() for _ in loops]
+    runs = [Runs(count_faults=True) for _ in loops]
     outputs = {}
 
     def timed_round(indices, label):
@@ -545,9 +485,7 @@ def time_update_phase(session: Session, loops: list) -> tuple[list[dict], float]
     for _ in range(session.args.update_rounds):
         session.quiet()
         for (_, _, fn), loop_runs in zip(loops, runs):
-            with Interference() as it:
-                blocks = time_blocks(fn, CPU, 0.3)
-            loop_runs.add(statistics.median(blocks), it.others)
+            loop_runs.time_blocks(fn, CPU, 0.3)
     clone_s = runs[0].summary()["min_s"]
     rows = []
     for (name, eps_form, fn), loop_runs in zip(loops[1:], runs[1:]):
@@ -644,12 +582,12 @@ def run(args) -> dict:
     result = {"config": run_config(args), "machine": machine, "model": model_info, "cam_stage": {}, "pgd": {},
               "checks": {}}
     result["cam_stage"], result["checks"]["cam_stage"], ours_map = measure_cam_stage(session, model, x, y, model_info)
-    machine["load_average_after_cam_stage"] = _loadavg()
+    machine["load_average_after_cam_stage"] = load_average()
     result["pgd"], one, e2e = measure_pgd(session, model, x, y, ours_map, torchattacks)
     result["checks"]["pgd_one_update_same_iterate"] = one
     result["checks"]["pgd_end_to_end"] = e2e
     result["targets"] = stage_targets(result)
-    machine["load_average_after"] = _loadavg()
+    machine["load_average_after"] = load_average()
     machine["waited_for_quiet_s"] = session.waited_s
     machine["total_seconds"] = session.elapsed()
     return result

@@ -71,7 +71,6 @@ import shutil
 import statistics
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import torch
@@ -79,7 +78,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from bench import common
-from bench.common import readme_text, write_readme_blocks
+from bench.common import Stopwatch, readme_text, write_readme_blocks
 from part_fast.data import build_datasets
 from part_fast.data.folders import classes_interleaved
 from part_fast.evaluate import evaluate
@@ -281,10 +280,10 @@ def run_one(name: str, method: str, mask: str | None, seed: int, spec: dict, wor
         log(f"[{name}] evaluated: skip evaluation")
         return trained, evaluated
     model, _ = load_model(run_dir / "last.pt", device=device)
-    start = time.perf_counter()
+    watch = Stopwatch()
     result = evaluate(model, test_loader, attacks=EVAL_ATTACKS, eps=spec["eval"]["eps"], alpha=spec["eval"]["alpha"],
                       device=device, seed=spec["eval"]["seed"], progress=sys.stderr.isatty())
-    seconds = time.perf_counter() - start
+    seconds = watch.elapsed()
     record = {"spec": spec["eval"], "checkpoint_epoch": epochs, "examples": result["examples"],
               "accuracy": {a: result[a] for a in EVAL_ATTACKS}, "attack_seconds": result["seconds"],
               "eval_seconds": seconds}
@@ -648,10 +647,10 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     study = open_study(work, spec, args.seeds, the_command(argv))
     session = study["sessions"][-1]
-    started = time.perf_counter()
+    session_watch = Stopwatch()
 
     def save_session(finished=False):
-        session["seconds"] = time.perf_counter() - started
+        session["seconds"] = session_watch.elapsed()
         session["finished"] = finished
         write_json(work / "study.json", study)
 

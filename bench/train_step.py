@@ -30,9 +30,7 @@ import argparse
 import copy
 import json
 import os
-import statistics
 import sys
-import time
 
 import numpy as np
 import torch
@@ -41,8 +39,10 @@ from torch import nn
 
 from bench.common import (
     DEFAULT_DATA,
-    Interference,
+    Runs,
+    Stopwatch,
     keep_freed_memory,
+    load_average,
     load_cifar_subset,
     machine_info,
     write_json,
@@ -83,25 +83,27 @@ class Yardstick:
     """A model-work unit timed in the same rounds: eval forward, or train forward + CE + full backward."""
 
     def __init__(self, name: str, model: nn.Module):
-        self.name, self.model, self.runs, self.others = name, model, [], []
+        self.name, self.model, self.timed = name, model, Runs()
+
+    def _work(self, x, y):
+        if self.name.startswith("forward + backward"):
+            self.model.train()
+            F.cross_entropy(self.model(x), y).backward()
+        else:
+            with eval_mode(self.model), torch.no_grad():
+                self.model(x)
 
     def step(self, x, y, timed: bool = True):
         for p in self.model.parameters():
             p.grad = None
-        with Interference() as it:
-            if self.name.startswith("forward + backward"):
-                self.model.train()
-                F.cross_entropy(self.model(x), y).backward()
-            else:
-                with eval_mode(self.model), torch.no_grad():
-                    self.model(x)
         if timed:
-            self.runs.append(it.seconds)
-            self.others.append(it.others)
+            self.timed.time(lambda: self._work(x, y))
+        else:
+            self._work(x, y)
 
     def summary(self) -> dict:
-        return {"name": self.name, "min_s": min(self.runs), "median_s": statistics.median(self.runs),
-                "runs_s": self.runs, "others_cores_runs": self.others}
+        runs = self.timed.summary()
+        return {"name": self.name, **{k: runs[k] for k in ("min_s", "median_s", "runs_s", "others_cores_runs")}}
 
 
 # --------------------------------------------------------------------------------------------- the run
@@ -121,7 +123,7 @@ def run(quick: bool = False, log=print, *, reps: int | None = None, data: str = 
     try:
         malloc = ("glibc: no mmap, no trim (freed memory kept)" if keep_freed and keep_freed_memory()
                   else "system default")
-        t_start = time.perf_counter()
+        watch = Stopwatch()
         machine = machine_info(CPU)
         machine["malloc"] = malloc
         x, y, data_desc = load_batch(batch, data)
@@ -156,7 +158,7 @@ def run(quick: bool = False, log=print, *, reps: int | None = None, data: str = 
             order = [entries[(i + r) % len(entries)] for i in range(len(entries))]
             for e in order:
                 e.step(x, y)
-            log(f"  round {r + 1}/{n_reps}: " + ", ".join(f"{e.name} {e.runs[-1]:.3f}s" for e in entries))
+            log(f"  round {r + 1}/{n_reps}: " + ", ".join(f"{e.name} {e.timed.seconds[-1]:.3f}s" for e in entries))
 
         rows = [c.summary(batch) for c in cases]
         by = {row["name"]: row for row in rows}
@@ -172,8 +174,8 @@ def run(quick: bool = False, log=print, *, reps: int | None = None, data: str = 
                   "cam": "gradcam", "cam_layer": CAM_LAYERS.get(arch), "threads": THREADS, "data": data_desc,
                   "seed": SEED, "timing": "warm-up step, then `reps` interleaved rounds (order rotated); every step "
                   "starts from the same post-warm-up snapshot; quickest and median reported",
-                  "machine": {**machine, "load_average_after": list(os.getloadavg())},
-                  "wall_seconds": time.perf_counter() - t_start}
+                  "machine": {**machine, "load_average_after": load_average()},
+                  "wall_seconds": watch.elapsed()}
         result = {"config": config, "rows": rows, "targets": targets, "yardsticks": yard_rows}
         result["why"] = _why(by, yard_rows, steps)
         result["markdown"] = markdown(result)

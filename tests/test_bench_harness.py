@@ -167,3 +167,45 @@ def test_kernel_names_are_shortened_from_their_template_arguments():
     cam = ("void part_fast::cam_device::cam_eps_map_kernel<c10::Half, false>(c10::Half const*, float*, "
            "part_fast::cam_device::Geometry, float, float)")
     assert short_kernel_name("_Z...", cam, kinds) == "cam_eps_map_kernel<cam f16, cam>"
+
+
+# ------------------------------------------------------------------------- the timing toolkit (bench/common)
+def test_runs_report_the_quickest_run_and_the_cpu_others_used_during_it():
+    from bench.common import Runs
+
+    runs = Runs()
+    for seconds, others in ((3.0, 0.1), (1.0, 0.5), (2.0, 0.0)):
+        runs.add(seconds, others)
+    assert runs.best() == 1
+    assert runs.summary() == {"min_s": 1.0, "median_s": 2.0, "runs_s": [3.0, 1.0, 2.0],
+                              "others_cores_runs": [0.1, 0.5, 0.0], "others_cores_best": 0.5}
+
+
+def test_runs_time_returns_the_result_and_counts_faults_only_when_asked():
+    from bench.common import Runs
+
+    plain, counted = Runs(), Runs(count_faults=True)
+    assert plain.time(lambda: "done") == "done" and counted.time(lambda: [0] * 100_000) == [0] * 100_000
+    assert len(plain.seconds) == len(counted.seconds) == 1
+    assert "minor_faults_runs" not in plain.summary()
+    assert len(counted.summary()["minor_faults_runs"]) == 1
+
+
+def test_timers_make_the_calls_they_promise():
+    import torch
+
+    from bench.common import time_blocks, time_calls, warm_up
+
+    cpu, calls = torch.device("cpu"), []
+
+    def fn():
+        calls.append(1)
+
+    warm_up(fn, cpu, calls=3)
+    assert len(calls) == 3
+    calls.clear()
+    assert len(time_calls(fn, cpu, reps=4, warmup=2)) == 4 and len(calls) == 6
+    calls.clear()
+    # No time asked for: the first call, one warm-up call, then min_blocks blocks of one call each.
+    assert len(time_blocks(fn, cpu, run_time=0, min_blocks=3, block_time=0, warmup_time=0)) == 3
+    assert len(calls) == 5

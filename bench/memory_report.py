@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -35,7 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bench.common import Stopwatch, machine_info, time_calls, write_json, write_readme_blocks
+from bench.common import Stopwatch, machine_info, show_messages, time_calls, write_json, write_readme_blocks
 from bench.step_cases import release_cam_model
 from part_fast.budget import PixelBudget
 from part_fast.check.timing import cuda_peak_bytes
@@ -52,6 +53,7 @@ STEP_METHODS = (("AT", "at", False), ("PART (ours)", "part", True), ("PART (rele
 BUDGET_IMPLS = ("ours", "release")
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 MB = 2**20
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------- peak memory
@@ -156,7 +158,9 @@ def _worker(specs_json: str) -> None:
 
 
 # ------------------------------------------------------------------------------------------- the run
-def run(quick: bool = False, device=torch.device("cpu"), log=print) -> dict:
+def run(quick: bool = False, device=torch.device("cpu")) -> dict:
+    """Measure the section: the peak memory of every step and stage call and the scaling rows' times,
+    JSON-able (markdown() and plot() render it)."""
     cfg = QUICK if quick else FULL
     device = torch.device(device)
     watch = Stopwatch()
@@ -168,13 +172,13 @@ def run(quick: bool = False, device=torch.device("cpu"), log=print) -> dict:
     scaling_specs = [{"kind": kind, "impl": impl, "arch": arch, "batch": cfg["scaling_batch"], "size": size}
                      for size, arch in cfg["sizes"] for kind, impl in (("budget", "ours"), ("budget", "release"),
                                                                        ("forward", "forward"))]
-    log(f"memory: {len(step_specs)} training steps, {len(stage_specs) + len(scaling_specs)} stage calls"
-        + (" (worker process)" if device.type == "cpu" else ""))
+    logger.info("memory: %d training steps, %d stage calls%s", len(step_specs), len(stage_specs) + len(scaling_specs),
+                " (worker process)" if device.type == "cpu" else "")
     peaks = measure(step_specs + stage_specs + scaling_specs, device)
     for spec, peak in zip(step_specs + stage_specs + scaling_specs, peaks):
         spec["peak_mb"] = peak / MB
 
-    log("scaling: budget stage times")
+    logger.info("scaling: budget stage times")
     for spec in scaling_specs:
         model = _model(spec["arch"], device)
         x, _ = _images(spec["batch"], spec["size"])
@@ -195,6 +199,7 @@ README_MARKERS = ("<!-- bench:memory:start -->", "<!-- bench:memory:end -->")
 
 
 def readme_block(res: dict) -> str:
+    """The README's bench:memory block of a standalone run (its machine included)."""
     m = res["machine"]
     where = f"GPU {m['gpu']}" if m.get("gpu") and res["device"].startswith("cuda") else \
         f"{m['cpu']} ({m['logical_cores']} cores)"
@@ -207,6 +212,7 @@ def _find(rows, **match):
 
 
 def markdown(res: dict) -> str:
+    """The section's two tables, rendered from run()'s result (or a saved run's)."""
     cfg = res["config"]
     steps, stage, scaling = res["steps"], res["stage"], res["scaling"]
     quick = " (quick)" if res["quick"] else ""
@@ -288,7 +294,8 @@ def main(argv=None) -> int:
         res = json.loads(Path(args.from_json).read_text())
     else:
         torch.set_num_threads(2)
-        res = run(args.quick, torch.device(args.device), log=lambda line: print(line, file=sys.stderr, flush=True))
+        show_messages(__name__, "bench")
+        res = run(args.quick, torch.device(args.device))
         res["machine"] = machine_info(torch.device(args.device))
     if args.out:
         write_json(args.out, res)

@@ -35,6 +35,7 @@ import torch
 import part_fast
 from part_fast import cpu_load, ops
 from part_fast.check.environment import cpu_model, triton_version
+from part_fast.data.folders import classes_interleaved
 from part_fast.check import inputs
 from part_fast.check.inputs import update_inputs  # noqa: F401 (the sections take it from here)
 from part_fast.check.op_count import kernels_per_call  # noqa: F401 (idem)
@@ -262,7 +263,8 @@ def keep_freed_memory() -> bool:
 
 
 def load_cifar_subset(tar_path: str, split: str, n: int):
-    """n images of `split` ("train"/"test"), classes round-robin (ImageFolder class order), as (x, y):
+    """n images of `split` ("train"/"test"), classes round robin (part_fast.data.folders.classes_interleaved,
+    the order of the data module's folder datasets), as (x, y):
     x (n, 3, 32, 32) float32 in [0, 1] (PIL RGB / 255, as ToTensor), y int64. Only those members are
     extracted, into a temporary folder that is removed afterwards."""
     from PIL import Image
@@ -270,8 +272,9 @@ def load_cifar_subset(tar_path: str, split: str, n: int):
     with tarfile.open(tar_path) as tf:
         members = sorted((m for m in tf.getmembers() if m.isfile() and f"/{split}/" in m.name), key=lambda m: m.name)
         classes = sorted({m.name.split("/")[-2] for m in members})
-        per_class = {c: [m for m in members if m.name.split("/")[-2] == c] for c in classes}
-        picked = [(per_class[c][i], label) for i in range(n) for label, c in enumerate(classes)][:n]
+        label_of = {c: k for k, c in enumerate(classes)}
+        # the data module's order: classes round robin, each in file order
+        picked = classes_interleaved([(m, label_of[m.name.split("/")[-2]]) for m in members])[:n]
         with tempfile.TemporaryDirectory() as tmp:
             tf.extractall(tmp, members=[m for m, _ in picked], filter="data")
             images = [np.asarray(Image.open(os.path.join(tmp, m.name)).convert("RGB"), dtype=np.float32) / 255
@@ -312,7 +315,18 @@ def cell(value, spec: str = "") -> str:
 
 
 # ---------------------------------------------------------------------------------------- messages
-def show_messages(*names: str, stream=None) -> None:
+class _WrittenMessages(logging.Handler):
+    """Hands each formatted message to a write function (tqdm.write: above a progress bar)."""
+
+    def __init__(self, write: Callable[[str], object]):
+        super().__init__()
+        self.write = write
+
+    def emit(self, record):
+        self.write(self.format(record))
+
+
+def show_messages(*names: str, stream=None, write: Callable[[str], object] | None = None) -> None:
     """Make the named loggers print their INFO (and higher) messages bare on `stream`, flushed, as the
     harness's programs printed their progress before they logged it. A name below another one given is
     skipped (its messages reach the parent's handler), and calling again replaces the handler instead of
@@ -321,6 +335,7 @@ def show_messages(*names: str, stream=None) -> None:
     Args:
         names: logger names, e.g. a program's `__name__` and "bench" (every module of the harness).
         stream: where the messages go (default: sys.stderr at call time).
+        write: instead of a stream, a function each message is handed to (e.g. tqdm.write).
     """
     for name in names:
         if any(name.startswith(other + ".") for other in names if other != name):
@@ -328,7 +343,10 @@ def show_messages(*names: str, stream=None) -> None:
         target = logging.getLogger(name)
         for handler in [h for h in target.handlers if getattr(h, "shows_bench_messages", False)]:
             target.removeHandler(handler)
-        handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+        if write is not None:
+            handler = _WrittenMessages(write)
+        else:
+            handler = logging.StreamHandler(sys.stderr if stream is None else stream)
         handler.setFormatter(logging.Formatter("%(message)s"))
         handler.shows_bench_messages = True
         target.addHandler(handler)

@@ -209,3 +209,17 @@ def test_timers_make_the_calls_they_promise():
     # No time asked for: the first call, one warm-up call, then min_blocks blocks of one call each.
     assert len(time_blocks(fn, cpu, run_time=0, min_blocks=3, block_time=0, warmup_time=0)) == 3
     assert len(calls) == 5
+
+
+def test_committed_study_report_re_renders_from_its_json(tmp_path):
+    """The study's report is rendered from its JSON alone: the committed JSON gives the committed markdown."""
+    from bench.study_report import read_json, write_outputs
+
+    committed = ROOT / "bench" / "results" / "study_cifar_subset"
+    out = tmp_path / committed.name
+    body = write_outputs(read_json(committed.with_suffix(".json")), out, None, json=False)
+    assert out.with_suffix(".md").read_text() == committed.with_suffix(".md").read_text()
+    assert body in committed.with_suffix(".md").read_text()
+    assert not out.with_suffix(".json").exists()
+    with Image.open(out.with_suffix(".png")) as im:
+        assert im.format == "PNG" and im.size == (640, 480)

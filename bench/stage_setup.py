@@ -19,6 +19,8 @@ CPU = torch.device("cpu")
 
 # ------------------------------------------------------------------------------------------ data
 def load_data(tar_path: str, n: int, n_calib: int):
+    """(x, y, x_cal, y_cal, description): n test images and n_calib calibration images of the CIFAR-10 subset
+    at tar_path, or seeded uniform random images when it is absent."""
     if tar_path and os.path.isfile(tar_path):
         x, y = load_cifar_subset(tar_path, "test", n)
         x_cal, y_cal = load_cifar_subset(tar_path, "train", n_calib)

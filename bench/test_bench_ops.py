@@ -11,6 +11,8 @@ import os
 import pytest
 import torch
 
+pytest.importorskip("pytest_benchmark", reason="the micro-benchmarks need pytest-benchmark (pip install -e .[bench])")
+
 from bench.common import synchronizer, timed_backends, warm_up
 from bench.ops_report import Case, all_cases, build
 from part_fast import ops

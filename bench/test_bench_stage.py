@@ -16,6 +16,8 @@ import os
 
 import pytest
 
+pytest.importorskip("pytest_benchmark", reason="the micro-benchmarks need pytest-benchmark (pip install -e .[bench])")
+
 from bench.common import DEFAULT_DATA, keep_freed_memory, warm_up
 from bench.stage_pgd import torchattacks_update
 from bench.stage_setup import ALPHA, BATCH, CALIB_IMAGES, CPU, EPS, cam_realistic_resnet18, load_data

@@ -101,3 +101,11 @@ def test_cam_eps_map_keeps_pil_sums_unfused(compiled, arch):
     # PIL accumulates mul then add, each rounded; a fused multiply-add would change the resized map.
     for name in ("cam_eps_map_jet_4x4_to_32x32", "cam_eps_map_cam_4x4_to_32x32", "cam_eps_map_jet_7x7_to_224x224"):
         assert compiled[(name, arch)]["fp64_fma"] is False
+
+
+def test_the_harness_marks_the_variants_ptx_compiles_for_training():
+    # bench/gpu_evidence.py names them too (a saved run renders without Triton): the two lists must agree
+    from bench.gpu_evidence import TRAINING_VARIANTS as marked
+    from part_fast.kernels.ptx import TRAINING_VARIANTS as compiled
+
+    assert set(marked) == set(compiled) == TRAINING_VARIANTS

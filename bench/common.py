@@ -1,20 +1,28 @@
 """What the benchmark sections share; no section imports another (bench/run.py, the harness, runs them all).
 
 - the machine a run measured (machine_info) and the backends worth timing there;
-- timing: blocks of back-to-back calls (time_blocks), the CPU other processes used meanwhile (Interference),
-  glibc's malloc set to keep freed memory (keep_freed_memory);
+- timing, the one toolkit every section uses: calls timed one at a time (time_calls) or in blocks of
+  back-to-back calls (time_blocks, block_median) after a warm-up (warm_up), wall seconds of a section or a
+  step's splits (Stopwatch), the CPU other processes used meanwhile (Interference, others_now, wait_quiet),
+  the runs of one case and their quickest / median (Runs), the load average; glibc's malloc set to keep
+  freed memory (keep_freed_memory);
 - kernel launches (kernels_per_call) and the op sections' seeded inputs (update_inputs), both from
   part_fast.check, which measures the same things on a GPU; the CIFAR-10 subset (load_cifar_subset);
 - output: JSON written atomically (write_json), generated blocks in a README (readme_text,
-  write_readme_blocks), "—" for a missing table cell (cell).
+  write_readme_blocks), "—" for a missing table cell (cell);
+- progress messages: every module logs to its own `logging.getLogger(__name__)`; a program shows them with
+  show_messages (bare messages on a stream, as print showed them).
 """
 from __future__ import annotations
 
 import ctypes
 import datetime
 import json
+import logging
 import os
 import platform
+import statistics
+import sys
 import tarfile
 import tempfile
 import time
@@ -27,9 +35,10 @@ import torch
 import part_fast
 from part_fast import cpu_load, ops
 from part_fast.check.environment import cpu_model, triton_version
+from part_fast.data.folders import classes_interleaved
 from part_fast.check import inputs
 from part_fast.check.inputs import update_inputs  # noqa: F401 (the sections take it from here)
-from part_fast.check.timing import kernels_per_call  # noqa: F401 (idem)
+from part_fast.check.op_count import kernels_per_call  # noqa: F401 (idem)
 from part_fast.files import (
     MarkersMissing,
     atomic_write_text,
@@ -68,45 +77,94 @@ def machine_info(device: torch.device) -> dict:
         "backends_available": ops.available_backends(),
         "backends_timed": timed_backends(device),
         "dtype": "float32",
-        "load_average_before": os.getloadavg(),  # 1/5/15 min: other work on the machine skews CPU timings
+        "load_average_before": load_average(),
     }
 
 
 # ------------------------------------------------------------------------------------------- timing
+# The one timing toolkit of the harness: every section times with these, and nothing else calls perf_counter.
 def synchronizer(device: torch.device) -> Callable[[], None]:
+    """A function that waits for the device's queued work (a no-op on the CPU)."""
     return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+
+def load_average() -> list[float]:
+    """The 1, 5 and 15-minute load averages: other work on the machine skews CPU timings."""
+    return list(os.getloadavg())
+
+
+class Stopwatch:
+    """Wall seconds since it was made (elapsed) and since the previous lap (lap): the seconds a section or a
+    session took, and the split columns of a step."""
+
+    def __init__(self):
+        self.start = self.last = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def lap(self) -> float:
+        now = time.perf_counter()
+        seconds, self.last = now - self.last, now
+        return seconds
+
+
+def warm_up(fn, device: torch.device, calls: int = 1) -> None:
+    """Call fn `calls` times and drain the device: lazy initialisation, allocations and caches out of the
+    timed calls that follow."""
+    sync = synchronizer(device)
+    for _ in range(calls):
+        fn()
+    sync()
+
+
+def time_calls(fn, device: torch.device, reps: int, warmup: int = 1) -> list[float]:
+    """Wall seconds of each of `reps` calls of fn, each timed alone with the device drained, after `warmup`
+    calls: for calls long enough to time one at a time (a budget stage, a forward)."""
+    sync = synchronizer(device)
+    warm_up(fn, device, warmup)
+    times = []
+    for _ in range(reps):
+        watch = Stopwatch()
+        fn()
+        sync()
+        times.append(watch.elapsed())
+    return times
 
 
 def time_blocks(fn, device, run_time: float, min_blocks=3, block_time=2e-3, warmup_time=0.05) -> list[float]:
     """Per-call times of blocks of back-to-back calls (a block lasts ~block_time, or one call), after a
-    warm-up; at least min_blocks blocks and run_time seconds."""
+    warm-up (the first call, then warmup_time seconds of calls); at least min_blocks blocks and run_time
+    seconds: for calls too short to time one at a time (an op)."""
     sync = synchronizer(device)
-    fn()  # first call: lazy initialisation, allocations
-    sync()
-    start, warmup_calls = time.perf_counter(), 0
-    while warmup_calls == 0 or time.perf_counter() - start < warmup_time:
+    warm_up(fn, device)
+    watch, warmup_calls = Stopwatch(), 0
+    while warmup_calls == 0 or watch.elapsed() < warmup_time:
         fn()
         sync()
         warmup_calls += 1
-    one_call = (time.perf_counter() - start) / warmup_calls
+    one_call = watch.elapsed() / warmup_calls
     calls_per_block = max(1, round(block_time / max(one_call, 1e-7)))
     block_means = []
-    deadline = time.perf_counter() + run_time
-    while len(block_means) < min_blocks or time.perf_counter() < deadline:
-        t0 = time.perf_counter()
+    running = Stopwatch()
+    while len(block_means) < min_blocks or running.elapsed() < run_time:
+        block = Stopwatch()
         for _ in range(calls_per_block):
             fn()
         sync()
-        block_means.append((time.perf_counter() - t0) / calls_per_block)
+        block_means.append(block.elapsed() / calls_per_block)
     return block_means
 
 
+def block_median(fn, device, run_time: float) -> float:
+    """The median per-call seconds of time_blocks(fn, device, run_time): one round's figure of an op."""
+    return statistics.median(time_blocks(fn, device, run_time))
 
 
 class Interference:
     """CPU time other processes used while the block ran, in cores (0 = we had the machine; 1 = another
     process kept one of the 2 cores busy the whole time; NaN where /proc/stat cannot be read):
-    part_fast.cpu_load's reading."""
+    part_fast.cpu_load's reading. Also the block's wall seconds (`seconds`)."""
 
     def __enter__(self):
         self.start = cpu_load.sample()
@@ -118,6 +176,74 @@ class Interference:
         others = cpu_load.other_cores(self.start, end)
         self.others = float("nan") if others is None else others
         return False
+
+
+def others_now(interval: float = 1.0) -> float:
+    """Cores other processes use now, sampled over `interval` seconds."""
+    with Interference() as it:
+        time.sleep(interval)
+    return it.others
+
+
+def wait_quiet(max_wait: float, threshold: float) -> float:
+    """Wait (up to max_wait s) until other processes use < threshold cores over a 1-s sample; returns
+    the seconds waited."""
+    watch = Stopwatch()
+    while max_wait > 0 and watch.elapsed() < max_wait and others_now() >= threshold:
+        pass
+    return watch.elapsed()
+
+
+def minor_faults() -> int:
+    """Minor page faults of this process so far (0 where getrusage is missing)."""
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    except (ImportError, OSError):
+        return 0
+
+
+class Runs:
+    """Timed runs of one case: wall seconds and the other processes' CPU use (cores) during each, and with
+    count_faults the minor page faults each run took."""
+
+    def __init__(self, count_faults: bool = False):
+        self.count_faults = count_faults
+        self.seconds, self.others, self.faults = [], [], []
+
+    def time(self, fn):
+        """Run fn once, timed; returns what fn returns."""
+        faults = minor_faults() if self.count_faults else 0
+        with Interference() as it:
+            out = fn()
+        if self.count_faults:
+            self.faults.append(minor_faults() - faults)
+        self.add(it.seconds, it.others)
+        return out
+
+    def time_blocks(self, fn, device, run_time: float) -> None:
+        """One run: the median per-call seconds of time_blocks(fn), with the CPU others used meanwhile."""
+        with Interference() as it:
+            seconds = block_median(fn, device, run_time)
+        self.add(seconds, it.others)
+
+    def add(self, seconds: float, others: float):
+        self.seconds.append(seconds)
+        self.others.append(others)
+
+    def best(self) -> int:
+        """The index of the quickest run: other work on the machine only slows a run down."""
+        return min(range(len(self.seconds)), key=self.seconds.__getitem__)
+
+    def summary(self) -> dict:
+        """The quickest and the median run, every run, and the others' CPU use (and faults) of each."""
+        b = self.best()
+        out = {"min_s": self.seconds[b], "median_s": statistics.median(self.seconds), "runs_s": self.seconds,
+               "others_cores_runs": self.others, "others_cores_best": self.others[b]}
+        if self.faults:
+            out |= {"minor_faults_runs": self.faults, "minor_faults_best": self.faults[b]}
+        return out
 
 
 def keep_freed_memory() -> bool:
@@ -137,7 +263,8 @@ def keep_freed_memory() -> bool:
 
 
 def load_cifar_subset(tar_path: str, split: str, n: int):
-    """n images of `split` ("train"/"test"), classes round-robin (ImageFolder class order), as (x, y):
+    """n images of `split` ("train"/"test"), classes round robin (part_fast.data.folders.classes_interleaved,
+    the order of the data module's folder datasets), as (x, y):
     x (n, 3, 32, 32) float32 in [0, 1] (PIL RGB / 255, as ToTensor), y int64. Only those members are
     extracted, into a temporary folder that is removed afterwards."""
     from PIL import Image
@@ -145,8 +272,9 @@ def load_cifar_subset(tar_path: str, split: str, n: int):
     with tarfile.open(tar_path) as tf:
         members = sorted((m for m in tf.getmembers() if m.isfile() and f"/{split}/" in m.name), key=lambda m: m.name)
         classes = sorted({m.name.split("/")[-2] for m in members})
-        per_class = {c: [m for m in members if m.name.split("/")[-2] == c] for c in classes}
-        picked = [(per_class[c][i], label) for i in range(n) for label, c in enumerate(classes)][:n]
+        label_of = {c: k for k, c in enumerate(classes)}
+        # the data module's order: classes round robin, each in file order
+        picked = classes_interleaved([(m, label_of[m.name.split("/")[-2]]) for m in members])[:n]
         with tempfile.TemporaryDirectory() as tmp:
             tf.extractall(tmp, members=[m for m, _ in picked], filter="data")
             images = [np.asarray(Image.open(os.path.join(tmp, m.name)).convert("RGB"), dtype=np.float32) / 255
@@ -184,3 +312,42 @@ def write_readme_blocks(path, blocks: dict[tuple[str, str], str]) -> None:
 def cell(value, spec: str = "") -> str:
     """A table cell: the value formatted, or "—" where there is none."""
     return "—" if value is None else format(value, spec)
+
+
+# ---------------------------------------------------------------------------------------- messages
+class _WrittenMessages(logging.Handler):
+    """Hands each formatted message to a write function (tqdm.write: above a progress bar)."""
+
+    def __init__(self, write: Callable[[str], object]):
+        super().__init__()
+        self.write = write
+
+    def emit(self, record):
+        self.write(self.format(record))
+
+
+def show_messages(*names: str, stream=None, write: Callable[[str], object] | None = None) -> None:
+    """Make the named loggers print their INFO (and higher) messages bare on `stream`, flushed, as the
+    harness's programs printed their progress before they logged it. A name below another one given is
+    skipped (its messages reach the parent's handler), and calling again replaces the handler instead of
+    adding a second.
+
+    Args:
+        names: logger names, e.g. a program's `__name__` and "bench" (every module of the harness).
+        stream: where the messages go (default: sys.stderr at call time).
+        write: instead of a stream, a function each message is handed to (e.g. tqdm.write).
+    """
+    for name in names:
+        if any(name.startswith(other + ".") for other in names if other != name):
+            continue
+        target = logging.getLogger(name)
+        for handler in [h for h in target.handlers if getattr(h, "shows_bench_messages", False)]:
+            target.removeHandler(handler)
+        if write is not None:
+            handler = _WrittenMessages(write)
+        else:
+            handler = logging.StreamHandler(sys.stderr if stream is None else stream)
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        handler.shows_bench_messages = True
+        target.addHandler(handler)
+        target.setLevel(logging.INFO)

@@ -27,16 +27,16 @@ from __future__ import annotations
 import argparse
 import gc
 import json
+import logging
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bench.common import machine_info, synchronizer, write_json, write_readme_blocks
+from bench.common import Stopwatch, machine_info, show_messages, time_calls, write_json, write_readme_blocks
 from bench.step_cases import release_cam_model
 from part_fast.budget import PixelBudget
 from part_fast.check.timing import cuda_peak_bytes
@@ -53,6 +53,7 @@ STEP_METHODS = (("AT", "at", False), ("PART (ours)", "part", True), ("PART (rele
 BUDGET_IMPLS = ("ours", "release")
 WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
 MB = 2**20
+logger = logging.getLogger(__name__)
 
 
 # ------------------------------------------------------------------------------------- peak memory
@@ -156,25 +157,13 @@ def _worker(specs_json: str) -> None:
     print(json.dumps([measure_one(s, torch.device("cpu")) for s in specs]), flush=True)
 
 
-# ------------------------------------------------------------------------------------------ times
-def best_seconds(call, device, reps: int) -> float:
-    sync = synchronizer(device)
-    call()  # warm-up
-    sync()
-    times = []
-    for _ in range(reps):
-        start = time.perf_counter()
-        call()
-        sync()
-        times.append(time.perf_counter() - start)
-    return min(times)
-
-
 # ------------------------------------------------------------------------------------------- the run
-def run(quick: bool = False, device=torch.device("cpu"), log=print) -> dict:
+def run(quick: bool = False, device=torch.device("cpu")) -> dict:
+    """Measure the section: the peak memory of every step and stage call and the scaling rows' times,
+    JSON-able (markdown() and plot() render it)."""
     cfg = QUICK if quick else FULL
     device = torch.device(device)
-    start = time.perf_counter()
+    watch = Stopwatch()
     step_specs = [{"kind": "step", "method": m[0], "arch": cfg["arch"], "batch": b, "steps": cfg["steps"]}
                   for b in cfg["batches"] for m in STEP_METHODS]
     stage_specs = [{"kind": kind, "impl": impl, "arch": cfg["arch"], "batch": b, "size": 32}
@@ -183,26 +172,26 @@ def run(quick: bool = False, device=torch.device("cpu"), log=print) -> dict:
     scaling_specs = [{"kind": kind, "impl": impl, "arch": arch, "batch": cfg["scaling_batch"], "size": size}
                      for size, arch in cfg["sizes"] for kind, impl in (("budget", "ours"), ("budget", "release"),
                                                                        ("forward", "forward"))]
-    log(f"memory: {len(step_specs)} training steps, {len(stage_specs) + len(scaling_specs)} stage calls"
-        + (" (worker process)" if device.type == "cpu" else ""))
+    logger.info("memory: %d training steps, %d stage calls%s", len(step_specs), len(stage_specs) + len(scaling_specs),
+                " (worker process)" if device.type == "cpu" else "")
     peaks = measure(step_specs + stage_specs + scaling_specs, device)
     for spec, peak in zip(step_specs + stage_specs + scaling_specs, peaks):
         spec["peak_mb"] = peak / MB
 
-    log("scaling: budget stage times")
+    logger.info("scaling: budget stage times")
     for spec in scaling_specs:
         model = _model(spec["arch"], device)
         x, _ = _images(spec["batch"], spec["size"])
         x = x.to(device)
         call = _budget_call(spec["impl"], model, x, spec["arch"]) if spec["kind"] == "budget" else _forward_call(model, x)
-        spec["seconds"] = best_seconds(call, device, cfg["reps"])
+        spec["seconds"] = min(time_calls(call, device, cfg["reps"]))  # the quickest, after one warm-up call
         spec["ms_per_image"] = 1000 * spec["seconds"] / spec["batch"]
     return {"quick": quick, "config": {k: v for k, v in cfg.items()}, "device": str(device),
             "method": ("torch.cuda.max_memory_allocated - memory_allocated before" if device.type == "cuda" else
                        "peak RSS (VmHWM after /proc/self/clear_refs) minus RSS before, glibc malloc returning freed "
                        "memory (MALLOC_MMAP_THRESHOLD_=65536, MALLOC_TRIM_THRESHOLD_=0), after one warm-up call"),
             "steps": step_specs, "stage": stage_specs, "scaling": scaling_specs,
-            "seconds": time.perf_counter() - start}
+            "seconds": watch.elapsed()}
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -210,6 +199,7 @@ README_MARKERS = ("<!-- bench:memory:start -->", "<!-- bench:memory:end -->")
 
 
 def readme_block(res: dict) -> str:
+    """The README's bench:memory block of a standalone run (its machine included)."""
     m = res["machine"]
     where = f"GPU {m['gpu']}" if m.get("gpu") and res["device"].startswith("cuda") else \
         f"{m['cpu']} ({m['logical_cores']} cores)"
@@ -222,6 +212,7 @@ def _find(rows, **match):
 
 
 def markdown(res: dict) -> str:
+    """The section's two tables, rendered from run()'s result (or a saved run's)."""
     cfg = res["config"]
     steps, stage, scaling = res["steps"], res["stage"], res["scaling"]
     quick = " (quick)" if res["quick"] else ""
@@ -303,7 +294,8 @@ def main(argv=None) -> int:
         res = json.loads(Path(args.from_json).read_text())
     else:
         torch.set_num_threads(2)
-        res = run(args.quick, torch.device(args.device), log=lambda line: print(line, file=sys.stderr, flush=True))
+        show_messages(__name__, "bench")
+        res = run(args.quick, torch.device(args.device))
         res["machine"] = machine_info(torch.device(args.device))
     if args.out:
         write_json(args.out, res)

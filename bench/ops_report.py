@@ -14,7 +14,6 @@ import argparse
 import json
 import math
 import os
-import statistics
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 
@@ -26,10 +25,11 @@ from bench.common import (
     EPS,
     EPS_LOW,
     STEP_SIZE,
+    block_median,
     cell,
     kernels_per_call,
+    load_average,
     machine_info,
-    time_blocks,
     timed_backends,
     update_inputs,
     write_json,
@@ -133,7 +133,7 @@ def measure(cases: list[Case], device: torch.device, run_time: float, rounds: in
         for case in cases:
             fn, nbytes[case] = build(case, device)
             with ops.use_backend(case.backend):
-                round_medians[case].append(statistics.median(time_blocks(fn, device, run_time / rounds)))
+                round_medians[case].append(block_median(fn, device, run_time / rounds))
                 if case not in kernels:
                     kernels[case] = kernels_per_call(fn, device)
     seconds = {case: min(medians) for case, medians in round_medians.items()}
@@ -237,7 +237,7 @@ def measure_report(args) -> dict:
         raise SystemExit("--device cuda: no GPU visible")
     machine = machine_info(device)
     rows = measure(all_cases(timed_backends(device)), device, args.run_time, args.rounds)
-    machine["load_average_after"] = os.getloadavg()
+    machine["load_average_after"] = load_average()
     return {"machine": machine, "rows": rows, "targets": check_targets(rows)}
 
 

@@ -11,8 +11,9 @@ Sections:
    and bf16: time, GB/s and the share of the clone() bandwidth measured in the same run (bench/ops_report.py);
 2. the CAM + budget stage against the release's per-image pipeline, emulated (bench/stage_report.py);
 3. one training step of AT, PART (ours), PART as released, TRADES, PART-T (bench/train_step.py);
-4. GPU evidence that needs no GPU: PTX widths and registers, CUDA registers and spills, projected H100
-   times, launches per PGD step (bench/gpu_evidence.py);
+4. GPU evidence that needs no GPU, read from the compiled code or counted: PTX widths and registers, CUDA
+   registers and spills, launches per call (bench/gpu_evidence.py); GPU times come only from
+   `part-fast check --device cuda` on a GPU;
 5. memory and scaling: peak memory of one training step of AT, PART (ours), PART as released and of the
    CAM + budget stage alone at batch 128 and 512; the budget stage's time and memory at 32, 64 and 224 px
    (bench/memory_report.py; on the device of --device: with cuda, GPU memory and times).
@@ -23,19 +24,29 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import re
 import sys
-import time
 from pathlib import Path
 
 import torch
 
-from bench import memory_report, ops_report
-from bench.common import machine_info, timed_backends, write_json, write_readme_blocks
+from bench import gpu_evidence, memory_report, ops_report, stage_report, train_step
+from bench.common import (
+    Stopwatch,
+    load_average,
+    machine_info,
+    show_messages,
+    timed_backends,
+    write_json,
+    write_readme_blocks,
+)
+from bench.stage_markdown import markdown as stage_markdown
 from part_fast.files import atomic_write_bytes, atomic_write_text
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results"
+logger = logging.getLogger(__name__)
 
 # Section 1 sizes: (x shape) and (CAM (B, h, w), output size) of the three dataset scales.
 FULL_STEP_SHAPES = ((128, 3, 32, 32), (128, 3, 64, 64), (64, 3, 224, 224))
@@ -58,49 +69,46 @@ def machine_slug(machine: dict) -> str:
 
 
 # ------------------------------------------------------------------------------------------- sections
-def section_ops(device: torch.device, quick: bool, log) -> dict:
+# Each section measures and returns its figures, JSON-able; rendering (below) reads nothing else, so
+# --from-json re-renders an earlier run without measuring.
+def section_ops(device: torch.device, quick: bool) -> dict:
     shapes = QUICK_STEP_SHAPES if quick else FULL_STEP_SHAPES
     cams = QUICK_CAM_CASES if quick else FULL_CAM_CASES
     forms = ("(B,3,H,W)",) if quick else tuple(ops_report.EPS_FORMS)
     cases = ops_report.all_cases(timed_backends(device), shapes, DTYPES, forms, cams)
-    log(f"[1/5] ops: {len(cases)} cases")
+    logger.info("[1/5] ops: %d cases", len(cases))
     run_time, rounds = (0.15, 2) if quick else (1.0, 3)
     rows = ops_report.measure(cases, device, run_time, rounds)
     return {"rows": rows, "targets": ops_report.check_targets(rows), "run_time": run_time, "rounds": rounds}
 
 
-def section_stage(quick: bool, log) -> dict:
-    from bench import stage_report
-
-    log("[2/5] CAM + budget stage and PGD-10 vs the release")
+def section_stage(quick: bool) -> dict:
+    logger.info("[2/5] CAM + budget stage and PGD-10 vs the release")
     argv = ["--out", ""]
     if quick:
         argv += ["--batch", "16", "--steps", "2", "--cam-reps", "1", "--release-reps", "1", "--pgd-reps", "1",
                  "--update-rounds", "1", "--time-budget", "0"]
-    result = stage_report.run_with(argv)
-    result["markdown"] = stage_report.markdown(result)
-    return result
+    return stage_report.run_with(argv)
 
 
-def section_train_step(quick: bool, log) -> dict:
-    from bench import train_step
-
-    log("[3/5] one training step: AT, PART (ours), PART (release), TRADES, PART-T")
-    return train_step.run(quick=quick, log=lambda *a: None)
+def section_train_step(quick: bool) -> dict:
+    logger.info("[3/5] one training step: AT, PART (ours), PART (release), TRADES, PART-T")
+    return train_step.run(quick=quick)
 
 
-def section_gpu(quick: bool, log) -> dict:
-    from bench import gpu_evidence
-
-    log("[4/5] GPU evidence: PTX, CUDA resource usage, projections, launches")
-    return gpu_evidence.run(quick=quick, log=lambda *a: None)
+def section_gpu(quick: bool) -> dict:
+    logger.info("[4/5] GPU evidence: PTX, CUDA resource usage, launches")
+    return gpu_evidence.measure(quick=quick)
 
 
-def section_memory(quick: bool, device: torch.device, log) -> dict:
-    log("[5/5] memory of a training step and of the budget stage; the budget stage against the image size")
-    result = memory_report.run(quick=quick, device=device, log=lambda *a: None)
-    result["markdown"] = memory_report.markdown(result)
-    return result
+def section_memory(quick: bool, device: torch.device) -> dict:
+    logger.info("[5/5] memory of a training step and of the budget stage; the budget stage against the image size")
+    return memory_report.run(quick=quick, device=device)
+
+
+# The sections whose markdown the JSON also holds, and their renderers.
+SECTION_MARKDOWN = {"stage": stage_markdown, "train_step": train_step.markdown, "gpu": gpu_evidence.markdown,
+                    "memory": memory_report.markdown}
 
 
 # ------------------------------------------------------------------------------------------ rendering
@@ -137,19 +145,20 @@ def ops_table(result: dict) -> str:
 
 
 def markdown(result: dict) -> str:
+    """The whole report, rendered from the run's figures (never from the markdown the JSON keeps)."""
     s = result["sections"]
     return "\n\n".join([
         "# part_fast benchmark", header(result),
         "## Targets", targets_table(result),
         "## 1. Ops", ops_table(result),
-        "## 2. CAM + budget stage and PGD-10 against the release", s["stage"]["markdown"],
-        "## 3. One training step", s["train_step"]["markdown"],
-        "## 4. GPU evidence without a GPU", s["gpu"]["markdown"],
-    ] + (["## 5. Memory and scaling", s["memory"]["markdown"]] if "memory" in s else [])) + "\n"
+        "## 2. CAM + budget stage and PGD-10 against the release", stage_markdown(s["stage"]),
+        "## 3. One training step", train_step.markdown(s["train_step"]),
+        "## 4. GPU evidence without a GPU", gpu_evidence.markdown(s["gpu"]),
+    ] + (["## 5. Memory and scaling", memory_report.markdown(s["memory"])] if "memory" in s else [])) + "\n"
 
 
 def readme_blocks(result: dict) -> dict:
-    summary = "\n\n".join([header(result), targets_table(result), result["sections"]["train_step"]["markdown"]])
+    summary = "\n\n".join([header(result), targets_table(result), train_step.markdown(result["sections"]["train_step"])])
     blocks = {"ops": ops_table(result), "summary": summary}
     if "memory" in result["sections"]:
         blocks["memory"] = "\n\n".join([header(result), memory_report.markdown(result["sections"]["memory"])])
@@ -207,20 +216,29 @@ def plot(result: dict, path: Path) -> None:
 SECTIONS = ("ops", "stage", "train_step", "gpu", "memory")
 
 
-def run(quick: bool, device: torch.device, log=print) -> dict:
-    start = time.perf_counter()
+def run(quick: bool, device: torch.device) -> dict:
+    """Measure every section: {"quick", "machine", "sections": {name: figures}, "seconds"}, JSON-able."""
+    watch = Stopwatch()
     machine = machine_info(device)
     sections = {
-        "ops": section_ops(device, quick, log),
+        "ops": section_ops(device, quick),
         # The stage report sets glibc's malloc to keep freed memory; sections 3 and 4 run after it.
-        "stage": section_stage(quick, log),
-        "train_step": section_train_step(quick, log),
-        "gpu": section_gpu(quick, log),
+        "stage": section_stage(quick),
+        "train_step": section_train_step(quick),
+        "gpu": section_gpu(quick),
         # Memory is measured in a worker process with its own malloc settings (see bench/memory_report.py).
-        "memory": section_memory(quick, device, log),
+        "memory": section_memory(quick, device),
     }
-    machine["load_average_after"] = os.getloadavg()
-    return {"quick": quick, "machine": machine, "sections": sections, "seconds": time.perf_counter() - start}
+    machine["load_average_after"] = load_average()
+    return {"quick": quick, "machine": machine, "sections": sections, "seconds": watch.elapsed()}
+
+
+def with_section_markdown(result: dict) -> dict:
+    """The result as the JSON keeps it: each section in SECTION_MARKDOWN also holds its markdown as rendered
+    when measured, for readers of the JSON (rendering never reads it back)."""
+    sections = {name: ({**figures, "markdown": SECTION_MARKDOWN[name](figures)} if name in SECTION_MARKDOWN
+                       else figures) for name, figures in result["sections"].items()}
+    return {**result, "sections": sections}
 
 
 def write_outputs(result: dict, out: Path) -> dict:
@@ -229,7 +247,7 @@ def write_outputs(result: dict, out: Path) -> dict:
     stem = f"{date}-{machine_slug(result['machine'])}" + ("-quick" if result["quick"] else "")
     paths = {"json": out / f"{stem}.json", "md": out / f"{stem}.md", "png": out / f"{stem}.png",
              "memory_png": out / f"{stem}-memory.png"}
-    write_json(paths["json"], result)
+    write_json(paths["json"], with_section_markdown(result))
     atomic_write_text(paths["md"], markdown(result))
     plot(result, paths["png"])
     if "memory" in result["sections"]:  # absent from runs before section 5 existed
@@ -246,17 +264,18 @@ def main(argv=None) -> int:
     parser.add_argument("--readme", help="regenerate this README's bench:ops and bench:summary blocks from the JSON")
     parser.add_argument("--from-json", help="measure nothing: re-render this earlier run's JSON")
     args = parser.parse_args(argv)
+    show_messages(__name__)  # the harness's progress lines on stderr; the sections' own stay quiet
     if args.from_json:
         result = json.loads(Path(args.from_json).read_text())
     else:
         torch.set_num_threads(args.threads)
         device = torch.device(args.device)
         if device.type == "cuda" and not torch.cuda.is_available():
-            print("part-fast bench: error: --device cuda but no GPU is visible", file=sys.stderr)
+            logger.error("part-fast bench: error: --device cuda but no GPU is visible")
             return 2
-        result = run(args.quick, device, log=lambda line: print(line, file=sys.stderr, flush=True))
+        result = run(args.quick, device)
         paths = write_outputs(result, Path(args.out))
-        print(f"wrote {paths['json']}, {paths['md']}, {paths['png']}", file=sys.stderr)
+        logger.info("wrote %s, %s, %s", paths["json"], paths["md"], paths["png"])
     print(markdown(result))
     if args.readme:
         write_readme(args.readme, result)

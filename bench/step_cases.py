@@ -8,13 +8,12 @@ from __future__ import annotations
 
 import copy
 import statistics
-import time
 
 import numpy as np
 import torch
 from torch import nn
 
-from bench.common import Interference
+from bench.common import Interference, Runs, Stopwatch
 from part_fast.attacks import PGD
 from part_fast.cam import find_layer
 from part_fast.losses import OUTER_LOSSES
@@ -75,7 +74,8 @@ class Case:
         else:
             self.attack = inner_attack(self.state, part_phase)
         self.snapshot = None
-        self.runs, self.others, self.splits, self.eps_high, self.losses = [], [], [], [], []
+        self.timed = Runs()  # each timed step: wall seconds and the CPU other processes used
+        self.splits, self.eps_high, self.losses = [], [], []
 
     def take_snapshot(self):
         self.snapshot = (copy.deepcopy(self.state.model.state_dict()), copy.deepcopy(self.state.optimizer.state_dict()))
@@ -91,9 +91,9 @@ class Case:
         """The release's per-image CAM + mask pipeline on these images, timed (eval mode, as the release)."""
         model = self.state.model
         with eval_mode(model), np.errstate(invalid="ignore", divide="ignore"):
-            t0 = time.perf_counter()
+            watch = Stopwatch()
             eps_map = release_eps_map(self.cam_model, x, self.state.config.eps, self.state.config.eps_low)
-            seconds = time.perf_counter() - t0
+            seconds = watch.elapsed()
         for p in model.parameters():  # the release's loop leaves a .grad on every parameter
             p.grad = None
         return eps_map, seconds
@@ -102,11 +102,11 @@ class Case:
         """The release's step minus its mask (timed apart): eval-mode PGD-k with the global-eps unclipped
         start and the eager update, then the same train-mode CE + SGD step as train_step."""
         st = self.state
-        t0 = time.perf_counter()
+        watch = Stopwatch()
         x, y = x.to(self.device), y.to(self.device)
-        t1 = time.perf_counter()
+        data_s = watch.lap()
         x_adv = release_update_pgd(self.attack, x, y, eps_map)
-        t2 = time.perf_counter()
+        attack_s = watch.lap()
         st.model.train()
         st.optimizer.zero_grad(set_to_none=True)
         (logits_adv,) = st.outer(x_adv)
@@ -114,10 +114,10 @@ class Case:
         loss_value = float(loss.detach())
         loss.backward()
         st.optimizer.step()
-        t3 = time.perf_counter()
+        update_s = watch.lap()
         self.eps_high.append(float((eps_map == st.config.eps).float().mean()))
         self.losses.append(loss_value)
-        return {"data": t1 - t0, "budget": mask_seconds, "attack": t2 - t1, "update": t3 - t2}
+        return {"data": data_s, "budget": mask_seconds, "attack": attack_s, "update": update_s}
 
     def step(self, x, y, timed: bool = True):
         """One optimiser step from the snapshot; records wall seconds (+ the amortised mask for the release)."""
@@ -136,17 +136,16 @@ class Case:
             self.eps_high.append(r.eps_high)
             self.losses.append(r.loss)
         if timed:
-            self.runs.append(wall)
-            self.others.append(others)
+            self.timed.add(wall, others)
             self.splits.append(split)
 
     def summary(self, batch: int) -> dict:
-        best = min(range(len(self.runs)), key=self.runs.__getitem__)
+        best, runs = self.timed.best(), self.timed.summary()
         median_split = {k: statistics.median(s[k] for s in self.splits) for k in SPLIT}
         return {"name": self.name, "method": "part (release emulation)" if self.release else self.state.config.method,
-                "part_phase": self.part_phase, "min_s": self.runs[best], "median_s": statistics.median(self.runs),
-                "runs_s": self.runs, "images_per_s": batch / self.runs[best],
-                "images_per_s_median": batch / statistics.median(self.runs),
+                "part_phase": self.part_phase, "min_s": runs["min_s"], "median_s": runs["median_s"],
+                "runs_s": runs["runs_s"], "images_per_s": batch / runs["min_s"],
+                "images_per_s_median": batch / runs["median_s"],
                 "seconds": self.splits[best], "seconds_median": median_split,
-                "others_cores_best": self.others[best], "others_cores_runs": self.others,
+                "others_cores_best": runs["others_cores_best"], "others_cores_runs": runs["others_cores_runs"],
                 "eps_high_fraction": self.eps_high[-1], "loss": self.losses[-1]}

@@ -2,6 +2,8 @@
 
     python -m bench.study_cifar_subset --readme README.md               # the study (hours on 2 CPU cores)
     python -m bench.study_cifar_subset --report-only --readme README.md # re-render from the stored runs
+    python -m bench.study_cifar_subset --from-json bench/results/study_cifar_subset.json --readme README.md
+                                                                        # re-render the committed report alone
     python -m bench.study_cifar_subset --epochs 1 --warmup 0 --seeds 0 --train-subset 256 \\
         --test-subset 64 --work /tmp/study_smoke --threads 1            # smoke check by hand (~1-2 min)
 
@@ -47,6 +49,7 @@ and running the same command again therefore continues where it stopped. `<work>
 study's settings (a rerun with other settings in the same --work is refused: use another --work) and one
 record per session (command, wall time), from which the report's wall time is summed.
 
+The report (reading the runs back, the verdict rule, the markdown and the PNG) is bench/study_report.py.
 Outputs: `<out>.json` (per run and per method), `<out>.md` (table, verdict sentence, command, wall time)
 and `<out>.png` (natural vs PGD-20 accuracy: one point per run, method means with +-1 std error bars).
 `<out>` is bench/results/study_cifar_subset with the default --work, else <work>/study_cifar_subset, so a
@@ -61,29 +64,33 @@ from __future__ import annotations
 import argparse
 import datetime
 import hashlib
-import io
-import json
-import math
+import logging
 import os
-import re
 import shlex
 import shutil
-import statistics
 import sys
 import tarfile
-import time
 from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from bench import common
-from bench.common import readme_text, write_readme_blocks
+from bench.common import Stopwatch, show_messages
+from bench.study_report import (
+    METHODS,
+    README_END,
+    README_START,
+    build_report,
+    check_readme,
+    plural,
+    read_json,
+    write_json,
+    write_outputs,
+)
 from part_fast.data import build_datasets
 from part_fast.data.folders import classes_interleaved
 from part_fast.evaluate import evaluate
-from part_fast.files import atomic_write_bytes, atomic_write_text
 from part_fast.train import TrainConfig, load_checkpoint, load_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -91,10 +98,6 @@ DEFAULT_WORK = ROOT / "bench" / "results" / "study"
 DEFAULT_DATA = ROOT.parent / "shared" / "data" / "cifar10-subset.tar"
 DEFAULT_OUT = ROOT / "bench" / "results" / "study_cifar_subset"
 TAR_TOP = "cifar10-subset"
-
-# (label, method, mask); AT ignores the mask (TrainConfig still validates one, so it keeps the default).
-METHODS = (("AT", "at", None), ("PART (jet)", "part", "jet"), ("PART (cam)", "part", "cam"))
-RUN_NAME = re.compile(r"^(at|part-jet|part-cam)-seed(\d+)$")
 
 # The fixed part of the recipe (see the module docstring for why).
 ARCH = "resnet-small"
@@ -106,17 +109,11 @@ CAM = "gradcam"
 EVAL_ATTACKS = ("natural", "pgd20", "mma")
 EVAL_SEED = 0
 EVAL_BATCH = 200
-README_START, README_END = "<!-- study:start -->", "<!-- study:end -->"
-METRICS = (("natural", "natural"), ("pgd20", "PGD-20"), ("mma", "MMA"))
+logger = logging.getLogger(__name__)
 
 
 def run_name(method: str, mask: str | None, seed: int) -> str:
     return f"{method}-seed{seed}" if mask is None else f"{method}-{mask}-seed{seed}"
-
-
-def label_of(name: str) -> str:
-    prefix = RUN_NAME.match(name).group(1)
-    return {"at": "AT", "part-jet": "PART (jet)", "part-cam": "PART (cam)"}[prefix]
 
 
 def default_milestones(epochs: int, warmup: int) -> tuple[int, ...]:
@@ -136,7 +133,7 @@ def sha256_of(path: Path) -> str:
     return digest.hexdigest()
 
 
-def extract_once(tar_path: Path, data_root: Path, log) -> Path:
+def extract_once(tar_path: Path, data_root: Path) -> Path:
     """<data_root>/cifar10-subset with train/ and test/, extracted from the tar unless already there
     (into a temporary folder, then renamed: an interrupted extraction leaves no half tree behind)."""
     target = data_root / TAR_TOP
@@ -149,7 +146,7 @@ def extract_once(tar_path: Path, data_root: Path, log) -> Path:
     data_root.mkdir(parents=True, exist_ok=True)
     tmp = data_root / f".extract-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    log(f"extracting {tar_path} into {target}")
+    logger.info("extracting %s into %s", tar_path, target)
     try:
         with tarfile.open(tar_path) as archive:
             for member in archive.getmembers():
@@ -209,19 +206,6 @@ def make_spec(args, data_sha: str) -> dict:
     }
 
 
-def is_default_study(spec: dict) -> bool:
-    return (spec["epochs"], spec["warmup"], spec["train_subset"], spec["test_subset"]) == (15, 5, None, None)
-
-
-def read_json(path: Path):
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def write_json(path: Path, obj) -> None:
-    """Strict: a value JSON cannot represent raises instead of being stored as its text."""
-    common.write_json(path, obj, default=None)
-
-
 def open_study(work: Path, spec: dict, seeds: list[int], command: str) -> dict:
     path = work / "study.json"
     study = read_json(path)
@@ -257,325 +241,47 @@ def train_config(spec: dict, run_dir: Path, data_dir: Path, method: str, mask: s
 
 
 def run_one(name: str, method: str, mask: str | None, seed: int, spec: dict, work: Path, data_dir: Path,
-            test_loader, device: str, log, on_train=lambda: None) -> tuple[bool, bool]:
+            test_loader, device: str, on_train=lambda: None, on_epoch=lambda: None) -> tuple[bool, bool]:
     """Train (or continue, or skip) and evaluate (or skip) one run; returns (trained, evaluated).
-    `on_train` is called before training starts (the session records the run even if killed in it)."""
+    `on_train` is called before training starts (the session records the run even if killed in it),
+    `on_epoch` after each line the trainer logs (once per epoch)."""
     run_dir = work / "runs" / name
     epochs = spec["epochs"]
     trained = evaluated = False
     done = completed_epochs(run_dir)
     if done >= epochs:
-        log(f"[{name}] trained ({plural(done, 'epoch')}): skip training")
+        logger.info("[%s] trained (%s): skip training", name, plural(done, "epoch"))
     else:
         config = train_config(spec, run_dir, data_dir, method, mask, seed, device)
         resume = run_dir.exists()
-        log(f"[{name}] {'continue after epoch ' + str(done) if resume else 'train'}: {method}"
-            f"{'' if mask is None else ' mask ' + mask}, seed {seed}, {plural(epochs, 'epoch')}")
+        logger.info("[%s] %s: %s%s, seed %d, %s", name, f"continue after epoch {done}" if resume else "train", method,
+                    "" if mask is None else " mask " + mask, seed, plural(epochs, "epoch"))
         on_train()
-        train(config, resume=resume, log=lambda line: log(f"[{name}] {line}"))
+
+        def epoch_line(line):
+            logger.info("[%s] %s", name, line)
+            on_epoch()
+
+        train(config, resume=resume, log=epoch_line)
         trained = True
 
     eval_path = run_dir / "study_eval.json"
     saved = read_json(eval_path)
     if saved is not None and saved.get("spec") == spec["eval"] and saved.get("checkpoint_epoch") == epochs:
-        log(f"[{name}] evaluated: skip evaluation")
+        logger.info("[%s] evaluated: skip evaluation", name)
         return trained, evaluated
     model, _ = load_model(run_dir / "last.pt", device=device)
-    start = time.perf_counter()
+    watch = Stopwatch()
     result = evaluate(model, test_loader, attacks=EVAL_ATTACKS, eps=spec["eval"]["eps"], alpha=spec["eval"]["alpha"],
                       device=device, seed=spec["eval"]["seed"], progress=sys.stderr.isatty())
-    seconds = time.perf_counter() - start
+    seconds = watch.elapsed()
     record = {"spec": spec["eval"], "checkpoint_epoch": epochs, "examples": result["examples"],
               "accuracy": {a: result[a] for a in EVAL_ATTACKS}, "attack_seconds": result["seconds"],
               "eval_seconds": seconds}
     write_json(eval_path, record)
-    log(f"[{name}] natural {result['natural']:.2f}% | PGD-20 {result['pgd20']:.2f}% | MMA {result['mma']:.2f}% "
+    logger.info(f"[{name}] natural {result['natural']:.2f}% | PGD-20 {result['pgd20']:.2f}% | MMA {result['mma']:.2f}% "
         f"on {result['examples']} test images ({seconds:.0f}s)")
     return trained, True
-
-
-# ----------------------------------------------------------------------------------------------- report
-def collect_runs(work: Path, spec: dict) -> list[dict]:
-    runs = []
-    runs_dir = work / "runs"
-    for run_dir in sorted(runs_dir.iterdir()) if runs_dir.is_dir() else []:
-        match = RUN_NAME.match(run_dir.name)
-        if not match:
-            continue
-        metrics_path = run_dir / "metrics.jsonl"
-        history = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()] \
-            if metrics_path.exists() else []
-        record = {"name": run_dir.name, "label": label_of(run_dir.name), "seed": int(match.group(2)),
-                  "epochs_done": len(history), "complete": len(history) >= spec["epochs"],
-                  "train_seconds": sum(h["epoch_seconds"] for h in history),
-                  "train_seconds_split": {k: sum(h.get(f"{k}_seconds", 0.0) for h in history)
-                                          for k in ("data", "budget", "attack", "update")},
-                  "final_train_adv_acc": history[-1]["train_adv_acc"] if history else None,
-                  "final_eps_high_fraction": history[-1]["eps_high_fraction"] if history else None}
-        saved = read_json(run_dir / "study_eval.json")
-        if saved is not None and saved.get("spec") == spec["eval"] and saved.get("checkpoint_epoch") == spec["epochs"]:
-            record.update({"accuracy": saved["accuracy"], "eval_seconds": saved["eval_seconds"],
-                           "eval_examples": saved["examples"], "attack_seconds": saved["attack_seconds"]})
-        runs.append(record)
-    return runs
-
-
-def summary(values: list[float]) -> dict:
-    n = len(values)
-    return {"n": n, "mean": statistics.fmean(values) if n else None,
-            "std": statistics.stdev(values) if n >= 2 else None, "values": values}
-
-
-def aggregate(runs: list[dict]) -> dict:
-    out = {}
-    for label, _, _ in METHODS:
-        mine = [r for r in runs if r["label"] == label]
-        evaluated = [r for r in mine if "accuracy" in r]
-        out[label] = {key: summary([r["accuracy"][key] for r in evaluated]) for key, _ in METRICS}
-        out[label]["train_seconds"] = summary([r["train_seconds"] for r in mine if r["complete"]])
-        out[label]["eval_seconds"] = summary([r["eval_seconds"] for r in evaluated])
-    return out
-
-
-# How many standard errors of the difference of the means a gap must exceed to count. A gap in means is
-# judged against the SE of that gap (not against one run's spread); with 3 seeds per method, 2 SE is a
-# loose two-sided 95 % bar (Welch's t with ~4 degrees of freedom would ask for ~2.8).
-SE_BAR = 2.0
-
-
-def compare(agg: dict, part_label: str) -> dict:
-    """PART minus AT on each metric, with the pooled seed std and the standard error of the difference, and
-    the verdict on the paper's claim (higher natural accuracy at equal robustness):
-      shows            natural higher by more than SE_BAR standard errors, and neither PGD-20 nor MMA lower
-                       by more than SE_BAR standard errors;
-      does not show    natural not higher at all, or robustness lower by more than SE_BAR standard errors (a
-                       move along the trade-off, not past it);
-      inconclusive     otherwise: a natural gain the seeds cannot tell from noise, or fewer than 2 seeds."""
-    at, part = agg["AT"], agg[part_label]
-    diffs = {}
-    for key, _ in METRICS:
-        a, p = at[key], part[key]
-        if a["n"] == 0 or p["n"] == 0:
-            diffs[key] = None
-            continue
-        d = p["mean"] - a["mean"]
-        if a["n"] >= 2 and p["n"] >= 2:
-            pooled = math.sqrt((a["std"] ** 2 + p["std"] ** 2) / 2)
-            se = math.sqrt(a["std"] ** 2 / a["n"] + p["std"] ** 2 / p["n"])
-        else:
-            pooled = se = None
-        diffs[key] = {"diff": d, "seed_std": pooled, "se": se}
-    if any(diffs[k] is None or diffs[k]["se"] is None for k, _ in METRICS):
-        n_min = min(at["natural"]["n"], part["natural"]["n"])
-        return {"diffs": diffs, "natural_higher": None, "robust_kept": None, "verdict": "inconclusive at this scale",
-                "reason": f"only {n_min} evaluated seed(s) for one of the methods: no standard error to compare with"}
-    nat = diffs["natural"]
-    natural_higher = nat["diff"] > SE_BAR * nat["se"]
-    robust_kept = all(diffs[k]["diff"] >= -SE_BAR * diffs[k]["se"] for k in ("pgd20", "mma"))
-    if natural_higher and robust_kept:
-        verdict, reason = "shows", f"natural accuracy higher by more than {SE_BAR:g} SE, robustness kept"
-    elif nat["diff"] <= 0:
-        verdict, reason = "does not show", "natural accuracy is not higher"
-    elif not robust_kept:
-        verdict, reason = "does not show", f"robust accuracy drops by more than {SE_BAR:g} SE (a trade-off move)"
-    else:
-        verdict, reason = ("inconclusive at this scale",
-                           f"the natural gain is under {SE_BAR:g} SE: the seeds cannot tell it from noise")
-    return {"diffs": diffs, "natural_higher": natural_higher, "robust_kept": robust_kept, "verdict": verdict,
-            "reason": reason}
-
-
-def fmt_cell(s: dict, expected: int, digits: int = 2) -> str:
-    if s["n"] == 0:
-        return "–"
-    text = f"{s['mean']:.{digits}f}" + (f" ± {s['std']:.{digits}f}" if s["std"] is not None else "")
-    return text + (f" (n={s['n']})" if s["n"] != expected else "")
-
-
-def fmt_time(s: dict, expected: int) -> str:
-    if s["n"] == 0:
-        return "–"
-    scale, unit = (60, "min") if s["mean"] >= 120 else (1, "s")
-    text = f"{s['mean'] / scale:.1f}" + (f" ± {s['std'] / scale:.1f}" if s["std"] is not None else "") + f" {unit}"
-    return text + (f" (n={s['n']})" if s["n"] != expected else "")
-
-
-def fmt_duration(seconds: float) -> str:
-    minutes = round(seconds / 60)
-    return f"{minutes // 60} h {minutes % 60:02d} min" if minutes >= 60 else f"{seconds / 60:.1f} min"
-
-
-def plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
-
-
-def signed(x: float) -> str:
-    return f"{x:+.2f}".replace("-", "−")
-
-
-def comparison_sentence(label: str, c: dict) -> str:
-    d = c["diffs"]
-    if any(d[k] is None for k, _ in METRICS):
-        return f"{label} vs AT: not enough evaluated runs yet → **{c['verdict']}**."
-    if d["natural"]["seed_std"] is None:
-        parts = [f"{name} {signed(d[k]['diff'])} pts" for k, name in METRICS]
-        return f"{label} − AT: {', '.join(parts)}; {c['reason']} → **{c['verdict']}**."
-    parts = [f"{name} {signed(d[k]['diff'])} ± {d[k]['se']:.2f} pts (seed std {d[k]['seed_std']:.2f})"
-             for k, name in METRICS]
-    checks = (f"natural higher by more than {SE_BAR:g} SE: {'yes' if c['natural_higher'] else 'no'}; "
-              f"PGD-20 and MMA no more than {SE_BAR:g} SE lower: {'yes' if c['robust_kept'] else 'no'}")
-    return f"{label} − AT: {', '.join(parts)}. {checks} → **{c['verdict']}** ({c['reason']})."
-
-
-def render_markdown(report: dict, png_link: str) -> str:
-    spec, agg, expected = report["spec"], report["methods"], len(report["seeds"])
-    milestones = spec["milestones"]
-    low = spec["epochs"] - spec["warmup"] - milestones[0] + 1 if milestones else 0
-    n_train = spec["train_subset"] or 10000
-    n_test = spec["test_subset"] or 2000
-    lines = []
-    if not is_default_study(spec):
-        lines += [("> **Not the study's settings** (a smoke or reduced run): "
-                   f"{plural(spec['epochs'], 'epoch')}, warm-up {spec['warmup']}, train subset {spec['train_subset']}, "
-                   f"test subset {spec['test_subset']}. Do not read these numbers as results."), ""]
-    lines += [
-        f"AT vs PART on real CIFAR-10 images ({n_train} train / {n_test} test, class-balanced, from "
-        f"`cifar10-subset.tar`): `{spec['arch']}` (ResNet-10, width 16, GradCAM at layer4), {plural(spec['epochs'], 'epoch')} "
-        f"(PART: {plural(spec['warmup'], 'AT warm-up epoch')}, then PART; AT uses the same LR schedule), SGD lr {spec['lr']} "
-        f"(momentum {spec['momentum']}, wd {spec['weight_decay']:g}"
-        + (f", ×0.1 for the last {plural(low, 'epoch')}" if milestones else "") + f"), batch {spec['batch_size']}, "
-        f"PGD-{spec['steps']} training (step 2/255), ε 8/255, ε_low 7/255. Evaluated on all {n_test} test images: "
-        f"natural, PGD-20 (step 2/255, random start), MMA (3 targets × 20 steps). Accuracy in %, mean ± sample "
-        f"std over seeds {', '.join(map(str, report['seeds']))}.",
-        "",
-        "| method | runs | natural | PGD-20 | MMA | train time / run | eval time / run |",
-        "|---|---|---:|---:|---:|---:|---:|",
-    ]
-    for label, _, _ in METHODS:
-        a = agg[label]
-        runs_done = a["natural"]["n"]
-        lines.append(f"| {label} | {runs_done}/{expected} | {fmt_cell(a['natural'], expected)} | "
-                     f"{fmt_cell(a['pgd20'], expected)} | {fmt_cell(a['mma'], expected)} | "
-                     f"{fmt_time(a['train_seconds'], expected)} | {fmt_time(a['eval_seconds'], expected)} |")
-    lines += ["", f"![natural vs PGD-20 accuracy per run]({png_link})", ""]
-    lines.append(f"**Does the paper's effect (higher natural accuracy at equal robustness) show at this scale? "
-                 f"{report['headline']}**")
-    lines.append("")
-    for label, c in report["comparisons"].items():
-        lines.append(f"- {comparison_sentence(label, c)}")
-    lines += ["", ("Differences are PART minus AT in accuracy points, ± the standard error (SE) of the difference "
-              "of the means; the seed std is the pooled sample std of the two methods. A gap counts when it "
-              f"exceeds {SE_BAR:g} SE; with three seeds that is a loose bar, so \"shows\" would mean the gap "
-              "stands out from the seed-to-seed noise, no more."), ""]
-    commands = report["commands"]
-    lines.append("Command: " + (", then ".join(f"`{c}`" for c in commands) if commands else "–"))
-    wall = report["wall_time"]
-    lines.append(f"Wall time: {fmt_duration(wall['sessions_seconds'])} over {wall['sessions']} session(s) "
-                 f"(training + evaluation of the {wall['runs']} run(s): {fmt_duration(wall['runs_seconds'])}), "
-                 f"torch threads {report['machine']['torch_threads']} on {report['machine']['cpus']} CPU(s); 1-min load "
-                 f"average at the start of each working session: {report['machine']['load_average_1min']} "
-                 f"(the machine may have been shared: wall times are upper bounds).")
-    return "\n".join(lines)
-
-
-def headline(comparisons: dict) -> str:
-    jet = comparisons["PART (jet)"]["verdict"]
-    cam = comparisons["PART (cam)"]["verdict"]
-    if jet == cam:
-        text = {"shows": "It shows, with both masks.", "does not show": "It does not show, with either mask.",
-                "inconclusive at this scale": "Inconclusive at this scale, with both masks."}[jet]
-    else:
-        phrase = {"shows": "it shows", "does not show": "it does not show", "inconclusive at this scale": "inconclusive"}
-        text = f"With the released jet mask {phrase[jet]}; with the cam mask {phrase[cam]} (at this scale)."
-    gaps = []
-    for key, name in METRICS:
-        per_mask = [(label.split("(")[1].rstrip(")"), c["diffs"].get(key)) for label, c in comparisons.items()]
-        if any(d is None or d["se"] is None for _, d in per_mask):
-            return text
-        gaps.append(f"{name} " + ", ".join(f"{signed(d['diff'])} ± {d['se']:.2f} ({mask})" for mask, d in per_mask))
-    return f"{text} PART − AT in points: {'; '.join(gaps)}."
-
-
-def trade_off_png(report: dict) -> bytes:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6.4, 4.8))
-    canvas = FigureCanvasAgg(fig)
-    ax = fig.add_subplot(1, 1, 1)
-    styles = {"AT": ("tab:gray", "o"), "PART (jet)": ("tab:red", "s"), "PART (cam)": ("tab:blue", "^")}
-    any_points = False
-    for label, _, _ in METHODS:
-        color, marker = styles[label]
-        runs = [r for r in report["runs"] if r["label"] == label and "accuracy" in r]
-        if not runs:
-            continue
-        any_points = True
-        xs = [r["accuracy"]["pgd20"] for r in runs]
-        ys = [r["accuracy"]["natural"] for r in runs]
-        ax.scatter(xs, ys, color=color, marker=marker, alpha=0.35, s=30)
-        a = report["methods"][label]
-        ax.errorbar(a["pgd20"]["mean"], a["natural"]["mean"], xerr=a["pgd20"]["std"], yerr=a["natural"]["std"],
-                    color=color, marker=marker, markersize=9, capsize=4, linestyle="none",
-                    label=f"{label} (mean ± std, n={len(runs)})")
-    if any_points:
-        ax.legend(loc="best", fontsize=8)
-    else:
-        ax.text(0.5, 0.5, "no evaluated runs yet", ha="center", va="center", transform=ax.transAxes)
-    spec = report["spec"]
-    ax.set_xlabel("PGD-20 accuracy (%)")
-    ax.set_ylabel("natural accuracy (%)")
-    ax.set_title(f"CIFAR-10 subset, {spec['arch']}, {plural(spec['epochs'], 'epoch')}: small points = runs", fontsize=9)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buffer = io.BytesIO()
-    canvas.print_png(buffer)
-    return buffer.getvalue()
-
-
-def build_report(work: Path, study: dict) -> dict:
-    spec = study["spec"]
-    runs = collect_runs(work, spec)
-    agg = aggregate(runs)
-    comparisons = {label: compare(agg, label) for label in ("PART (jet)", "PART (cam)")}
-    sessions = study["sessions"]
-    commands = []
-    for s in sessions:
-        if (s["trained"] or s["evaluated"]) and s["command"] not in commands:
-            commands.append(s["command"])
-    runs_seconds = sum(r["train_seconds"] + r.get("eval_seconds", 0.0) for r in runs)
-    working = [s for s in sessions if s["trained"] or s["evaluated"]] or sessions[-1:]
-    return {
-        "spec": spec, "seeds": study["seeds"], "runs": runs, "methods": agg, "comparisons": comparisons,
-        "headline": headline(comparisons), "commands": commands,
-        "wall_time": {"sessions_seconds": sum(s["seconds"] for s in sessions), "sessions": len(sessions),
-                      "runs_seconds": runs_seconds, "runs": len(runs)},
-        "sessions": sessions,
-        "machine": {"cpus": os.cpu_count(),
-                    "torch_threads": ", ".join(str(t) for t in sorted({s["torch_threads"] for s in working})) or "–",
-                    "load_average_1min": ", ".join(f"{s['load_average_start'][0]:.2f}" for s in working) or "–",
-                    "torch": torch.__version__},
-    }
-
-
-def write_outputs(report: dict, out: Path, readme: str | None) -> str:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    png, md_path, json_path = out.with_suffix(".png"), out.with_suffix(".md"), out.with_suffix(".json")
-    atomic_write_bytes(png, lambda f: f.write(trade_off_png(report)))
-    write_json(json_path, report)
-    body = render_markdown(report, os.path.relpath(png, md_path.parent))
-    atomic_write_text(md_path, "# Real-data study: AT vs PART on a CIFAR-10 subset\n\n" + body + "\n")
-    if readme:
-        write_readme_block(readme, render_markdown(report, os.path.relpath(png, Path(readme).resolve().parent)))
-    return body
-
-
-def check_readme(path: str) -> str:
-    return readme_text(path, [(README_START, README_END)])
-
-
-def write_readme_block(path: str, block: str) -> None:
-    write_readme_blocks(path, {(README_START, README_END): block})
 
 
 # ------------------------------------------------------------------------------------------------- main
@@ -589,6 +295,8 @@ def parse_args(argv):
                              "default --work, else <work>/study_cifar_subset)")
     parser.add_argument("--readme", help=f"also replace this file's {README_START} ... {README_END} block")
     parser.add_argument("--report-only", action="store_true", help="train and evaluate nothing: re-render the report")
+    parser.add_argument("--from-json", type=Path, metavar="JSON",
+                        help="read nothing but this earlier report (<out>.json): render its .md, .png (and --readme)")
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--warmup", type=int, default=5, help="AT warm-up epochs of PART (and LR-milestone origin)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds (default 0,1,2)")
@@ -626,8 +334,15 @@ def main(argv=None) -> None:
     if args.readme:
         check_readme(args.readme)  # fail now, not after hours of training
     work = args.work
-    log = tqdm.write
+    show_messages(__name__, "bench", write=tqdm.write)  # above the progress bar, as print would not
 
+    if args.from_json:
+        report = read_json(args.from_json)
+        if report is None:
+            raise SystemExit(f"--from-json: {args.from_json} does not exist")
+        print(write_outputs(report, args.out, args.readme, json=False))
+        print(f"\nwrote {args.out}.{{md,png}}" + (f" and {args.readme}" if args.readme else ""))
+        return
     if args.report_only:
         study = read_json(work / "study.json")
         if study is None:
@@ -648,18 +363,14 @@ def main(argv=None) -> None:
     work.mkdir(parents=True, exist_ok=True)
     study = open_study(work, spec, args.seeds, the_command(argv))
     session = study["sessions"][-1]
-    started = time.perf_counter()
+    session_watch = Stopwatch()
 
     def save_session(finished=False):
-        session["seconds"] = time.perf_counter() - started
+        session["seconds"] = session_watch.elapsed()
         session["finished"] = finished
         write_json(work / "study.json", study)
 
-    def log_and_save(line):  # the trainer logs once per epoch: a killed session loses at most one epoch of time
-        log(line)
-        save_session()
-
-    full = extract_once(args.data, work / "data", log)
+    full = extract_once(args.data, work / "data")
     data_dir = balanced_tree(full, work / "data", args.train_subset, args.test_subset)
     _, test_set, _ = build_datasets("imagefolder", data_dir)
     test_loader = DataLoader(test_set, batch_size=EVAL_BATCH, shuffle=False)
@@ -667,8 +378,9 @@ def main(argv=None) -> None:
     plan = [(run_name(method, mask, seed), method, mask, seed) for seed in args.seeds for _, method, mask in METHODS]
     try:
         for name, method, mask, seed in tqdm(plan, desc="study runs", unit="run"):
+            # saved after each epoch the trainer logs: a killed session loses at most one epoch of time
             _, evaluated = run_one(name, method, mask, seed, spec, work, data_dir, test_loader, args.device,
-                                   log_and_save, on_train=lambda n=name: session["trained"].append(n))
+                                   on_train=lambda n=name: session["trained"].append(n), on_epoch=save_session)
             if evaluated:
                 session["evaluated"].append(name)
             save_session()

@@ -11,7 +11,9 @@ import os
 import pytest
 import torch
 
-from bench.common import synchronizer, timed_backends
+pytest.importorskip("pytest_benchmark", reason="the micro-benchmarks need pytest-benchmark (pip install -e .[bench])")
+
+from bench.common import synchronizer, timed_backends, warm_up
 from bench.ops_report import Case, all_cases, build
 from part_fast import ops
 
@@ -31,8 +33,7 @@ def test_op(benchmark, case):
     benchmark.group = f"{case.op} {case.shape_text} {case.variant}".rstrip()
     benchmark.extra_info["bytes"] = nbytes
     with ops.use_backend(case.backend):
-        for _ in range(WARMUP_CALLS):
-            call()
+        warm_up(fn, DEVICE, WARMUP_CALLS)
         benchmark(call)
     if benchmark.stats:  # None under --benchmark-disable
         benchmark.extra_info["gb_per_s"] = nbytes / benchmark.stats.stats.median / 1e9

@@ -29,10 +29,8 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import logging
 import os
-import statistics
-import sys
-import time
 
 import numpy as np
 import torch
@@ -41,10 +39,13 @@ from torch import nn
 
 from bench.common import (
     DEFAULT_DATA,
-    Interference,
+    Runs,
+    Stopwatch,
     keep_freed_memory,
+    load_average,
     load_cifar_subset,
     machine_info,
+    show_messages,
     write_json,
 )
 from bench.step_cases import CPU, SEED, Case
@@ -64,6 +65,7 @@ CONFIGS = (
     ("PART-T (ours)", "part-trades", True),
 )
 YARDSTICKS = ("forward (eval, no grad)", "forward + backward (train, full)")
+logger = logging.getLogger(__name__)
 BASE_OF = {"AT": "AT", "PART (ours)": "AT", "PART (release)": "AT", "TRADES": "TRADES", "PART-T (ours)": "TRADES"}
 
 
@@ -83,31 +85,33 @@ class Yardstick:
     """A model-work unit timed in the same rounds: eval forward, or train forward + CE + full backward."""
 
     def __init__(self, name: str, model: nn.Module):
-        self.name, self.model, self.runs, self.others = name, model, [], []
+        self.name, self.model, self.timed = name, model, Runs()
+
+    def _work(self, x, y):
+        if self.name.startswith("forward + backward"):
+            self.model.train()
+            F.cross_entropy(self.model(x), y).backward()
+        else:
+            with eval_mode(self.model), torch.no_grad():
+                self.model(x)
 
     def step(self, x, y, timed: bool = True):
         for p in self.model.parameters():
             p.grad = None
-        with Interference() as it:
-            if self.name.startswith("forward + backward"):
-                self.model.train()
-                F.cross_entropy(self.model(x), y).backward()
-            else:
-                with eval_mode(self.model), torch.no_grad():
-                    self.model(x)
         if timed:
-            self.runs.append(it.seconds)
-            self.others.append(it.others)
+            self.timed.time(lambda: self._work(x, y))
+        else:
+            self._work(x, y)
 
     def summary(self) -> dict:
-        return {"name": self.name, "min_s": min(self.runs), "median_s": statistics.median(self.runs),
-                "runs_s": self.runs, "others_cores_runs": self.others}
+        runs = self.timed.summary()
+        return {"name": self.name, **{k: runs[k] for k in ("min_s", "median_s", "runs_s", "others_cores_runs")}}
 
 
 # --------------------------------------------------------------------------------------------- the run
-def run(quick: bool = False, log=print, *, reps: int | None = None, data: str = DEFAULT_DATA,
-        keep_freed: bool = True) -> dict:
-    """Returns {"config": {...}, "rows": [...], "targets": [...], "markdown": str} (plus "yardsticks").
+def run(quick: bool = False, *, reps: int | None = None, data: str = DEFAULT_DATA, keep_freed: bool = True) -> dict:
+    """Measure the section: {"config": {...}, "rows": [...], "targets": [...], "yardsticks": [...], "why": {...}},
+    JSON-able (markdown() renders it).
 
     quick: cnn-small, batch 16, PGD-2, 1 rep (well under a minute); else ResNet-18, batch 64, PGD-10,
     3 reps (several minutes on 2 cores). reps overrides the rep count. keep_freed: glibc malloc keeps freed
@@ -121,14 +125,14 @@ def run(quick: bool = False, log=print, *, reps: int | None = None, data: str = 
     try:
         malloc = ("glibc: no mmap, no trim (freed memory kept)" if keep_freed and keep_freed_memory()
                   else "system default")
-        t_start = time.perf_counter()
+        watch = Stopwatch()
         machine = machine_info(CPU)
         machine["malloc"] = malloc
         x, y, data_desc = load_batch(batch, data)
         torch.manual_seed(SEED)
         base = get_model(arch)
         init = base.state_dict()
-        log(f"train_step bench: {arch}, batch {batch}, PGD-{steps}, {n_reps} rep(s), {data_desc}")
+        logger.info("train_step bench: %s, batch %d, PGD-%d, %d rep(s), %s", arch, batch, steps, n_reps, data_desc)
 
         cases = [Case(name, method, phase, arch, batch, steps, init) for name, method, phase in CONFIGS]
         for c in cases:  # same initial weights everywhere
@@ -147,7 +151,7 @@ def run(quick: bool = False, log=print, *, reps: int | None = None, data: str = 
             else:
                 c.step(x, y, timed=False)
             c.take_snapshot()  # steady state: momentum buffers exist; every timed step starts here
-            log(f"  warm-up {c.name}: done")
+            logger.info("  warm-up %s: done", c.name)
         for yd in yards:
             yd.step(x, y, timed=False)
 
@@ -156,7 +160,7 @@ def run(quick: bool = False, log=print, *, reps: int | None = None, data: str = 
             order = [entries[(i + r) % len(entries)] for i in range(len(entries))]
             for e in order:
                 e.step(x, y)
-            log(f"  round {r + 1}/{n_reps}: " + ", ".join(f"{e.name} {e.runs[-1]:.3f}s" for e in entries))
+            logger.info("  round %d/%d: %s", r + 1, n_reps, ", ".join(f"{e.name} {e.timed.seconds[-1]:.3f}s" for e in entries))
 
         rows = [c.summary(batch) for c in cases]
         by = {row["name"]: row for row in rows}
@@ -172,11 +176,10 @@ def run(quick: bool = False, log=print, *, reps: int | None = None, data: str = 
                   "cam": "gradcam", "cam_layer": CAM_LAYERS.get(arch), "threads": THREADS, "data": data_desc,
                   "seed": SEED, "timing": "warm-up step, then `reps` interleaved rounds (order rotated); every step "
                   "starts from the same post-warm-up snapshot; quickest and median reported",
-                  "machine": {**machine, "load_average_after": list(os.getloadavg())},
-                  "wall_seconds": time.perf_counter() - t_start}
+                  "machine": {**machine, "load_average_after": load_average()},
+                  "wall_seconds": watch.elapsed()}
         result = {"config": config, "rows": rows, "targets": targets, "yardsticks": yard_rows}
         result["why"] = _why(by, yard_rows, steps)
-        result["markdown"] = markdown(result)
         return result
     finally:
         torch.set_num_threads(threads_before)
@@ -234,7 +237,10 @@ def _noise(res: dict) -> dict:
 
 # ------------------------------------------------------------------------------------------ markdown
 def markdown(res: dict) -> str:
-    c, m, w = res["config"], res["config"]["machine"], res["why"]
+    """The section's tables and its "why" paragraph, rendered from run()'s result (or a saved run's): the
+    paragraph's figures are recomputed from the rows, as run() computed them."""
+    c, m = res["config"], res["config"]["machine"]
+    w = _why({r["name"]: r for r in res["rows"]}, res["yardsticks"], c["steps"])
     b, k = c["batch"], c["steps"]
     quick = " **(quick mode: not the reference size)**" if c["quick"] else ""
     lines = [
@@ -304,12 +310,12 @@ def main(argv=None) -> None:
     args = parser.parse_args(argv)
     if args.render:
         with open(args.render) as f:
-            res = json.load(f)
-        res["why"] = _why({r["name"]: r for r in res["rows"]}, res["yardsticks"], res["config"]["steps"])
-        print(markdown(res))
+            print(markdown(json.load(f)))
         return
-    log = (lambda *a: print(*a, file=sys.stderr, flush=True)) if args.verbose else (lambda *a: None)
-    res = run(args.quick, log, reps=args.reps, data=args.data, keep_freed=not args.system_malloc)
+    if args.verbose:
+        show_messages(__name__, "bench")
+    res = run(args.quick, reps=args.reps, data=args.data, keep_freed=not args.system_malloc)
+    res["markdown"] = markdown(res)  # kept in the JSON for its readers; never read back
     print(res["markdown"])
     if args.out:
         write_json(args.out, res)

@@ -1,8 +1,9 @@
 """Compile every part_fast Triton kernel for an NVIDIA target without a GPU, and report what the code does
 with memory: global load/store widths (128-bit accesses are the point of the streaming kernel), registers,
-shared memory.
+spills, shared memory. The benchmark harness's GPU evidence (bench/gpu_evidence.py) shows these rows.
 
-    python -m part_fast.kernels.ptx --arch 90        # JSON on stdout
+    python -m part_fast.kernels.ptx --arch 90                        # JSON on stdout
+    python -m part_fast.kernels.ptx --arch 90 --training-variants    # also the variants training launches
 
 triton.compile needs real JITFunctions: under TRITON_INTERPRET=1, `triton.jit` returns interpreter
 wrappers instead, so compile_kernels() then re-runs this module in a subprocess without that variable.
@@ -103,6 +104,36 @@ def kernel_specs():
     ]
 
 
+TRAINING_VARIANTS = ("pgd_step_bf16_eps_dense_f32", "pgd_step_bf16_eps_b1hw_f32", "pgd_step_fp32_eps_b1hw")
+
+
+def training_variant_specs():
+    """pgd_step_kernel variants kernel_specs() does not list but training launches: bf16 tensors with the
+    float32 eps map cam_eps_map produces (dense and channel-shared), and a float32 (B,1,H,W) eps."""
+    shape = (128, 3, 32, 32)
+    x32 = torch.empty(shape, dtype=torch.float32, device="meta")
+    x16 = torch.empty(shape, dtype=torch.bfloat16, device="meta")
+    dense = torch.empty(shape, dtype=torch.float32, device="meta")
+    shared = torch.empty((128, 1, 32, 32), dtype=torch.float32, device="meta")
+    operands = dict(zip(TRAINING_VARIANTS, ((x16, dense), (x16, shared), (x32, shared))))
+    specs = []
+    for name, (x, eps) in operands.items():
+        _, args, constexprs = pgd_step_module.launch_args(x, x, x, eps, 2 / 255, 0.0, 1.0)
+        specs.append(dict(name=name, fn=pgd_step_module.pgd_step_kernel, args=args, constexprs=constexprs,
+                          options={"num_warps": pgd_step_module.NUM_WARPS}))
+    return specs
+
+
+def access_bits(access: str) -> int | None:
+    """Bits one thread moves with a PTX access, e.g. ld.global.v4.b32 -> 128, ld.global.b64 -> 64 (None when
+    the instruction names no element width)."""
+    vec = re.search(r"\.v(\d+)\.", access)
+    elem = re.findall(r"\.[bfsu](\d+)\b", access)
+    if not elem:
+        return None
+    return (int(vec.group(1)) if vec else 1) * int(elem[-1])
+
+
 def _resource_usage(cubin: bytes | None) -> dict | None:
     """{"REG": .., "STACK": .., "SHARED": .., "LOCAL": ..} of the kernel in a cubin, from the cuobjdump
     Triton ships (what ptxas allocated), or None when it cannot be run."""
@@ -133,14 +164,18 @@ def _compile_one(spec, arch: int) -> dict:
         registers = sum(int(n) for kind, n in _PTX_REG_DECL.findall(ptx) if kind != "pred")
         local_bytes, registers_source = None, "ptx .reg declarations (virtual registers, not the allocation)"
     accesses = sorted(set(_GLOBAL_ACCESS.findall(ptx)))
+    loads = [a for a in accesses if a.startswith("ld.")]
+    stores = [a for a in accesses if a.startswith("st.")]
     return {
         "name": spec["name"],
         "arch": arch,
         "registers": registers,
         "registers_source": registers_source,
         "local_bytes": local_bytes,  # spills / stack: 0 means none
-        "global_loads": [a for a in accesses if a.startswith("ld.")],
-        "global_stores": [a for a in accesses if a.startswith("st.")],
+        "global_loads": loads,
+        "global_stores": stores,
+        "load_bits": sorted({access_bits(a) for a in loads} - {None}),
+        "store_bits": sorted({access_bits(a) for a in stores} - {None}),
         "shared_bytes": compiled.metadata.shared,
         "num_warps": compiled.metadata.num_warps,
         "fp64_fma": "fma.rn.f64" in ptx,  # must be False for cam_eps_map (PIL sums without contraction)
@@ -148,31 +183,42 @@ def _compile_one(spec, arch: int) -> dict:
     }
 
 
-def _compile_in_subprocess(arch: int) -> list[dict]:
+def _compile_in_subprocess(arch: int, training_variants: bool) -> list[dict]:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
     module = __spec__.name if __spec__ is not None else __name__
-    result = subprocess.run([sys.executable, "-m", module, "--arch", str(arch)], env=env, check=True,
-                            capture_output=True, text=True)
+    command = [sys.executable, "-m", module, "--arch", str(arch)] + (["--training-variants"] if training_variants else [])
+    result = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
     return json.loads(result.stdout)
 
 
-def compile_kernels(arch: int) -> list[dict]:
-    """Compile every kernel for sm_<arch> (e.g. 80, 90). Per kernel: name, arch, registers and where the
-    count comes from, the global load / store instructions found in the PTX (e.g. "ld.global.v4.b32"),
-    shared memory bytes, num_warps, whether float64 FMA appears, PTX length."""
+def compile_kernels(arch: int, training_variants: bool = False) -> list[dict]:
+    """Compile every kernel of kernel_specs() for sm_<arch>, without a GPU.
+
+    Args:
+        arch: the compute capability, e.g. 80 or 90.
+        training_variants: also compile training_variant_specs() (the bf16 / (B,1,H,W) eps variants).
+
+    Returns:
+        One dict per kernel: name, arch, registers and where the count comes from, local (spill) bytes, the
+        global load / store instructions found in the PTX (e.g. "ld.global.v4.b32") and their widths in bits,
+        shared memory bytes, num_warps, whether float64 FMA appears, PTX length.
+    """
     if os.environ.get("TRITON_INTERPRET") == "1":
-        return _compile_in_subprocess(arch)
-    return [_compile_one(spec, arch) for spec in kernel_specs()]
+        return _compile_in_subprocess(arch, training_variants)
+    specs = kernel_specs() + (training_variant_specs() if training_variants else [])
+    return [_compile_one(spec, arch) for spec in specs]
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--arch", type=int, action="append", help="compute capability, e.g. 80 or 90 (repeatable)")
+    parser.add_argument("--training-variants", action="store_true",
+                        help="also the pgd_step variants training launches (bf16 with a float32 eps, (B,1,H,W) eps)")
     args = parser.parse_args(argv)
     results = []
     for arch in args.arch or [90]:
-        results += compile_kernels(arch)
+        results += compile_kernels(arch, args.training_variants)
     json.dump(results, sys.stdout, indent=2)
     sys.stdout.write("\n")
 

@@ -1,10 +1,10 @@
-"""The real-data study's verdict rule (bench/study_cifar_subset.py): the study itself is hours of training
+"""The real-data study's verdict rule (bench/study_report.py): the study itself is hours of training
 and never runs in CI, but the sentence it writes into the README must follow from the numbers."""
 from __future__ import annotations
 
 import pytest
 
-from bench.study_cifar_subset import aggregate, compare, headline
+from bench.study_report import aggregate, compare, headline
 
 
 def _runs(label: str, natural: list[float], pgd20: list[float], mma: list[float]) -> list[dict]:

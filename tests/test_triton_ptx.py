@@ -37,6 +37,8 @@ EXPECTED = {
     "cam_eps_map_cam_4x4_to_32x32",
     "cam_eps_map_jet_7x7_to_224x224",
 }
+# What training launches besides (ptx.training_variant_specs, compiled with --training-variants).
+TRAINING_VARIANTS = {"pgd_step_bf16_eps_dense_f32", "pgd_step_bf16_eps_b1hw_f32", "pgd_step_fp32_eps_b1hw"}
 
 
 @pytest.fixture(scope="module")
@@ -45,7 +47,8 @@ def compiled():
     # REPO first, as the tests run: the checkout's part_fast/, and part_fast.kernels (its kernels/) through the
     # editable install's mapping
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
-    command = [sys.executable, "-m", "part_fast.kernels.ptx", *(f"--arch={arch}" for arch in ARCHS)]
+    command = [sys.executable, "-m", "part_fast.kernels.ptx", *(f"--arch={arch}" for arch in ARCHS),
+               "--training-variants"]
     result = subprocess.run(command, check=False, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     return {(k["name"], k["arch"]): k for k in json.loads(result.stdout)}
@@ -55,7 +58,7 @@ def compiled():
 @pytest.mark.parametrize("arch", ARCHS)
 def test_every_kernel_compiles(compiled, arch):
     names = {name for name, a in compiled if a == arch}
-    assert names == EXPECTED
+    assert names == EXPECTED | TRAINING_VARIANTS
     for name in names:
         kernel = compiled[(name, arch)]
         assert kernel["registers"] > 0, kernel
@@ -76,7 +79,33 @@ def test_streaming_pgd_step_uses_128_bit_accesses(compiled, arch, name):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("name", sorted({*STREAMING_FP32, "pgd_step_bf16_eps_dense", *TRAINING_VARIANTS}))
+def test_streaming_variants_move_128_bits_per_access(compiled, arch, name):
+    # the widths the harness's GPU evidence shows: a dense, scalar or (B,1,H,W) eps streams at full width,
+    # bf16 tensors with a float32 eps included
+    kernel = compiled[(name, arch)]
+    assert (kernel["load_bits"], kernel["store_bits"]) == ([128], [128]), kernel
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
+def test_a_broadcast_eps_is_gathered_per_element(compiled, arch):
+    # a (1, C, 1, 1) eps has no contiguous run to vectorise: its element loads are 32-bit, the rest stays 128
+    kernel = compiled[("pgd_step_fp32_eps_strided_1c11", arch)]
+    assert (kernel["load_bits"], kernel["store_bits"]) == ([32, 128], [128]), kernel
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("arch", ARCHS)
 def test_cam_eps_map_keeps_pil_sums_unfused(compiled, arch):
     # PIL accumulates mul then add, each rounded; a fused multiply-add would change the resized map.
     for name in ("cam_eps_map_jet_4x4_to_32x32", "cam_eps_map_cam_4x4_to_32x32", "cam_eps_map_jet_7x7_to_224x224"):
         assert compiled[(name, arch)]["fp64_fma"] is False
+
+
+def test_the_harness_marks_the_variants_ptx_compiles_for_training():
+    # bench/gpu_evidence.py names them too (a saved run renders without Triton): the two lists must agree
+    from bench.gpu_evidence import TRAINING_VARIANTS as marked
+    from part_fast.kernels.ptx import TRAINING_VARIANTS as compiled
+
+    assert set(marked) == set(compiled) == TRAINING_VARIANTS

@@ -18,7 +18,6 @@ import time
 
 import numpy as np
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from .. import ops, reference
 from ..attacks import PGD
@@ -26,6 +25,7 @@ from ..budget import PixelBudget
 from ..models import CAM_LAYERS
 from ..release import release_eps_map, release_update_pgd
 from .inputs import EPS, EPS_LOW, STEP, update_inputs
+from .op_count import kernels_per_call
 from .runner import Context, Skipped
 
 
@@ -69,38 +69,6 @@ def wall_seconds(ctx: Context, fn, reps: int) -> list[float]:
         ctx.sync()
         out.append(time.perf_counter() - t0)
     return out
-
-
-class _ComputingOps(TorchDispatchMode):
-    """The aten ops a call dispatches, views (detach, ...) left out: they launch nothing."""
-
-    def __init__(self):
-        super().__init__()
-        self.names = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if not func.is_view:
-            self.names.append(str(func.overloadpacket))
-        return func(*args, **(kwargs or {}))
-
-
-def kernels_per_call(fn, device: torch.device) -> list[str]:
-    """The kernels one call of fn launches (after one call to warm up). On a GPU, the CUDA kernels the
-    profiler records, Triton ones included, memcpy / memset activity left out; on the CPU, the aten ops that
-    compute (each one kernel launch on a GPU). The benchmark harness counts launches with it too."""
-    fn()
-    if device.type == "cuda":
-        from torch.profiler import ProfilerActivity, profile
-
-        torch.cuda.synchronize(device)
-        with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            fn()
-            torch.cuda.synchronize(device)
-        return [e.name for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA
-                and not e.name.lower().startswith(("memcpy", "memset"))]
-    with _ComputingOps() as counter:
-        fn()
-    return counter.names
 
 
 # ----------------------------------------------------------------------------------------- the update

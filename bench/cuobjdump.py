@@ -37,9 +37,9 @@ def extension_path() -> str | None:
 
 
 def _eps_kind_names() -> dict[str, str]:
-    """EpsPlan::Kind value -> name, read from csrc/checks.h when the source tree is here."""
+    """EpsPlan::Kind value -> name, read from csrc/validate.h when the source tree is here."""
     names = {}
-    header = Path(__file__).resolve().parents[1] / "csrc" / "checks.h"
+    header = Path(__file__).resolve().parents[1] / "csrc" / "validate.h"
     try:
         body = re.search(r"enum\s+Kind\s*\{([^}]*)\}", header.read_text()).group(1)
         for name, value in re.findall(r"k(\w+)\s*=\s*(\d+)", body):

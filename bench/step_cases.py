@@ -60,14 +60,14 @@ class Case:
                  init: dict, device=CPU):
         self.name, self.part_phase, self.device = name, part_phase, device
         self.release = method == "release"
-        cfg = TrainConfig(out="(unused: no run directory)", arch=arch, method="part" if self.release else method,
+        config = TrainConfig(out="(unused: no run directory)", arch=arch, method="part" if self.release else method,
                           batch_size=batch, steps=steps, augment=False, eval_examples=0, device=str(device),
                           seed=SEED, time_stages=True).resolved()  # time_stages: the split columns
-        self.state = build_state(cfg, num_classes=10, device=device, dist_info=Distributed())
+        self.state = build_state(config, num_classes=10, device=device, ranks=Distributed())
         self.state.model.load_state_dict(copy.deepcopy(init))
         if self.release:
             # The release's PART-PGD: global-eps start, not clipped; the eager update is part_fast.release's loop.
-            self.attack = PGD(self.state.attack_model, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps,
+            self.attack = PGD(self.state.attack_model, eps=config.eps, alpha=config.step_size, steps=config.steps,
                               start="release", loss="ce")
             model = self.state.model
             self.cam_model = release_cam_model(model, arch)

@@ -90,7 +90,7 @@ from bench.study_report import (
 )
 from part_fast.data import build_datasets
 from part_fast.data.folders import classes_interleaved
-from part_fast.evaluate import evaluate
+from part_fast import evaluate
 from part_fast.train import TrainConfig, load_checkpoint, load_model, train
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -52,7 +52,7 @@ def cifar_subset_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def uninterrupted_pair(tmp_path_factory) -> Path:
-    """RUN_DIR of a 2-process torchrun of trainer_helpers.ELASTIC with no fault: what the fault-tolerance tests
+    """RUN_DIR of a 2-process torchrun of helpers.ELASTIC with no fault: what the fault-tolerance tests
     (one node and two) must end equal to."""
-    from trainer_helpers import run_uninterrupted_pair
+    from helpers import run_uninterrupted_pair
     return run_uninterrupted_pair(tmp_path_factory.mktemp("ddp-ref") / "run")

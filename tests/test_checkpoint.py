@@ -13,7 +13,7 @@ import torch
 from part_fast import cli, files
 from part_fast.errors import CheckpointError, CheckpointWriteError
 from part_fast.train import checkpoint, load_checkpoint, train
-from trainer_helpers import assert_same_weights, quiet, tiny, weights, without_timings
+from helpers import assert_same_weights, quiet, tiny, weights, without_timings
 
 
 def _ckpt(step: int) -> dict:

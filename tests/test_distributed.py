@@ -18,7 +18,7 @@ from part_fast import data as data_mod
 from part_fast import train as train_mod
 from part_fast.train import Distributed, TrainConfig, load_checkpoint
 from part_fast.train.sampler import ResumableDistributedSampler
-from trainer_helpers import (ELASTIC, assert_equals_uninterrupted, env, metric_lines, step_lines, wait_for_steps,
+from helpers import (ELASTIC, assert_equals_uninterrupted, env, metric_lines, step_lines, wait_for_steps,
                              worker_pids)
 
 ARGS = ["--dataset", "shapes", "--arch", "cnn-small", "--method", "part", "--epochs", "2", "--warmup", "0",

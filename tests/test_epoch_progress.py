@@ -7,7 +7,7 @@ import torch
 from part_fast.errors import CheckpointError
 from part_fast.train import checkpoint, load_checkpoint, train
 from part_fast.train.progress import FIELDS, SAVED_STATS, EpochProgress, regrouped, restored
-from trainer_helpers import assert_same_weights, metric_lines, quiet, step_lines, tiny, weights, without_timings
+from helpers import assert_same_weights, metric_lines, quiet, step_lines, tiny, weights, without_timings
 
 CPU = torch.device("cpu")
 SUMMED = (*SAVED_STATS, "steps")

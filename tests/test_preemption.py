@@ -13,7 +13,7 @@ from part_fast import cli
 from part_fast.errors import Interrupted
 from part_fast.train import load_checkpoint, loop, train
 from part_fast.train.rundir import RunDirError
-from trainer_helpers import (assert_same_weights, cli_train, env, metric_lines, quiet, step_lines, tiny,
+from helpers import (assert_same_weights, cli_train, env, metric_lines, quiet, step_lines, tiny,
                              wait_for_steps, weights, without_timings)
 
 # 8 steps per epoch, 2 epochs (warm-up, then PART).

@@ -13,7 +13,7 @@ from part_fast import train as train_mod
 from part_fast.attacks import PGD
 from part_fast.train import METHOD, TrainConfig, TrainingDiverged, load_checkpoint, lr_factor, train
 
-from trainer_helpers import (assert_same_weights, cli_train, env, quiet, step_lines, tiny, wait_for_steps, weights,
+from helpers import (assert_same_weights, cli_train, env, quiet, step_lines, tiny, wait_for_steps, weights,
                              without_timings)
 
 

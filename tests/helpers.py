@@ -267,6 +267,16 @@ def worker_pids(launcher_pid: int, rank: int) -> list[int]:
     return found
 
 
+# The reference run of the one-process stop / resume tests (conftest's mid_run): 8 steps per epoch (128 shapes
+# images in batches of 16), 2 epochs (warm-up, then PART).
+MID = dict(train_subset=128, batch_size=16, epochs=2, warmup=1, log_steps=True)
+# The same run as `part-fast train` flags: tiny()'s settings spelled out.
+MID_FLAGS = ["--dataset", "shapes", "--arch", "cnn-small", "--method", "part", "--epochs", "2", "--warmup", "1",
+             "--lr", "0.05", "--batch-size", "16", "--steps", "1", "--train-subset", "128", "--test-subset", "32",
+             "--eval-examples", "0", "--seed", "3", "--log-steps"]
+MID_STEPS = 16
+
+
 # The fault-tolerance runs: 8 steps per epoch (batches of 16 split over 2 ranks), PGD-5 so that a step
 # takes a while, 2 epochs of which the first is the warm-up.
 ELASTIC = ["--dataset", "shapes", "--arch", "cnn-small", "--method", "part", "--epochs", "2", "--warmup", "1",

@@ -20,13 +20,20 @@ from part_fast.demo import DemoSettings, budget_on_object, run_demo, summary_tab
 from part_fast.devices import describe_device, resolve_device
 from part_fast.train import loop, rundir
 
+# Small models: one intra-op thread is as fast, and never waits for a busy core (conftest's one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
+
 ROOT = Path(__file__).resolve().parents[1]
 TRAIN = ["train", "--dataset", "shapes", "--arch", "cnn-small", "--epochs", "2", "--warmup", "1", "--batch-size", "32",
          "--steps", "1", "--train-subset", "64", "--test-subset", "32", "--eval-examples", "0"]
 # 64 shapes images in batches of 32: two steps per epoch.
 TINY = ["--dataset", "shapes", "--arch", "cnn-small", "--train-subset", "64", "--test-subset", "32",
         "--batch-size", "32", "--steps", "1", "--eval-examples", "32"]
-DEVICE_HERE = describe_device(resolve_device("auto"))
+
+
+def device_here() -> str:
+    """How the commands describe the device they pick by default (its thread count as set now)."""
+    return describe_device(resolve_device("auto"))
 
 
 def one_line_error(capsys, code: int, prefix: str) -> str:
@@ -201,7 +208,7 @@ def test_a_one_epoch_run_says_its_device_and_needs_no_warmup_flags(tmp_path, cap
     out = tmp_path / "run"
     assert cli.main(["train", "--out", str(out), *TINY, "--epochs", "1", "--eval-examples", "0"]) == 0
     printed = capsys.readouterr().out
-    assert printed.splitlines()[0] == f"part-fast train: device {DEVICE_HERE}"
+    assert printed.splitlines()[0] == f"part-fast train: device {device_here()}"
     assert "epoch 1/1 [part]" in printed  # a quarter of 1 epoch: no warm-up
     assert "left out" not in printed, "64 examples are two whole batches: nothing dropped, nothing said"
     config = json.loads((out / "config.json").read_text())
@@ -211,7 +218,7 @@ def test_a_one_epoch_run_says_its_device_and_needs_no_warmup_flags(tmp_path, cap
 
 def test_eval_and_show_cam_say_the_device_they_use(run_dir, tmp_path, capsys):
     assert cli.main(["eval", str(run_dir / "last.pt"), "--attacks", "natural", "--json", str(tmp_path / "e.json")]) == 0
-    assert capsys.readouterr().out.splitlines()[0] == f"part-fast eval: device {DEVICE_HERE}"
+    assert capsys.readouterr().out.splitlines()[0] == f"part-fast eval: device {device_here()}"
     assert json.loads((tmp_path / "e.json").read_text())["device"] == str(resolve_device("auto"))
     assert cli.main(["show-cam", str(run_dir / "last.pt"), "--out", str(tmp_path / "c.png"), "--n", "2",
                      "--device", "cpu"]) == 0

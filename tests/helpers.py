@@ -131,6 +131,15 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (_ordered_bits(a) - _ordered_bits(b)).abs()
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same shape, dtype and values bit for bit (so NaN equals the same NaN, and -0.0 differs from +0.0):
+    what an input the op must not write still holds."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+
+
 def assert_same_attack_result(out: torch.Tensor, expected: torch.Tensor, backend: str) -> None:
     """pgd_step_ / project_ results of `backend` against the reference's `expected`: the math is the
     reference's, element for element, so every value must be equal, with NaN exactly where the reference

@@ -1,4 +1,4 @@
-"""The core needs torch alone (issue 20): `import part_fast`, the ops, the budget, CAMs, attacks, models and
+"""The core needs torch alone: `import part_fast`, the ops, the budget, CAMs, attacks, models and
 evaluate work with torch and numpy only; every other package is in an extra of pyproject.toml, and a
 command that needs a missing one says so in one line naming the extra (part_fast/extras.py).
 

@@ -91,6 +91,7 @@ from bench.study_report import (
 from part_fast.data import build_datasets
 from part_fast.data.folders import classes_interleaved
 from part_fast import evaluate
+from part_fast.logs import watching
 from part_fast.train import TrainConfig, load_checkpoint, load_model, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,7 +263,8 @@ def run_one(name: str, method: str, mask: str | None, seed: int, spec: dict, wor
             logger.info("[%s] %s", name, line)
             on_epoch()
 
-        train(config, resume=resume, log=epoch_line)
+        with watching("part_fast.train.loop", epoch_line):  # the trainer's lines, under this run's name
+            train(config, resume=resume)
         trained = True
 
     eval_path = run_dir / "study_eval.json"

@@ -60,7 +60,35 @@ def cifar_subset_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def uninterrupted_pair(tmp_path_factory) -> Path:
-    """RUN_DIR of a 2-process torchrun of trainer_helpers.ELASTIC with no fault: what the fault-tolerance tests
+    """RUN_DIR of a 2-process torchrun of helpers.ELASTIC with no fault: what the fault-tolerance tests
     (one node and two) must end equal to."""
-    from trainer_helpers import run_uninterrupted_pair
+    from helpers import run_uninterrupted_pair
     return run_uninterrupted_pair(tmp_path_factory.mktemp("ddp-ref") / "run")
+
+
+@pytest.fixture(scope="session")
+def mid_run(tmp_path_factory):
+    """helpers.MID trained once in this process, on one thread, with a checkpoint every 3 steps: (RUN_DIR, its
+    history, the (epoch, step_in_epoch, global_step) of every checkpoint it wrote). What the one-process stop
+    and resume tests end equal to (a checkpoint does not change the run); a test copies RUN_DIR before it
+    changes anything there."""
+    from helpers import MID, tiny
+    from part_fast.train import checkpoint, train
+
+    out = tmp_path_factory.mktemp("mid") / "run"
+    saved = []
+    real_save = checkpoint.save
+
+    def recording_save(path, ckpt, **kw):
+        saved.append((ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]))
+        return real_save(path, ckpt, **kw)
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(checkpoint, "save", recording_save)
+            history = train(tiny(out, **MID, save_every_steps=3, save_every_minutes=0))
+    finally:
+        torch.set_num_threads(threads)
+    return out, history, saved

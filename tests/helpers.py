@@ -1,6 +1,10 @@
-"""What the op tests share: the backends and dtypes to run, the inputs (built on part_fast.check.inputs, the
-one vocabulary of eps forms and layouts that `part-fast check` uses too), the comparison with the
-reference, skips with their reasons, and a pairwise covering of parameter grids.
+"""What the tests share (conftest keeps the fixtures).
+
+The op tests: the backends and dtypes to run, the inputs (built on part_fast.check.inputs, the one vocabulary
+of eps forms and layouts that `part-fast check` uses too), the comparison with the reference, skips with their
+reasons, and a pairwise covering of parameter grids.
+
+The trainer tests: tiny runs, their weights and logs, and running the CLI / torchrun as a user would.
 
 The op tests run on every device the machine has. Without a GPU, TRITON_INTERPRET=1 makes the Triton
 backend run on CPU tensors (interpreted): it must be in the environment before Triton (and part_fast, which
@@ -17,7 +21,13 @@ if not GPU:
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import itertools  # noqa: E402
+import json  # noqa: E402
+import shutil  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import time  # noqa: E402
 import zlib  # noqa: E402
+from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 
@@ -25,6 +35,7 @@ from part_fast import ops  # noqa: E402
 from part_fast.check.correctness import same_attack_result  # noqa: E402
 from part_fast.check.inputs import (EPS, EPS_FORMS, EPS_LOW, LAYOUTS, STEP, attack_inputs,  # noqa: E402,F401
                                     distinct_eps_forms, make_eps, same_strides_on, to_layout)
+from part_fast.train import TrainConfig, load_checkpoint  # noqa: E402
 
 # Every backend usable for CPU tensors here, except the reference they are all compared against.
 BACKENDS = [name for name in ops.available_backends("cpu") if name != "reference"]
@@ -120,6 +131,15 @@ def ulp_distance(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (_ordered_bits(a) - _ordered_bits(b)).abs()
 
 
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """The same shape, dtype and values bit for bit (so NaN equals the same NaN, and -0.0 differs from +0.0):
+    what an input the op must not write still holds."""
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    bits = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[a.element_size()]
+    return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+
+
 def assert_same_attack_result(out: torch.Tensor, expected: torch.Tensor, backend: str) -> None:
     """pgd_step_ / project_ results of `backend` against the reference's `expected`: the math is the
     reference's, element for element, so every value must be equal, with NaN exactly where the reference
@@ -176,3 +196,118 @@ def pairwise(**parameters) -> list[dict]:
             uncovered.discard((p, case[p], q, case[q]))
         cases.append({names[k]: values[k][case[k]] for k in range(len(names))})
     return cases
+
+
+# ------------------------------------------------------------------------------------------ trainer
+def tiny(out, **kw) -> TrainConfig:
+    """A run that takes a few seconds: 96 shapes images, batches of 32, PGD-1, cnn-small."""
+    base = dict(out=str(out), dataset="shapes", arch="cnn-small", method="part", epochs=3, warmup=1, lr=0.05,
+                batch_size=32, steps=1, train_subset=96, test_subset=32, eval_examples=0, seed=3, progress=False)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def quiet(*_args):
+    pass
+
+
+def weights(run_dir, name="last.pt") -> dict:
+    return load_checkpoint(Path(run_dir) / name)["model"]
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def without_timings(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in r.items() if "seconds" not in k} for r in history]
+
+
+def env() -> dict:
+    return {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+
+
+def cli_train(out, *flags) -> list[str]:
+    return [sys.executable, "-m", "part_fast", "train", "--out", str(out), *flags]
+
+
+def torchrun(*args) -> list[str]:
+    exe = shutil.which("torchrun")
+    return ([exe] if exe else [sys.executable, "-m", "torch.distributed.run"]) + list(args)
+
+
+def step_lines(run_dir) -> list[dict]:
+    path = Path(run_dir) / "steps.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def metric_lines(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def wait_for_steps(run_dir, n: int, proc: subprocess.Popen, timeout: float = 240) -> None:
+    """Poll RUN_DIR/steps.jsonl until it holds n complete lines; fail if the process ends first."""
+    path = Path(run_dir) / "steps.jsonl"
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if path.exists() and path.read_bytes().count(b"\n") >= n:
+            return
+        if proc.poll() is not None:
+            raise AssertionError(f"the run ended (exit {proc.returncode}) before step {n}")
+        time.sleep(0.005)
+    raise AssertionError(f"no step {n} within {timeout} s")
+
+
+def worker_pids(launcher_pid: int, rank: int) -> list[int]:
+    """The torchrun workers of `launcher_pid` (its child processes) that run `rank`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            environ = (entry / "environ").read_bytes().split(b"\0")
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == launcher_pid and f"RANK={rank}".encode() in environ:
+            found.append(int(entry.name))
+    return found
+
+
+# The reference run of the one-process stop / resume tests (conftest's mid_run): 8 steps per epoch (128 shapes
+# images in batches of 16), 2 epochs (warm-up, then PART).
+MID = dict(train_subset=128, batch_size=16, epochs=2, warmup=1, log_steps=True)
+# The same run as `part-fast train` flags: tiny()'s settings spelled out.
+MID_FLAGS = ["--dataset", "shapes", "--arch", "cnn-small", "--method", "part", "--epochs", "2", "--warmup", "1",
+             "--lr", "0.05", "--batch-size", "16", "--steps", "1", "--train-subset", "128", "--test-subset", "32",
+             "--eval-examples", "0", "--seed", "3", "--log-steps"]
+MID_STEPS = 16
+
+
+# The fault-tolerance runs: 8 steps per epoch (batches of 16 split over 2 ranks), PGD-5 so that a step
+# takes a while, 2 epochs of which the first is the warm-up.
+ELASTIC = ["--dataset", "shapes", "--arch", "cnn-small", "--method", "part", "--epochs", "2", "--warmup", "1",
+           "--lr", "0.05", "--batch-size", "16", "--steps", "5", "--train-subset", "128", "--test-subset", "32",
+           "--eval-examples", "32", "--seed", "6", "--log-steps"]
+ELASTIC_STEPS = 16
+
+
+def run_uninterrupted_pair(out) -> Path:
+    """A 2-process run of ELASTIC with no interruption (and no step checkpoints), as `torchrun --standalone`:
+    what every faulted run must equal."""
+    done = subprocess.run(torchrun("--standalone", "--nproc_per_node=2", "-m", "part_fast", "train", *ELASTIC,
+                                   "--out", str(out)), env=env(), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return Path(out)
+
+
+def assert_equals_uninterrupted(out, ref) -> None:
+    """RUN_DIR `out` ends as the uninterrupted run `ref`: the same weights, one metrics line per epoch with the
+    same values, every step logged once with the same loss."""
+    assert_same_weights(weights(ref), weights(out))
+    assert [m["epoch"] for m in metric_lines(out)] == [1, 2], "one metrics line per epoch, none lost or doubled"
+    assert without_timings(metric_lines(out)) == without_timings(metric_lines(ref))
+    assert [s["global_step"] for s in step_lines(out)] == list(range(1, ELASTIC_STEPS + 1))
+    assert [s["loss"] for s in step_lines(out)] == [s["loss"] for s in step_lines(ref)]

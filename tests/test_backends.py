@@ -350,7 +350,7 @@ def _python(code, env_extra=None, drop=("PART_FAST_BACKEND",), timeout=240):
 
 
 PROBE = """
-import json, torch
+import json, threading, torch
 from part_fast import ops
 x = torch.rand(2, 3, 4, 4); g = torch.randn(2, 3, 4, 4)
 result = {"available": ops.available_backends("cpu"), "selected": None}
@@ -362,6 +362,22 @@ try:
 except Exception as e:
     result["error"] = type(e).__name__
     result["message"] = str(e)
+
+def in_a_thread():  # a new thread starts from PART_FAST_BACKEND too, and may choose automatically
+    seen = result["in_a_thread"] = []
+    for forced in ("default", None):
+        try:
+            if forced == "default":
+                seen.append(ops.select_backend(torch.device("cpu")))
+            else:
+                with ops.use_backend(forced):
+                    seen.append(ops.select_backend(torch.device("cpu")))
+        except Exception as e:
+            seen.append(type(e).__name__)
+
+thread = threading.Thread(target=in_a_thread)
+thread.start()
+thread.join()
 print("RESULT" + json.dumps(result))
 """
 
@@ -374,35 +390,22 @@ def _result(proc):
 
 @pytest.mark.parametrize("name", ["reference", "cpu", "cuda", "triton", ""])
 def test_env_var_forces_backend(name):
+    """PART_FAST_BACKEND is the forced backend of this thread and of every new one that has not chosen
+    another; an unusable one raises when an op runs."""
     proc = _python(PROBE, {"PART_FAST_BACKEND": name, "TRITON_INTERPRET": "1"})
     r = _result(proc)
+    auto = "cpu" if EXTENSION_LOADED else "reference"
     if name == "":  # empty means unset: automatic choice
-        assert r["selected"] == ("cpu" if EXTENSION_LOADED else "reference") and r["error"] is None
+        assert r["selected"] == auto and r["error"] is None
+        assert r["in_a_thread"] == [auto, auto]
     elif name in r["available"]:
         assert r["selected"] == name and r["error"] is None
+        assert r["in_a_thread"] == [name, auto]
     else:
         assert r["error"] == "RuntimeError" and name in r["message"]
+        assert r["in_a_thread"] == ["RuntimeError", auto]
     if name == "cuda":
         assert r["error"] == "RuntimeError"
-
-
-def test_env_var_is_the_default_in_every_thread():
-    """PART_FAST_BACKEND is the forced backend of every thread that has not chosen another."""
-    code = """
-    import threading, torch
-    from part_fast import ops
-    seen = []
-    def look():
-        seen.append(ops.select_backend(torch.device("cpu")))
-        with ops.use_backend(None):
-            seen.append(ops.select_backend(torch.device("cpu")))
-    thread = threading.Thread(target=look)
-    thread.start()
-    thread.join()
-    print("RESULT" + repr(seen).replace("'", '"'))
-    """
-    r = _result(_python(code, {"PART_FAST_BACKEND": "reference"}))
-    assert r == ["reference", "cpu" if EXTENSION_LOADED else "reference"]
 
 
 def test_env_var_unknown_backend_is_value_error():

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import shutil
 import stat
 import zipfile
 
@@ -14,7 +15,10 @@ import torch
 from part_fast import cli, files
 from part_fast.errors import CheckpointError, CheckpointWriteError
 from part_fast.train import checkpoint, load_checkpoint, train
-from trainer_helpers import assert_same_weights, quiet, tiny, weights, without_timings
+from helpers import MID, assert_same_weights, quiet, tiny, weights, without_timings
+
+# Small models: one intra-op thread is as fast, and never waits for a busy core (conftest's one_thread).
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _ckpt(step: int) -> dict:
@@ -171,17 +175,17 @@ def test_stale_temporary_files_of_dead_processes_are_removed(tmp_path):
 
 
 # ---------------------------------------------------------------------------------- through the trainer
-def test_resume_falls_back_to_the_previous_checkpoint_and_ends_exact(tmp_path, logged, one_thread):
-    straight = train(tiny(tmp_path / "straight", epochs=3))
+def test_resume_falls_back_to_the_previous_checkpoint_and_ends_exact(tmp_path, logged, mid_run, one_thread):
+    ref, ref_history, _ = mid_run
     out = tmp_path / "run"
-    train(tiny(out, epochs=2))
-    _flip_a_byte_of_the_weights(out / "last.pt")  # epoch 2's checkpoint; previous.pt holds epoch 1's
-    resumed = train(tiny(out, epochs=3), resume=True)
+    shutil.copytree(ref, out)  # last.pt: the end (step 16); previous.pt: step 15 (epoch 2, step 7 of 8)
+    _flip_a_byte_of_the_weights(out / "last.pt")
+    resumed = train(tiny(out, **MID, save_every_steps=3, save_every_minutes=0), resume=True)
     err = [r.getMessage() for r in logged.records if r.levelno >= logging.WARNING]
     assert len(err) == 1 and err[0].startswith(f"part-fast: warning: {out / 'last.pt'} is damaged")
-    assert "resuming from" in err[0] and "(step 3, after epoch 1)" in err[0]
-    assert without_timings(resumed) == without_timings(straight)
-    assert_same_weights(weights(tmp_path / "straight"), weights(out))
+    assert "resuming from" in err[0] and "(step 15, epoch 2 step 7/8)" in err[0]
+    assert without_timings(resumed) == without_timings(ref_history)
+    assert_same_weights(weights(ref), weights(out))
 
 
 TRAIN = ["train", "--dataset", "shapes", "--arch", "cnn-small", "--epochs", "2", "--warmup", "1", "--batch-size", "32",

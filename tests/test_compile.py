@@ -7,7 +7,7 @@ import torch
 from torch.library import opcheck
 
 import part_fast
-from helpers import attack_inputs, rand
+from helpers import attack_inputs, pairwise, rand
 from part_fast import ops
 
 EPS, EPS_LOW, STEP = 8 / 255, 7 / 255, 2 / 255
@@ -66,12 +66,15 @@ def test_opcheck_project(family, index):
     opcheck(project, (x_adv, x_nat, eps_map, eps, lo, hi))
 
 
+OPCHECK_CAM_CASES = [((2, 4, 4), [32, 32]), ((3, 7, 5), [13, 29]), ((1, 1, 1), [1, 1]), ((2, 8, 8), [32, 32])]
+
+
 @pytest.mark.parametrize("family", FAMILIES)
-@pytest.mark.parametrize("mode", ["jet", "cam"])
-@pytest.mark.parametrize("case", [((2, 4, 4), [32, 32]), ((3, 7, 5), [13, 29]), ((1, 1, 1), [1, 1]),
-                                  ((2, 8, 8), [32, 32])])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64], ids=str)
+@pytest.mark.parametrize("mode, case, dtype", [
+    pytest.param(c["mode"], c["case"], c["dtype"], id=f"{c['mode']}-{c['case']}-{str(c['dtype']).replace('torch.', '')}")
+    for c in pairwise(case=OPCHECK_CAM_CASES, dtype=[torch.float32, torch.float16, torch.float64], mode=["jet", "cam"])])
 def test_opcheck_cam_eps_map(family, mode, case, dtype):
+    """Every case in every dtype, each mode with every case and dtype (pairwise: 12 per family, not 24)."""
     _, _, cam_eps_map = _raw_ops(family)
     shape, size = case
     cam = rand(shape, torch.Generator().manual_seed(len(shape) + size[0]), dtype)

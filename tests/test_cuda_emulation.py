@@ -21,6 +21,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import pairwise
 from part_fast import reference
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -118,9 +119,17 @@ CAM_CASES = [  # (B, h, w, H, W)
 ]
 
 
-@pytest.mark.parametrize("mode", ["jet", "cam"])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("B,h,w,H,W", CAM_CASES)
+def _cam_comparisons() -> list:
+    """(B, h, w, H, W, dtype, mode): every case in both modes in float32 (the resize walk depends on the
+    shapes and the mode), plus every pair of case, dtype and mode (helpers.pairwise): 24 of the 36."""
+    dtypes = [torch.float32, torch.float16, torch.bfloat16]
+    core = [(case, torch.float32, mode) for case in CAM_CASES for mode in ("jet", "cam")]
+    pairs = [(c["case"], c["dtype"], c["mode"]) for c in pairwise(case=CAM_CASES, dtype=dtypes, mode=["jet", "cam"])]
+    return [pytest.param(*case, dtype, mode, id=f"{'-'.join(map(str, case))}-{str(dtype).replace('torch.', '')}-{mode}")
+            for case, dtype, mode in dict.fromkeys(core + pairs)]
+
+
+@pytest.mark.parametrize("B,h,w,H,W,dtype,mode", _cam_comparisons())
 def test_cam_eps_map_device_code_matches_reference(emu, B, h, w, H, W, dtype, mode, gen):
     cam = torch.randn(B, h, w, generator=gen) * 2
     if B >= 3:

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -18,17 +17,18 @@ from part_fast import data as data_mod
 from part_fast import train as train_mod
 from part_fast.train import Distributed, TrainConfig, load_checkpoint
 from part_fast.train.sampler import ResumableDistributedSampler
-from trainer_helpers import (ELASTIC, assert_equals_uninterrupted, env, metric_lines, step_lines, wait_for_steps,
-                             worker_pids)
+from helpers import (ELASTIC, assert_equals_uninterrupted, env, metric_lines, step_lines, torchrun, wait_for_steps,
+                     worker_pids)
+from part_fast import cli
 
 ARGS = ["--dataset", "shapes", "--arch", "cnn-small", "--method", "part", "--epochs", "2", "--warmup", "0",
         "--lr", "0.05", "--batch-size", "32", "--steps", "2", "--train-subset", "96", "--test-subset", "40",
         "--eval-examples", "40", "--seed", "5", "--log-steps"]
 
 
-def _torchrun():
-    exe = shutil.which("torchrun")
-    return [exe] if exe else [sys.executable, "-m", "torch.distributed.run"]
+def _pair_train(*args) -> list[str]:
+    """`torchrun --standalone --nproc_per_node=2 -m part_fast train ARGS`."""
+    return torchrun("--standalone", "--nproc_per_node=2", "-m", "part_fast", "train", *args)
 
 
 def _first_step_loss_per_rank(config: TrainConfig, world: int) -> list[float]:
@@ -51,14 +51,18 @@ def _first_step_loss_per_rank(config: TrainConfig, world: int) -> list[float]:
     return losses
 
 
-@pytest.mark.slow
-def test_torchrun_two_processes_gloo(tmp_path):
-    out = tmp_path / "ddp"
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    cmd = _torchrun() + ["--standalone", "--nproc_per_node=2", "-m", "part_fast", "train", *ARGS, "--out", str(out)]
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+@pytest.fixture(scope="module")
+def ddp_run(tmp_path_factory):
+    """ARGS trained by two processes under torchrun: (RUN_DIR, the finished process)."""
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    done = subprocess.run(_pair_train(*ARGS, "--out", str(out)), env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return out, done
 
+
+@pytest.mark.slow
+def test_torchrun_two_processes_gloo(tmp_path, ddp_run):
+    out, done = ddp_run
     # Only rank 0 wrote files, once.
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "last.pt", "metrics.jsonl", "previous.pt",
                                                      "steps.jsonl"]
@@ -85,25 +89,20 @@ def test_torchrun_two_processes_gloo(tmp_path):
 
 
 @pytest.mark.slow
-def test_torchrun_resume_equals_uninterrupted(tmp_path):
+def test_torchrun_resume_equals_uninterrupted(tmp_path, ddp_run):
     """Two processes, 2 epochs straight vs 1 epoch + --resume: the same weights (BatchNorm statistics of
     every rank included, which is why rank 0's are broadcast before each checkpoint)."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    run = lambda out, *extra: subprocess.run(  # noqa: E731
-        _torchrun() + ["--standalone", "--nproc_per_node=2", "-m", "part_fast", "train", *ARGS, "--out", str(out), *extra],
-        env=env, capture_output=True, text=True, timeout=600)
-    full = run(tmp_path / "full")
-    assert full.returncode == 0, full.stderr[-3000:]
+    full, _ = ddp_run  # the same ARGS: 2 epochs straight
     epochs_at = ARGS.index("--epochs") + 1
     one = list(ARGS)
     one[epochs_at] = "1"
-    first = subprocess.run(_torchrun() + ["--standalone", "--nproc_per_node=2", "-m", "part_fast", "train", *one,
-                                          "--out", str(tmp_path / "cut")],
-                           env=env, capture_output=True, text=True, timeout=600)
+    first = subprocess.run(_pair_train(*one, "--out", str(tmp_path / "cut")), env=env(), capture_output=True, text=True,
+                           timeout=600)
     assert first.returncode == 0, first.stderr[-3000:]
-    resumed = run(tmp_path / "cut", "--resume")
+    resumed = subprocess.run(_pair_train(*ARGS, "--out", str(tmp_path / "cut"), "--resume"), env=env(),
+                             capture_output=True, text=True, timeout=600)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    a, b = load_checkpoint(tmp_path / "full" / "last.pt")["model"], load_checkpoint(tmp_path / "cut" / "last.pt")["model"]
+    a, b = load_checkpoint(full / "last.pt")["model"], load_checkpoint(tmp_path / "cut" / "last.pt")["model"]
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
@@ -148,7 +147,7 @@ def test_session_teardown_joins_the_process_group_threads(tmp_path, ending):
     that fails alone tears down without waiting for the others, and nobody hangs."""
     probe = tmp_path / "probe.py"
     probe.write_text(TEARDOWN_PROBE)
-    done = subprocess.run(_torchrun() + ["--standalone", "--nproc_per_node=2", str(probe), ending, str(tmp_path)],
+    done = subprocess.run(torchrun("--standalone", "--nproc_per_node=2", str(probe), ending, str(tmp_path)),
                           env=env(), capture_output=True, text=True, timeout=300)
     report = done.stdout[-2000:] + done.stderr[-3000:]
     counts = [(tmp_path / f"rank{r}.txt").read_text().split() for r in (0, 1) if (tmp_path / f"rank{r}.txt").exists()]
@@ -169,8 +168,8 @@ def test_elastic_restart_after_a_worker_is_killed(tmp_path, uninterrupted_pair):
     the job, which resumes from its last step checkpoint and finishes by itself, exit 0, with the weights,
     metrics and step losses of the uninterrupted run."""
     out = tmp_path / "elastic"
-    cmd = _torchrun() + ["--standalone", "--nproc_per_node=2", "--max-restarts=2", "-m", "part_fast", "train", *ELASTIC,
-                         "--out", str(out), "--auto-resume", "--save-every-steps", "2"]
+    cmd = torchrun("--standalone", "--nproc_per_node=2", "--max-restarts=2", "-m", "part_fast", "train", *ELASTIC,
+                   "--out", str(out), "--auto-resume", "--save-every-steps", "2")
     with open(tmp_path / "log.txt", "w") as log_file:
         proc = subprocess.Popen(cmd, env=env(), stdout=log_file, stderr=subprocess.STDOUT)
         wait_for_steps(out, 5, proc)
@@ -189,7 +188,7 @@ def test_torchrun_sigterm_checkpoints_the_exact_state(tmp_path, uninterrupted_pa
     """SIGTERM to torchrun (what a scheduler sends): it forwards the signal, both workers finish the same
     step, write one checkpoint and exit 143; resuming with only --out ends equal to the uninterrupted run."""
     out = tmp_path / "term"
-    run = [*_torchrun(), "--standalone", "--nproc_per_node=2", "-m", "part_fast", "train"]
+    run = _pair_train()
     proc = subprocess.Popen([*run, *ELASTIC, "--out", str(out)], env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     wait_for_steps(out, 3, proc)
@@ -221,8 +220,8 @@ def test_ranks_started_with_other_settings_all_stop_with_one_line(tmp_path):
     launch.write_text(LAUNCH_WITH_OTHER_SETTINGS_ON_RANK_1)
     launch.chmod(0o755)
     out = tmp_path / "run"
-    done = subprocess.run(_torchrun() + ["--standalone", "--nproc_per_node=2", "--no-python", str(launch), "train",
-                                         *ELASTIC, "--out", str(out)], env={**env(), "PYTHON": sys.executable},
+    done = subprocess.run(torchrun("--standalone", "--nproc_per_node=2", "--no-python", str(launch), "train", *ELASTIC,
+                                   "--out", str(out)), env={**env(), "PYTHON": sys.executable},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
     errors = [line for line in done.stderr.splitlines() if line.startswith("part-fast train: error:")]
@@ -257,7 +256,7 @@ def test_collective_timeout_bounds_the_wait_for_a_silent_peer(tmp_path):
     probe = tmp_path / "probe.py"
     probe.write_text(TIMEOUT_PROBE)
     started = time.monotonic()
-    done = subprocess.run(_torchrun() + ["--standalone", "--nproc_per_node=2", str(probe), "3"], env=env(),
+    done = subprocess.run(torchrun("--standalone", "--nproc_per_node=2", str(probe), "3"), env=env(),
                           capture_output=True, text=True, timeout=200)
     took = time.monotonic() - started
     assert done.returncode != 0
@@ -297,35 +296,34 @@ def _tree(path) -> dict:
 
 
 @pytest.mark.slow
-def test_resume_on_another_process_count_is_refused_before_any_write_unless_allowed(tmp_path):
+def test_resume_on_another_process_count_is_refused_before_any_write_unless_allowed(tmp_path, capsys, one_thread):
     """A run of 2 processes whose newest checkpoint is from the middle of epoch 1 (step 6 of 8) resumed by 1
     (a node fewer): one line naming both counts and the flag, every file untouched; with
-    --allow-world-change it goes on from step 6, and every epoch's metrics cover all 128 examples."""
+    --allow-world-change it goes on from step 6, and every epoch's metrics cover all 128 examples. (The one
+    process resumes in this one: it is an ordinary `part-fast train`.)"""
     out = tmp_path / "run"
     epochs_at = ELASTIC.index("--epochs") + 1
     one_epoch = [*ELASTIC[:epochs_at], "1", *ELASTIC[epochs_at + 1:]]
-    first = subprocess.run(_torchrun() + ["--standalone", "--nproc_per_node=2", "-m", "part_fast", "train", *one_epoch,
-                                          "--out", str(out), "--save-every-steps", "3"],
+    first = subprocess.run(_pair_train(*one_epoch, "--out", str(out), "--save-every-steps", "3"),
                            env=env(), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]
     (out / "last.pt").unlink()  # the node died before the epoch's checkpoint: previous.pt holds step 6
     assert load_checkpoint(out / "previous.pt")["global_step"] == 6
     before = _tree(out)
-    resume = [sys.executable, "-m", "part_fast", "train", "--out", str(out), "--resume", "--epochs", "2"]
+    resume = ["train", "--out", str(out), "--resume", "--epochs", "2"]
 
-    refused = subprocess.run(resume, env=env(), capture_output=True, text=True, timeout=300)
-    assert refused.returncode == 2, refused.stderr[-3000:]
-    errors = [line for line in refused.stderr.splitlines() if "error:" in line]
+    assert cli.main(resume) == 2
+    refused = capsys.readouterr()
+    errors = [line for line in refused.err.splitlines() if "error:" in line]
     assert errors == [f"part-fast train: error: {out / 'previous.pt'} was trained by 2 process(es) and would continue "
                       "with 1; each rank's data shard and random streams depend on the count, so resume with 2, or "
                       "pass --allow-world-change to continue with 1 (no longer bit-equal to an uninterrupted run)"]
     assert _tree(out) == before, "nothing in RUN_DIR was written, moved or removed"
 
-    allowed = subprocess.run(resume + ["--allow-world-change"], env=env(), capture_output=True, text=True,
-                             timeout=300)
-    assert allowed.returncode == 0, allowed.stderr[-3000:]
-    assert allowed.stderr.count("was trained by 2 process(es) and continues with 1 (--allow-world-change)") == 1
-    assert "resumed" in allowed.stdout and "at step 6" in allowed.stdout, allowed.stdout
+    assert cli.main(resume + ["--allow-world-change"]) == 0
+    allowed = capsys.readouterr()
+    assert allowed.err.count("was trained by 2 process(es) and continues with 1 (--allow-world-change)") == 1
+    assert "resumed" in allowed.out and "at step 6" in allowed.out, allowed.out
     metrics = metric_lines(out)
     assert [m["epoch"] for m in metrics] == [1, 2]
     assert [m["train_examples"] for m in metrics] == [128, 128], "rank 0 carries the sums of both saved ranks"

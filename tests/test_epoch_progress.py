@@ -1,13 +1,15 @@
 """The epoch in progress as a mid-epoch checkpoint keeps it (part_fast/train/progress.py): one dict per rank,
 read back exactly; the positional vectors of the checkpoints written before the dict form (format 2 too)
 still resume exactly; and the regrouping when a checkpoint continues on another number of processes."""
+import shutil
+
 import pytest
 import torch
 
 from part_fast.errors import CheckpointError
 from part_fast.train import checkpoint, load_checkpoint, train
 from part_fast.train.progress import FIELDS, SAVED_STATS, EpochProgress, regrouped, restored
-from trainer_helpers import assert_same_weights, metric_lines, step_lines, tiny, weights, without_timings
+from helpers import MID, assert_same_weights, metric_lines, step_lines, tiny, weights, without_timings
 
 CPU = torch.device("cpu")
 SUMMED = (*SAVED_STATS, "steps")
@@ -48,19 +50,19 @@ def test_regrouped_rank_0_carries_every_rank_s_sums_the_others_start_from_zero()
                 == restored(states, rank, 3, 4, CPU).state_dict())
 
 
-def test_a_checkpoint_with_positional_progress_resumes_exactly(tmp_path):
-    # 8 steps per epoch, a checkpoint every 3 steps: previous.pt holds step 15 (epoch 2, step 7 of 8).
-    run = dict(train_subset=128, batch_size=16, epochs=2, warmup=1, log_steps=True, save_every_steps=3)
-    ref, cut = tmp_path / "ref", tmp_path / "cut"
-    train(tiny(ref, **run))
-    train(tiny(cut, **run))
+def test_a_checkpoint_with_positional_progress_resumes_exactly(tmp_path, mid_run, one_thread):
+    # conftest's mid_run: 8 steps per epoch, a checkpoint every 3 steps: previous.pt holds step 15 (epoch 2,
+    # step 7 of 8). Its copy loses last.pt, and previous.pt is rewritten with the old positional vectors.
+    ref = mid_run[0]
+    cut = tmp_path / "cut"
+    shutil.copytree(ref, cut)
     (cut / checkpoint.LAST).unlink()
     ckpt = load_checkpoint(cut / checkpoint.PREVIOUS)
     assert (ckpt["global_step"], ckpt["format"], list(ckpt["epoch_progress"][0])) == (15, 2, list(FIELDS))
     ckpt["epoch_progress"] = [_vector(state) for state in ckpt["epoch_progress"]]
     checkpoint.save(cut / checkpoint.PREVIOUS, ckpt, keep_previous=False)
 
-    train(tiny(cut, **run), resume=True)
+    train(tiny(cut, **MID, save_every_steps=3, save_every_minutes=0), resume=True)
     assert_same_weights(weights(ref), weights(cut))
     assert without_timings(metric_lines(cut)) == without_timings(metric_lines(ref))
     assert [s["loss"] for s in step_lines(cut)] == [s["loss"] for s in step_lines(ref)]

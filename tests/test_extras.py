@@ -1,4 +1,4 @@
-"""The core needs torch alone (issue 20): `import part_fast`, the ops, the budget, CAMs, attacks, models and
+"""The core needs torch alone: `import part_fast`, the ops, the budget, CAMs, attacks, models and
 evaluate work with torch and numpy only; every other package is in an extra of pyproject.toml, and a
 command that needs a missing one says so in one line naming the extra (part_fast/extras.py).
 
@@ -197,12 +197,27 @@ def test_the_command_line_starts_with_torch_alone():
 
 
 # ------------------------------------------------------------- (b) a command that needs a missing extra
-def _command(args, blocked) -> subprocess.CompletedProcess:
-    return _child(f"""\
-        import runpy
-        sys.argv = ["part-fast", *{list(map(str, args))!r}]
-        runpy.run_module("part_fast", run_name="__main__")
-        """, blocked=blocked)
+# One interpreter runs every command in turn, `part-fast ARGS` as `python -m part_fast` runs it, each with its
+# own packages blocked; it reports whether a blocked package was already imported (by an earlier command:
+# then the case would prove nothing, and fails), the exit code and everything written to stderr.
+COMMANDS = """\
+import contextlib, io, runpy
+results = {}
+for case, (args, blocked) in json.loads(CASES).items():
+    BLOCKED.clear()
+    BLOCKED.update(blocked)
+    imported = sorted(m for m in sys.modules if m.split(".")[0] in BLOCKED)
+    err = io.StringIO()
+    sys.argv = ["part-fast", *args]
+    code = None
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            runpy.run_module("part_fast", run_name="__main__")
+        except SystemExit as stop:
+            code = stop.code
+    results[case] = {"imported before": imported, "exit": code, "stderr": err.getvalue()}
+print(json.dumps(results))
+"""
 
 
 TINY = ["--dataset", "shapes", "--arch", "cnn-small", "--train-subset", "64", "--test-subset", "32",
@@ -211,29 +226,35 @@ PLOTS = 'needs the matplotlib package, which is not installed: pip install "part
 TRAIN = 'needs the torchvision package, which is not installed: pip install "part_fast[train]"'
 
 
-@pytest.mark.parametrize("case", ["demo", "plot", "show-cam", "train cifar10", "train --arch", "train --tensorboard"])
-def test_a_command_without_its_extra_says_which_in_one_line(tmp_path, case):
-    out = tmp_path / "out"
-    args, blocked, line = {
+def test_a_command_without_its_extra_says_which_in_one_line(tmp_path):
+    def out(case):
+        return tmp_path / case.replace(" ", "_") / "out"
+
+    cases = {  # case: (args, blocked, the one line on stderr)
         # checked before the demo's minutes of training
-        "demo": (["demo", "--out", out, "--device", "cpu"], ["matplotlib"],
+        "demo": (["demo", "--out", out("demo"), "--device", "cpu"], ["matplotlib"],
                  f"part-fast demo: error: the budget-map PNG {PLOTS}"),
         "plot": (["plot", tmp_path], ["matplotlib"], f"part-fast plot: error: the training-curves PNG {PLOTS}"),
-        "show-cam": (["show-cam", tmp_path / "last.pt", "--out", out / "cams.png"], ["matplotlib"],
+        "show-cam": (["show-cam", tmp_path / "last.pt", "--out", out("show-cam") / "cams.png"], ["matplotlib"],
                      f"part-fast show-cam: error: the budget-map PNG {PLOTS}"),
-        "train cifar10": (["train", "--out", out, *TINY, "--dataset", "cifar10", "--data-dir", tmp_path],
-                          ["torchvision"], f"part-fast train: error: the cifar10 dataset {TRAIN}"),
-        "train --arch": (["train", "--out", out, *TINY, "--arch", "resnet50"], ["torchvision"],
+        "train cifar10": (["train", "--out", out("train cifar10"), *TINY, "--dataset", "cifar10", "--data-dir",
+                           tmp_path], ["torchvision"], f"part-fast train: error: the cifar10 dataset {TRAIN}"),
+        "train --arch": (["train", "--out", out("train --arch"), *TINY, "--arch", "resnet50"], ["torchvision"],
                          "part-fast train: error: architecture 'resnet50' (not bundled: cnn-small, preact-resnet18, "
                          f"resnet-small, resnet18, wrn34-10; any other name is torchvision's) {TRAIN}"),
-        "train --tensorboard": (["train", "--out", out, *TINY, "--tensorboard"], ["tensorboard"],
+        "train --tensorboard": (["train", "--out", out("train --tensorboard"), *TINY, "--tensorboard"], ["tensorboard"],
                                 "part-fast train: error: tensorboard needs the tensorboard package, which is not "
                                 'installed: pip install "part_fast[tensorboard]"'),
-    }[case]
-    proc = _command(args, blocked)
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr == line + "\n"  # exactly one line: no traceback, no warning
-    assert not out.exists()  # nothing was written
+    }
+    plan = {case: ([str(a) for a in args], blocked) for case, (args, blocked, _) in cases.items()}
+    results = _last_json(_child(f"CASES = {json.dumps(plan)!r}\n" + COMMANDS, blocked=()))
+    assert list(results) == list(cases)
+    for case, (_, _, line) in cases.items():
+        got = results[case]
+        assert got["imported before"] == [], (case, got)
+        assert got["exit"] == 2, (case, got)
+        assert got["stderr"] == line + "\n", (case, got)  # exactly one line: no traceback, no warning
+        assert not out(case).exists(), case  # nothing was written
 
 
 # --------------------------------------------------------------------------------- (c) pyproject.toml

@@ -15,7 +15,7 @@ from part_fast.losses import at_loss, mart_loss, trades_loss
 from part_fast.train import METHOD, METHODS, Distributed, build_model, build_state, inner_attack, train_step
 from part_fast.train.step import STAT_NAMES
 
-from trainer_helpers import tiny
+from helpers import tiny
 
 # What the release does, written out here and not read from the table: (base, PART?, inner loss, start in
 # global-eps epochs, start in PART epochs with start="release", natural logits in the outer loss).

@@ -26,6 +26,8 @@ from helpers import (
     pairwise,
     rand,
     randn,
+    same_bits,
+    seed_of,
     skip_unsupported,
     target_id,
     to_layout,
@@ -112,37 +114,65 @@ def assert_in_ball_and_box(out, x_nat, eps, lo, hi):
 
 
 # ------------------------------------------------------------------------------------ vs reference
+_SHARED: dict = {}
+
+
+def comparison_inputs(op, case):
+    """(x_adv, grad, x_nat, eps, the reference's result) of a comparison case, made once and shared by the
+    backends, which run one after another: the inputs are seeded by the op and the case (not the backend), so
+    every backend is compared on the same inputs, and the reference (most of a case's time at CIFAR-batch
+    size) runs once. The test never writes them: x_adv is cloned, and the others are checked unchanged."""
+    if _SHARED.get("key") != (op, case):
+        _SHARED.clear()
+        eps_form, layout, dtype, shape = case
+        gen = torch.Generator().manual_seed(seed_of(f"{op}-{case_id(case)}"))
+        x_adv, grad, x_nat = attack_inputs(shape, dtype, layout, gen)
+        eps = make_eps(eps_form, shape, layout, gen, dtype)
+        expected = run_reference(op, x_adv.clone(), grad, x_nat, eps)
+        _SHARED.update(key=(op, case), inputs=(x_adv, grad, x_nat, eps, expected))
+    return _SHARED["inputs"]
+
+
 @pytest.mark.parametrize("backend", DEVICE_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("op", OPS)
 @pytest.mark.parametrize("case", COMPARISON_CASES, ids=case_id)
-def test_matches_reference(backend, op, case, gen):
+def test_matches_reference(backend, op, case):
     """Element for element the reference's result (NaN where it has NaN), x_adv in its layout, the other
     inputs untouched, the result inside the ball and the box."""
     eps_form, layout, dtype, shape = case
     skip_unsupported(backend, dtype, math.prod(shape))
-    x_adv, grad, x_nat = attack_inputs(shape, dtype, layout, gen)
-    eps = make_eps(eps_form, shape, layout, gen, dtype)
-    expected = run_reference(op, x_adv.clone(), grad, x_nat, eps)
-    grad_before, x_nat_before = grad.clone(), x_nat.clone()
-    eps_before = eps.clone() if isinstance(eps, torch.Tensor) else eps
+    x_adv, grad, x_nat, eps, expected = comparison_inputs(op, case)
+    x_adv = x_adv.clone()  # preserves the layout
+    before = [(t, t.clone()) for t in (grad, x_nat, eps) if isinstance(t, torch.Tensor)]
 
     out = run(op, backend, x_adv, grad, x_nat, eps)
 
+    # Inputs other than x_adv are read-only (bit for bit).
+    if not all(same_bits(t, copy) for t, copy in before):
+        _SHARED.clear()  # the next backend must not compare on inputs this one changed
+        raise AssertionError(f"backend {backend!r} wrote into grad, x_nat or eps")
     assert_same_attack_result(out, expected, backend)
     assert out.stride() == to_layout(torch.empty(shape), layout).stride(), "x_adv keeps its layout"
-    # Inputs other than x_adv are read-only.
-    torch.testing.assert_close(grad, grad_before, rtol=0, atol=0, equal_nan=True)
-    assert torch.equal(x_nat, x_nat_before)
-    if isinstance(eps, torch.Tensor):
-        assert torch.equal(eps, eps_before)
     assert_in_ball_and_box(out, x_nat, eps, 0.0, 1.0)
 
 
+BOXES = [(0.25, 0.75), (0.5, 0.5), (-1.0, 2.0), (-math.inf, math.inf), (0.0, 0.0)]
+
+
+def params(names: str, cases: list[dict]) -> list:
+    """pytest.param tuples of `names` (comma-separated) from helpers.pairwise cases, with readable ids."""
+    keys = [n.strip() for n in names.split(",")]
+
+    def text(v):
+        return str(v).replace("torch.", "").replace(" ", "")
+
+    return [pytest.param(*(c[k] for k in keys), id="-".join(text(c[k]) for k in keys)) for c in cases]
+
+
 @pytest.mark.parametrize("backend", DEVICE_BACKENDS, ids=target_id)
-@pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("box", [(0.25, 0.75), (0.5, 0.5), (-1.0, 2.0), (-math.inf, math.inf), (0.0, 0.0)])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op, box, dtype", params("op, box, dtype", pairwise(box=BOXES, dtype=DTYPES, op=OPS)))
 def test_matches_reference_other_boxes(backend, op, box, dtype, gen):
+    """Every box with every dtype, each op with every box and every dtype (pairwise: 20 cases, not 40)."""
     skip_unsupported(backend, dtype)
     shape = (3, 3, 7, 5)
     lo, hi = box
@@ -154,10 +184,15 @@ def test_matches_reference_other_boxes(backend, op, box, dtype, gen):
     assert (out.to(torch.float64) >= lo).all() and (out.to(torch.float64) <= hi).all()
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("threads", [1, 3, 4])
-@pytest.mark.parametrize("eps_form", ["b1hw", "strided", "1c11", "bchw"])
-@pytest.mark.parametrize("layout", LAYOUTS)
+def _task_split_cases() -> list:
+    """(backend, threads, eps_form, layout): the cpu backend on 1, 3 and 4 threads (its task split); the
+    other backends do not split work by torch's threads, so each of their cases runs once, on 1."""
+    return [pytest.param(backend, threads, form, layout, id=f"{backend}-{threads}-{form}-{layout}")
+            for backend in BACKENDS for threads in ((1, 3, 4) if backend == "cpu" else (1,))
+            for form in ("b1hw", "strided", "1c11", "bchw") for layout in LAYOUTS]
+
+
+@pytest.mark.parametrize("backend, threads, eps_form, layout", _task_split_cases())
 def test_matches_reference_across_task_splits(backend, threads, eps_form, layout, gen):
     """An odd shape larger than the CPU kernel's grain (32768), so parallel tasks start mid-row of a
     broadcast budget."""
@@ -225,13 +260,11 @@ def test_matches_release_update(backend, gen):
 
 
 @pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
-@pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("fill", [7.0, -7.0, 0.5])
-@pytest.mark.parametrize("layout", LAYOUTS)
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op, fill, layout, dtype", params("op, fill, layout, dtype", pairwise(
+    dtype=DTYPES, fill=[7.0, -7.0, 0.5], layout=LAYOUTS, op=OPS)))
 def test_every_element_written(backend, op, fill, layout, dtype, gen):
     """x_adv poisoned with a value outside the box (or far from x_nat) must come back inside box and ball
-    everywhere, including the tail of an odd-sized tensor."""
+    everywhere, including the tail of an odd-sized tensor. Every pair of op, fill, layout and dtype."""
     shape = (3, 3, 7, 5)
     skip_unsupported(backend, dtype)
     _, grad, x_nat = attack_inputs(shape, dtype, layout, gen)
@@ -248,12 +281,11 @@ def test_every_element_written(backend, op, fill, layout, dtype, gen):
 
 
 @pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
-@pytest.mark.parametrize("op", OPS)
-@pytest.mark.parametrize("eps", [0.0, 0, "tensor", "tensor_xdtype"])
-@pytest.mark.parametrize("box", [(0.0, 1.0), (0.25, 0.75)])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("op, eps, box, dtype", params("op, eps, box, dtype", pairwise(
+    eps=[0.0, 0, "tensor", "tensor_xdtype"], dtype=DTYPES, box=[(0.0, 1.0), (0.25, 0.75)], op=OPS)))
 def test_eps_zero_returns_clipped_input(backend, op, eps, box, dtype, gen):
-    """eps = 0 returns clip(x_nat, lo, hi) exactly, wherever x_adv was and whatever the gradient."""
+    """eps = 0 returns clip(x_nat, lo, hi) exactly, wherever x_adv was and whatever the gradient. Every pair
+    of op, budget form, box and dtype."""
     skip_unsupported(backend, dtype)
     shape = (3, 3, 7, 5)
     x_adv, grad, x_nat = attack_inputs(shape, dtype, "contiguous", gen)
@@ -394,15 +426,14 @@ PROPERTY = settings(
 
 @pytest.mark.parametrize("backend", DEVICE_ALL_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("op", OPS)
-def test_property_ball_and_box(backend, dtype, op):
-    """For any finite x_adv, x_nat in [lo, hi], any budget and any gradient (NaN and inf included):
-    x_adv is finite, lo <= x_adv <= hi and |x_adv - x_nat| <= eps."""
+def test_property_ball_and_box(backend, dtype):
+    """For either op, any finite x_adv, x_nat in [lo, hi], any budget and any gradient (NaN and inf
+    included): x_adv is finite, lo <= x_adv <= hi and |x_adv - x_nat| <= eps."""
     skip_unsupported(backend, dtype)
 
     @PROPERTY
-    @given(attack_case(dtype))
-    def check(case):
+    @given(st.sampled_from(OPS), attack_case(dtype))
+    def check(op, case):
         x_adv, grad, x_nat, eps, step, lo, hi = case
         out = run(op, backend, x_adv, grad, x_nat, eps, step, lo, hi)
         assert_in_ball_and_box(out, x_nat, eps, lo, hi)
@@ -412,13 +443,13 @@ def test_property_ball_and_box(backend, dtype, op):
 
 @pytest.mark.parametrize("backend", DEVICE_BACKENDS, ids=target_id)
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("op", OPS)
-def test_property_matches_reference(backend, dtype, op):
+def test_property_matches_reference(backend, dtype):
+    """For either op and any inputs of attack_case: the reference's result, element for element."""
     skip_unsupported(backend, dtype)
 
     @PROPERTY
-    @given(attack_case(dtype))
-    def check(case):
+    @given(st.sampled_from(OPS), attack_case(dtype))
+    def check(op, case):
         x_adv, grad, x_nat, eps, step, lo, hi = case
         expected = run_reference(op, x_adv.clone(), grad, x_nat, eps, step, lo, hi)
         out = run(op, backend, x_adv, grad, x_nat, eps, step, lo, hi)
@@ -507,11 +538,20 @@ PROJECT_SKIP = {"grad_shape", "grad_dtype", "grad_int", "grad_device", "grad_cha
                 "step_negative", "step_nan", "step_str"}
 
 
-@pytest.mark.parametrize("backend", ALL_BACKENDS)
-@pytest.mark.parametrize(
-    "op, case",
-    [(op, case) for op in OPS for case in sorted(BAD_CASES) if not (op == "project_" and case in PROJECT_SKIP)],
-)
+def _bad_input_cases() -> list:
+    """(backend, op, case): every bad input once per backend. A backend checks the arguments of both ops with
+    the same code (part_fast/_checks.py, csrc/checks.h), so the op alternates: across the backends each case
+    that applies to both ops meets both, and each backend meets both ops."""
+    cases = []
+    for i, case in enumerate(sorted(BAD_CASES)):
+        ops_here = ["pgd_step_"] if case in PROJECT_SKIP else OPS
+        for j, backend in enumerate(ALL_BACKENDS):
+            op = ops_here[(i + j) % len(ops_here)]
+            cases.append(pytest.param(backend, op, case, id=f"{backend}-{op}-{case}"))
+    return cases
+
+
+@pytest.mark.parametrize("backend, op, case", _bad_input_cases())
 def test_bad_input_raises(backend, op, case):
     """Every backend raises the same exception type for a bad argument, and leaves x_adv untouched."""
     exc, make = BAD_CASES[case]

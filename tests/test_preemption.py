@@ -1,5 +1,6 @@
-"""Stopping and continuing one process: SIGTERM / SIGINT, step-level checkpoints, --auto-resume, and
-resuming from the run's own config.json."""
+"""Stopping and continuing one process: SIGTERM / SIGINT, SIGKILL, step-level checkpoints, --auto-resume, and
+resuming from the run's own config.json. The runs end equal to conftest's mid_run (helpers.MID, trained once
+in the test process)."""
 from __future__ import annotations
 
 import json
@@ -9,23 +10,12 @@ import subprocess
 
 import pytest
 
+from helpers import (MID, MID_FLAGS, MID_STEPS, assert_same_weights, cli_train, env, metric_lines, step_lines,
+                     tiny, wait_for_steps, weights, without_timings)
 from part_fast import cli
 from part_fast.errors import Interrupted
 from part_fast.train import load_checkpoint, loop, train
 from part_fast.train.rundir import RunDirError
-from trainer_helpers import (assert_same_weights, cli_train, env, metric_lines, step_lines, tiny,
-                             wait_for_steps, weights, without_timings)
-
-# 8 steps per epoch, 2 epochs (warm-up, then PART).
-MID = dict(train_subset=128, batch_size=16, epochs=2, warmup=1, log_steps=True)
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory, one_thread):
-    """The uninterrupted run every interrupted one must end equal to."""
-    out = tmp_path_factory.mktemp("preemption") / "ref"
-    history = train(tiny(out, **MID))
-    return out, history
 
 
 def _signal_during_step(monkeypatch, k: int, *signums: int):
@@ -44,9 +34,9 @@ def _signal_during_step(monkeypatch, k: int, *signums: int):
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
-def test_signal_finishes_the_step_writes_an_exact_checkpoint_and_resume_is_exact(tmp_path, monkeypatch, reference,
+def test_signal_finishes_the_step_writes_an_exact_checkpoint_and_resume_is_exact(tmp_path, monkeypatch, mid_run,
                                                                                  one_thread, signum):
-    ref, ref_history = reference
+    ref, ref_history, _ = mid_run
     before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
     _signal_during_step(monkeypatch, 11, signum)  # epoch 2, step 3
     out = tmp_path / "cut"
@@ -132,9 +122,8 @@ def _saved_positions(monkeypatch) -> list[tuple[int, int, int]]:
     return saved
 
 
-def test_save_every_steps(tmp_path, monkeypatch, one_thread):
-    saved = _saved_positions(monkeypatch)
-    train(tiny(tmp_path / "run", **MID, save_every_steps=3, save_every_minutes=0))
+def test_save_every_steps(mid_run):
+    saved = mid_run[2]  # --save-every-steps 3, --save-every-minutes 0
     # Every 3 steps, and at each epoch's end (a step save falling on the end is not written twice).
     assert [g for _, _, g in saved] == [3, 6, 8, 9, 12, 15, 16]
     assert saved[1] == (0, 6, 6) and saved[2] == (1, 0, 8)
@@ -156,14 +145,12 @@ def test_save_every_minutes_by_rank_0s_clock(tmp_path, monkeypatch, one_thread):
     assert [g for _, _, g in saved] == [3, 6, 8, 11, 14, 16]
 
 
-def test_cli_sigterm_in_a_real_process_then_resume_with_only_out(tmp_path):
-    flags = ["--dataset", "shapes", "--arch", "cnn-small", "--epochs", "2", "--warmup", "1", "--lr", "0.05",
-             "--batch-size", "16", "--steps", "3", "--train-subset", "128", "--test-subset", "32",
-             "--eval-examples", "0", "--seed", "3", "--log-steps"]
-    ref = tmp_path / "ref"
-    subprocess.run(cli_train(ref, *flags), check=True, env=env(), capture_output=True)
+def test_cli_sigterm_in_a_real_process_then_resume_with_only_out(tmp_path, mid_run, one_thread, capsys):
+    """SIGTERM to a real `part-fast train` process: exit 143, two lines on stderr and an exact checkpoint;
+    `part-fast train --out RUN --resume` then ends equal to the uninterrupted run."""
+    ref = mid_run[0]
     out = tmp_path / "cut"
-    proc = subprocess.Popen(cli_train(out, *flags), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+    proc = subprocess.Popen(cli_train(out, *MID_FLAGS), env=env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True)
     wait_for_steps(out, 3, proc)
     proc.send_signal(signal.SIGTERM)
@@ -175,14 +162,43 @@ def test_cli_sigterm_in_a_real_process_then_resume_with_only_out(tmp_path):
     assert lines[-1].endswith(f"; checkpoint {out / 'last.pt'}; resume with: part-fast train --out {out} --resume")
     assert "Traceback" not in stderr and len(lines) == 2
     ckpt = load_checkpoint(out / "last.pt")
-    assert 3 <= ckpt["global_step"] < 16 and ckpt["global_step"] == len(step_lines(out))
+    assert 3 <= ckpt["global_step"] < MID_STEPS and ckpt["global_step"] == len(step_lines(out))
 
-    done = subprocess.run(cli_train(out, "--resume"), env=env(), capture_output=True, text=True)
-    assert done.returncode == 0, done.stderr
-    assert f"resumed {out} at step {ckpt['global_step']}" in done.stdout
+    assert cli.main(["train", "--out", str(out), "--resume"]) == 0  # in this process: the resume is not the point
+    assert f"resumed {out} at step {ckpt['global_step']}" in capsys.readouterr().out
     assert_same_weights(weights(ref), weights(out))
     assert [s["loss"] for s in step_lines(out)] == [s["loss"] for s in step_lines(ref)]
     assert [m["epoch"] for m in metric_lines(out)] == [1, 2]
+
+
+def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, mid_run, one_thread):
+    """SIGKILL the training process at three points (before the first checkpoint, in the middle of epoch 1,
+    in the middle of epoch 2), resume each time with only --out: the final weights, every step's loss and the
+    metrics equal the uninterrupted run's, and at most 2 steps (--save-every-steps 2) are redone."""
+    ref = mid_run[0]
+    out = tmp_path / "killed"
+    positions = []
+    for kill_after in (1, 7, 13):  # global steps; 8 per epoch
+        args = cli_train(out, "--resume") if out.exists() else cli_train(out, *MID_FLAGS, "--save-every-steps", "2")
+        proc = subprocess.Popen(args, env=env(), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        wait_for_steps(out, kill_after, proc)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        # Whatever was on disk is whole: the checkpoint (if any) loads, the metrics parse.
+        if (out / "last.pt").exists():
+            ckpt = load_checkpoint(out / "last.pt")
+            positions.append((ckpt["epoch"], ckpt["step_in_epoch"]))
+            metrics = out / "metrics.jsonl"  # written at the first epoch's end
+            lines = metrics.read_text().splitlines() if metrics.exists() else []
+            assert len(lines) in (ckpt["epoch"] - 1, ckpt["epoch"])  # killed between the two writes at worst
+            assert len(step_lines(out)) - ckpt["global_step"] <= 3  # one torn or unsaved step beyond the cadence
+    assert any(0 < step < 8 for _, step in positions), f"no kill landed mid-epoch: {positions}"
+    assert cli.main(["train", "--out", str(out), "--resume"]) == 0  # in this process: the resume is not the point
+    assert_same_weights(weights(ref), weights(out))
+    assert (out / "metrics.jsonl").read_text().count("\n") == 2
+    assert [s["loss"] for s in step_lines(out)] == [s["loss"] for s in step_lines(ref)]
+    assert [s["global_step"] for s in step_lines(out)] == list(range(1, MID_STEPS + 1))
+    assert not list(out.glob(".*tmp*")), "a temporary file was left behind"
 
 
 # ------------------------------------------------------------------------------------ auto-resume

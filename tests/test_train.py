@@ -245,13 +245,20 @@ def test_resume_with_another_config_is_refused(tmp_path):
         train(tiny(out, epochs=2, eps_low=6 / 255), resume=True)
 
 
-def test_same_seed_same_run_other_seed_other_run(tmp_path):
-    a = train(tiny(tmp_path / "a", epochs=2))
+@pytest.fixture(scope="module")
+def two_epochs(tmp_path_factory):
+    """tiny(epochs=2), float32: (RUN_DIR, history)."""
+    out = tmp_path_factory.mktemp("two_epochs") / "run"
+    return out, train(tiny(out, epochs=2))
+
+
+def test_same_seed_same_run_other_seed_other_run(tmp_path, two_epochs):
+    a_dir, a = two_epochs
     b = train(tiny(tmp_path / "b", epochs=2))
-    assert_same_weights(weights(tmp_path / "a"), weights(tmp_path / "b"))
+    assert_same_weights(weights(a_dir), weights(tmp_path / "b"))
     assert [r["train_loss"] for r in a] == [r["train_loss"] for r in b]
     train(tiny(tmp_path / "c", epochs=2, seed=4))
-    assert not torch.equal(weights(tmp_path / "a")["linear.weight"], weights(tmp_path / "c")["linear.weight"])
+    assert not torch.equal(weights(a_dir)["linear.weight"], weights(tmp_path / "c")["linear.weight"])
 
 
 def test_resume_in_process_equals_uninterrupted(tmp_path):
@@ -301,8 +308,8 @@ def test_nan_loss_without_step_logs_is_caught_at_the_epoch_end(tmp_path, monkeyp
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 1
 
 
-def test_amp_bf16_and_channels_last_train_like_float32(tmp_path):
-    fp32 = train(tiny(tmp_path / "fp32", epochs=2))
+def test_amp_bf16_and_channels_last_train_like_float32(tmp_path, two_epochs):
+    _, fp32 = two_epochs
     bf16 = train(tiny(tmp_path / "bf16", epochs=2, amp="bf16", channels_last=True))
     assert [r["phase"] for r in bf16] == ["warmup", "part"]
     for a, b in zip(fp32, bf16):  # bf16 keeps 8 bits of mantissa: the losses agree to a few per cent

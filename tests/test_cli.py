@@ -216,13 +216,18 @@ def test_a_one_epoch_run_says_its_device_and_needs_no_warmup_flags(tmp_path, cap
     assert config["warmup"] == 0
 
 
-def test_eval_and_show_cam_say_the_device_they_use(run_dir, tmp_path, capsys):
-    assert cli.main(["eval", str(run_dir / "last.pt"), "--attacks", "natural", "--json", str(tmp_path / "e.json")]) == 0
+def test_eval_and_show_cam_say_their_device_and_create_a_missing_output_folder(run_dir, tmp_path, capsys):
+    report = tmp_path / "reports" / "eval.json"
+    assert cli.main(["eval", str(run_dir / "last.pt"), "--attacks", "natural", "--json", str(report)]) == 0
     assert capsys.readouterr().out.splitlines()[0] == f"part-fast eval: device {device_here()}"
-    assert json.loads((tmp_path / "e.json").read_text())["device"] == str(resolve_device("auto"))
-    assert cli.main(["show-cam", str(run_dir / "last.pt"), "--out", str(tmp_path / "c.png"), "--n", "2",
-                     "--device", "cpu"]) == 0
-    assert capsys.readouterr().out.splitlines()[0] == f"part-fast show-cam: device {describe_device(torch.device('cpu'))}"
+    assert json.loads(report.read_text())["device"] == str(resolve_device("auto"))
+    assert json.loads(report.read_text())["examples"] == 32
+    png = tmp_path / "new" / "deeper" / "cams.png"
+    assert cli.main(["show-cam", str(run_dir / "last.pt"), "--out", str(png), "--n", "2", "--device", "cpu"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0] == f"part-fast show-cam: device {describe_device(torch.device('cpu'))}"
+    assert printed[-1] == f"wrote {png}"
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_demo_forwards_its_device(tmp_path, monkeypatch):
@@ -270,16 +275,6 @@ def test_the_demo_output_folder_is_ignored_by_git():
     done = subprocess.run(["git", "check-ignore", "-v", "runs/demo-20260101-000000/summary.json"], cwd=ROOT,
                           capture_output=True, text=True)
     assert done.returncode == 0 and ".gitignore" in done.stdout, done.stdout + done.stderr
-
-
-def test_show_cam_and_eval_create_a_missing_output_folder(run_dir, tmp_path, capsys):
-    png = tmp_path / "new" / "deeper" / "cams.png"
-    assert cli.main(["show-cam", str(run_dir / "last.pt"), "--out", str(png), "--n", "2"]) == 0
-    assert capsys.readouterr().out.splitlines()[-1] == f"wrote {png}"
-    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    report = tmp_path / "reports" / "eval.json"
-    assert cli.main(["eval", str(run_dir / "last.pt"), "--attacks", "natural", "--json", str(report)]) == 0
-    assert json.loads(report.read_text())["examples"] == 32
 
 
 def test_an_output_folder_that_cannot_be_made_names_the_users_path(run_dir, tmp_path, capsys):

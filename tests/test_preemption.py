@@ -171,6 +171,7 @@ def test_cli_sigterm_in_a_real_process_then_resume_with_only_out(tmp_path, mid_r
     assert [m["epoch"] for m in metric_lines(out)] == [1, 2]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_equals_uninterrupted(tmp_path, mid_run, one_thread):
     """SIGKILL the training process at three points (before the first checkpoint, in the middle of epoch 1,
     in the middle of epoch 2), resume each time with only --out: the final weights, every step's loss and the

@@ -53,7 +53,7 @@ def test_a_backend_that_differs_fails_and_names_the_case(ctx, monkeypatch):
         return out.copy_(torch.nextafter(out, torch.full_like(out, 2.0)))
 
     monkeypatch.setattr(correctness.reference, "pgd_step_", off_by_one_ulp)
-    # The odd shapes only: the CIFAR-batch one (most of the time) would only repeat their verdicts.
+    # The odd shapes only: the CIFAR-batch shape (most of this test's time) would only repeat their verdicts.
     monkeypatch.setitem(correctness.QUICK_ATTACK_SHAPES, "real", [])
     ok, figure, data = correctness.check_attack_ops(ctx, "cpu")
     assert ok is False

@@ -158,8 +158,8 @@ def test_aa_wiring_to_the_original_api(setup, monkeypatch):
 
 def test_aa_with_pyautoattack(setup):
     """The real thing: pyautoattack's standard AutoAttack (APGD-CE, APGD-T, FAB-T, Square; 100 iterations)
-    on the template CNN, one example per batch. APGD-CE breaks the weak one; the robust one survives all four
-    attacks (which is most of the time: one robust example is enough)."""
+    on the template CNN, one example per batch. APGD-CE breaks the weak one; the robust one (3 eps from the
+    boundary by construction) survives all four attacks, each run in full, which is most of this test's time."""
     pytest.importorskip("pyautoattack")
     model, loader = setup
     loader = [(loader[0][0][1:2], loader[0][1][1:2]), (loader[0][0][:1], loader[0][1][:1])]  # a robust, a weak one

@@ -221,9 +221,13 @@ def small_run(tmp_path_factory):
 
 @pytest.mark.slow
 def test_cli_writes_the_model_info_beside_the_checkpoint(small_run, cifar, capsys):
+    # 16 examples in batches of 5, 5, 5, 1 (a last, short batch): each example the model gets right costs
+    # AutoAttack's four attacks, and the 24 this test used took twice as long.
+    n, batch = 16, 5
     data_dir, _ = cifar
     assert cli.main(["eval", str(small_run / "last.pt"), "--protocol", "robustbench", "--dataset", "cifar10",
-                     "--data-dir", str(data_dir), "--test-subset", "24", "--batch-size", "10", "--device", "cpu"]) == 0
+                     "--data-dir", str(data_dir), "--test-subset", str(n), "--batch-size", str(batch),
+                     "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     info = json.loads((small_run / "robustbench-cifar10-Linf.json").read_text())
     details = json.loads((small_run / "robustbench-cifar10-Linf.eval.json").read_text())
@@ -231,20 +235,20 @@ def test_cli_writes_the_model_info_beside_the_checkpoint(small_run, cifar, capsy
     from part_fast.train import load_model
 
     model, _ = load_model(small_run / "last.pt")
-    x, y = rbp.load_test_set("cifar10", data_dir, 24)
-    clean = rbp._accuracy(model, x, y, 10, "cpu")  # in the protocol's batches of 10, as the CLI counted
+    x, y = rbp.load_test_set("cifar10", data_dir, n)
+    clean = rbp._accuracy(model, x, y, batch, "cpu")  # in the protocol's batches, as the CLI counted
     robust = details["autoattack_correct"]
     assert 0 <= robust <= clean and details["clean_correct"] == clean
-    assert info["clean_acc"] == str(round(100 * clean / 24, 2)) and info["autoattack_acc"] == str(round(100 * robust / 24, 2))
+    assert info["clean_acc"] == str(round(100 * clean / n, 2)) and info["autoattack_acc"] == str(round(100 * robust / n, 2))
     assert info["architecture"] == "CNN (small)" and info["name"] == "run" and info["eps"] == EPS
     assert list(info) == list(rbp.MODEL_INFO_FIELDS) and info["footnote"].startswith("PART trained with part_fast")
-    assert (details["n_examples"], details["batch_size"], details["seed"]) == (24, 10, 0)
+    assert (details["n_examples"], details["batch_size"], details["seed"]) == (n, batch, 0)
     assert details["model_info"] == info and details["version"] == "standard"
     assert [c["check"] for c in details["checks"]] == ["logits", "deterministic", "eval mode", "input gradients"]
     for check in ("logits", "deterministic", "eval mode", "input gradients"):
         assert f"AutoAttack check {check}: pass" in out
     assert out.index("AutoAttack check logits") < out.index("clean accuracy:")
-    assert f"clean accuracy: {100 * clean / 24:.2f}% | AutoAttack accuracy: {100 * robust / 24:.2f}%" in out
+    assert f"clean accuracy: {100 * clean / n:.2f}% | AutoAttack accuracy: {100 * robust / n:.2f}%" in out
 
 
 @pytest.mark.parametrize("flags, message", [

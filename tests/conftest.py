@@ -1,6 +1,7 @@
 """Fixtures of the tests. What the op tests share besides fixtures is in helpers.py, imported first here
 because it sets TRITON_INTERPRET before Triton can be imported."""
 import logging
+import os
 import tarfile
 from pathlib import Path
 
@@ -9,6 +10,33 @@ import torch
 
 from helpers import seed_of
 from part_fast import ops
+
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # One worker per core: one intra-op thread each, in the worker and in the processes its tests start.
+    # (OpenMP threads spin-waiting for a core that another worker holds make a run several times slower.)
+    torch.set_num_threads(1)
+    os.environ["OMP_NUM_THREADS"] = "1"
+
+# pytest-xdist (pyproject's addopts run the suite in one worker per core) sends each group of tests to one
+# worker. A group is a test file, so that a file's shared runs are made once, except that files sharing a
+# session fixture are one group, so that it is made once too.
+SHARED_SESSION_FIXTURE = {
+    "test_distributed.py": "uninterrupted_pair", "test_multinode.py": "uninterrupted_pair",
+    "test_preemption.py": "mid_run", "test_checkpoint.py": "mid_run", "test_epoch_progress.py": "mid_run",
+}
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_make_scheduler(config, log):
+    # xdist's own --dist loadgroup needs item._nodeid, which pytest 9 no longer reads: a scheduler of ours.
+    from xdist.scheduler import LoadScopeScheduling
+
+    class OneWorkerPerGroup(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            file = nodeid.split("::", 1)[0].rsplit("/", 1)[-1]
+            return SHARED_SESSION_FIXTURE.get(file, file)
+
+    return OneWorkerPerGroup(config, log)
 
 
 @pytest.fixture

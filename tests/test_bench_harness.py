@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -17,7 +18,9 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
-    done = subprocess.run([sys.executable, "-m", "part_fast", "bench", "--quick", "--out", str(out)], cwd=ROOT,
+    # As many threads as the tests have (one per pytest-xdist worker): figures are not asserted here.
+    done = subprocess.run([sys.executable, "-m", "part_fast", "bench", "--quick", "--threads",
+                           str(torch.get_num_threads()), "--out", str(out)], cwd=ROOT,
                           capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-4000:]
     return out, done

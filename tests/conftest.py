@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import seed_of
-from part_fast import ops
+from part_fast import backends
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # One worker per core: one intra-op thread each, in the worker and in the processes its tests start.
@@ -56,9 +56,9 @@ def logged(caplog):
 def _automatic_backend():
     """Every test starts with no forced backend, whatever PART_FAST_BACKEND the runner had, and leaves the
     forced backend as it found it."""
-    token = ops._forced_backend.set(None)
+    token = backends._forced_backend.set(None)
     yield
-    ops._forced_backend.reset(token)
+    backends._forced_backend.reset(token)
 
 
 @pytest.fixture(scope="module")

@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import part_fast
 from helpers import ALL_BACKENDS, BACKENDS, CPU_DTYPES, DTYPES, attack_inputs, rand, skip_unsupported
-from part_fast import ops, reference
+from part_fast import backends, ops, reference
 
 EXTENSION_LOADED = ops.EXTENSION_ERROR is None
 # A build made with PART_FAST_NO_EXTENSION=1 has no part_fast/_C*.so at all; an extension that exists but
@@ -83,7 +83,7 @@ def test_extension_loaded_in_this_environment():
 
 
 def test_triton_listed_only_when_interpreted_on_cpu():
-    kernels = ops._triton_kernels()
+    kernels = backends._triton_kernels()
     assert os.environ.get("TRITON_INTERPRET") == "1", "conftest sets TRITON_INTERPRET=1"
     assert ("triton" in ops.available_backends("cpu")) == (kernels is not None)
     assert (ops.TRITON_ERROR is None) == (kernels is not None), ops.TRITON_ERROR
@@ -103,8 +103,8 @@ class _FailImport(importlib.abc.MetaPathFinder):
 @pytest.fixture
 def triton_not_imported_yet(monkeypatch):
     """ops as if the Triton kernels had never been imported; everything restored afterwards."""
-    monkeypatch.setattr(ops, "_triton_module", ops._TRITON_UNSET)
-    monkeypatch.setattr(ops, "_triton_error", None)
+    monkeypatch.setattr(backends, "_triton_module", backends._TRITON_UNSET)
+    monkeypatch.setattr(backends, "_triton_error", None)
     for name in [m for m in sys.modules if m == "part_fast.kernels" or m.startswith("part_fast.kernels.")]:
         monkeypatch.delitem(sys.modules, name)
     if hasattr(part_fast, "kernels"):
@@ -118,7 +118,7 @@ def test_triton_not_installed_is_recorded_quietly(triton_not_imported_yet, monke
         error = ops.TRITON_ERROR  # reading it tries the import
         assert "triton" not in ops.available_backends("cpu")
     assert isinstance(error, ModuleNotFoundError) and error.name == "triton", repr(error)
-    assert ops._triton_kernels() is None and ops.TRITON_ERROR is error
+    assert backends._triton_kernels() is None and ops.TRITON_ERROR is error
 
 
 def test_triton_kernels_failing_to_import_warn(triton_not_imported_yet, monkeypatch):
@@ -132,7 +132,7 @@ def test_triton_kernels_failing_to_import_warn(triton_not_imported_yet, monkeypa
     assert ops.TRITON_ERROR is broken
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # remembered: no second warning
-        assert ops._triton_kernels() is None
+        assert backends._triton_kernels() is None
     with ops.use_backend("triton"), pytest.raises(RuntimeError, match="triton"):
         ops.project_(torch.zeros((1, 1, 2, 2)), torch.zeros((1, 1, 2, 2)), 0.1)
 
@@ -144,7 +144,7 @@ def test_missing_triton_dependency_of_triton_warns(triton_not_imported_yet, monk
     broken = ModuleNotFoundError("No module named 'triton._C'", name="triton._C")
     monkeypatch.setattr(sys, "meta_path", [_FailImport("part_fast.kernels", broken), *sys.meta_path])
     with pytest.warns(RuntimeWarning, match="triton._C"):
-        assert ops._triton_kernels() is None
+        assert backends._triton_kernels() is None
     assert ops.TRITON_ERROR is broken
 
 
@@ -222,7 +222,7 @@ def test_use_backend_routes_the_call(gen):
 
 @pytest.mark.skipif("triton" not in BACKENDS, reason="part_fast.kernels (Triton) is not importable")
 def test_use_backend_triton_routes_to_kernels(monkeypatch, gen):
-    kernels = ops._triton_kernels()
+    kernels = backends._triton_kernels()
     calls = []
     real_step, real_cam = kernels.pgd_step.pgd_step_, kernels.cam_eps_map.cam_eps_map
 
@@ -250,7 +250,7 @@ def test_use_backend_unknown_name_is_value_error():
         pass
     with pytest.raises(ValueError), ops.use_backend("CPU"):
         pass
-    assert ops._forced_backend.get() is None
+    assert backends._forced_backend.get() is None
 
 
 @pytest.mark.parametrize("name", ["cuda"] + [b for b in ("cpu", "triton") if b not in ALL_BACKENDS])
@@ -287,7 +287,7 @@ def test_use_backend_nests_and_restores():
     with pytest.raises(KeyError), ops.use_backend("reference"):
         raise KeyError("boom")
     assert ops.select_backend(device) == auto
-    assert ops._forced_backend.get() is None
+    assert backends._forced_backend.get() is None
 
 
 def test_use_backend_is_per_thread():

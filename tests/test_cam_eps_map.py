@@ -22,7 +22,7 @@ from helpers import (
     skip_unsupported,
     target_id,
 )
-from part_fast import ops, reference
+from part_fast import backends, ops, reference
 
 EPS, EPS_LOW = 8 / 255, 7 / 255
 MODES = ["jet", "cam"]
@@ -511,9 +511,9 @@ def test_float64_rejected_only_where_documented(backend, monkeypatch):
     if backend == "cpu":
         pytest.skip("the cpu backend runs CPU tensors only, where float64 is accepted "
                     "(test_float64_accepted_on_cpu_by_every_backend)")
-    real_usable = ops._usable
+    real_usable = backends._usable
     # let the backend take meta tensors as if they were on a GPU, so that its argument checks run
-    monkeypatch.setattr(ops, "_usable", lambda name, device_type: name == backend or real_usable(name, device_type))
+    monkeypatch.setattr(backends, "_usable", lambda name, device_type: name == backend or real_usable(name, device_type))
     for op, argument, call in _float64_calls("meta"):
         with ops.use_backend(backend):
             if "cuda" in FLOAT64_REJECTED_ON[backend]:

@@ -8,7 +8,7 @@ from torch.library import opcheck
 
 import part_fast
 from helpers import attack_inputs, pairwise, rand
-from part_fast import ops
+from part_fast import backends, ops
 
 EPS, EPS_LOW, STEP = 8 / 255, 7 / 255, 2 / 255
 
@@ -186,9 +186,9 @@ def test_compile_fullgraph_public_api_dynamic_shapes(family):
 def test_compiled_function_follows_the_forced_backend(family):
     """The backend choice is traced as a constant but guarded: forcing another backend recompiles the
     function rather than keep running the backend it was first traced with."""
-    if ops._torch_version(torch.__version__) < (2, 14):
+    if backends._torch_version(torch.__version__) < (2, 14):
         pytest.skip(f"torch {torch.__version__}: Dynamo before 2.14 cannot trace ContextVar.get, so the forced "
-                    "backend is a constant of each compile (part_fast.ops._forced_now; documented in the README)")
+                    "backend is a constant of each compile (part_fast.backends._forced_now; documented in the README)")
     graphs = []
 
     def recording_compiler(gm, example_inputs):

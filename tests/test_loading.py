@@ -1,4 +1,4 @@
-"""How the compiled kernels load (part_fast.ops._load_compiled): torch's version is checked before any
+"""How the compiled kernels load (part_fast.backends._load_compiled): torch's version is checked before any
 compiled library is loaded, a library that cannot load is reported once in one line naming the cause,
 what runs instead and the fix, and a CUDA part that cannot load leaves the CPU kernels working. Also the
 errors of direct torch.ops.part_fast.* calls, which the stable ABI raises as ValueError."""
@@ -13,7 +13,7 @@ import textwrap
 import pytest
 import torch
 
-from part_fast import ops, reference
+from part_fast import backends, ops, reference
 
 LOAD = """
 import importlib.abc, json, sys, warnings
@@ -62,11 +62,11 @@ def _needs_extension():
 
 
 def test_torch_version_parsing():
-    assert ops._torch_version("2.13.0+cpu") == (2, 13)
-    assert ops._torch_version("2.9.1") == (2, 9)
-    assert ops._torch_version("2.15.0.dev20260101+cu130") == (2, 15)
-    assert ops._torch_version("3.0.0a0") == (3, 0)
-    assert ops._torch_version("2.10.0rc1") == (2, 10)
+    assert backends._torch_version("2.13.0+cpu") == (2, 13)
+    assert backends._torch_version("2.9.1") == (2, 9)
+    assert backends._torch_version("2.15.0.dev20260101+cu130") == (2, 15)
+    assert backends._torch_version("3.0.0a0") == (3, 0)
+    assert backends._torch_version("2.10.0rc1") == (2, 10)
 
 
 def test_torch_older_than_the_floor_loads_nothing_and_says_so_in_one_line():

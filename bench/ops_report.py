@@ -112,7 +112,7 @@ def build(case: Case, device: torch.device) -> tuple[Callable[[], object], int]:
         out_nbytes = cam.shape[0] * (3 if case.variant == "jet" else 1) * out[0] * out[1] * 4
         return (lambda: ops.cam_eps_map(cam, out, EPS, EPS_LOW, case.variant)), cam.nbytes + out_nbytes
     x_adv, grad, x_nat, eps = update_inputs(case.shape, EPS_FORMS.get(case.variant, 3), device,
-                                             dtype=case.torch_dtype)
+                                            dtype=case.torch_dtype)
     if case.op == "clone":
         return x_adv.clone, 2 * x_adv.nbytes
     if case.op == "project_":

@@ -88,8 +88,8 @@ def markdown(res: dict) -> str:
               + (f"; release update vs torchattacks {fmt(e2e['release_update_vs_torchattacks_scalar'])}" if "release_update_vs_torchattacks_scalar" in e2e else "")
               + f". Fused run inside its budget: {e2e['fused_map_within_budget']}.",
               "", (f"Whole PGD runs of one attack varied by {res['pgd']['run_spread_pct_median']:.1f}% (median max/min − 1) on this "
-              f"machine. \"derived\" = (model part {res['pgd']['model_part_s']:.2f} s, the same in every loop, + each loop's own "
-              "update-phase time) ratio: what the update alone changes."),
+                   f"machine. \"derived\" = (model part {res['pgd']['model_part_s']:.2f} s, the same in every loop, + each loop's own "
+                   "update-phase time) ratio: what the update alone changes."),
               "", "| target | measured | derived | goal | met |", "|---|---:|---:|---:|---|"]
     for t in res["targets"]:
         value = f"{t['value']}" if t["op"] == "=" else f"{t['value']:.2f}"

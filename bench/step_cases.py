@@ -61,8 +61,8 @@ class Case:
         self.name, self.part_phase, self.device = name, part_phase, device
         self.release = method == "release"
         config = TrainConfig(out="(unused: no run directory)", arch=arch, method="part" if self.release else method,
-                          batch_size=batch, steps=steps, augment=False, eval_examples=0, device=str(device),
-                          seed=SEED, time_stages=True).resolved()  # time_stages: the split columns
+                             batch_size=batch, steps=steps, augment=False, eval_examples=0, device=str(device),
+                             seed=SEED, time_stages=True).resolved()  # time_stages: the split columns
         self.state = build_state(config, num_classes=10, device=device, ranks=Distributed())
         self.state.model.load_state_dict(copy.deepcopy(init))
         if self.release:

@@ -282,7 +282,7 @@ def run_one(name: str, method: str, mask: str | None, seed: int, spec: dict, wor
               "eval_seconds": seconds}
     write_json(eval_path, record)
     logger.info(f"[{name}] natural {result['natural']:.2f}% | PGD-20 {result['pgd20']:.2f}% | MMA {result['mma']:.2f}% "
-        f"on {result['examples']} test images ({seconds:.0f}s)")
+                f"on {result['examples']} test images ({seconds:.0f}s)")
     return trained, True
 
 

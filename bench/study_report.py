@@ -217,8 +217,8 @@ def render_markdown(report: dict, png_link: str) -> str:
         lines.append(f"- {comparison_sentence(label, c)}")
     lines += ["", ("Differences are PART minus AT in accuracy points, ± the standard error (SE) of the difference "
               "of the means; the seed std is the pooled sample std of the two methods. A gap counts when it "
-              f"exceeds {SE_BAR:g} SE; with three seeds that is a loose bar, so \"shows\" would mean the gap "
-              "stands out from the seed-to-seed noise, no more."), ""]
+                   f"exceeds {SE_BAR:g} SE; with three seeds that is a loose bar, so \"shows\" would mean the gap "
+                   "stands out from the seed-to-seed noise, no more."), ""]
     commands = report["commands"]
     lines.append("Command: " + (", then ".join(f"`{c}`" for c in commands) if commands else "–"))
     wall = report["wall_time"]

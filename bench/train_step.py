@@ -267,7 +267,7 @@ def markdown(res: dict) -> str:
     if nz["quiet_spread_max"] is not None:
         note += f"; the quiet steps of one row still differed by up to {100 * nz['quiet_spread_max']:.0f}% (max/min − 1)"
     lines += ["", note + ".", "", "Yardsticks (same rounds): " + "; ".join(f"{y['name']} {y['min_s']:.3f} s (median {y['median_s']:.3f})"
-                                                         for y in yards) + ".",
+                                                                           for y in yards) + ".",
               "", "| target | quickest | median | goal | met |", "|---|---:|---:|---:|---|"]
     for t in res["targets"]:
         goal = f"≤ {t['goal']:g}" if t["goal"] else "—"

@@ -96,7 +96,7 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), *, progre
         busy = busy_elsewhere()
         if busy is not None and busy >= BUSY_CORES:
             logger.info(f"demo: other processes are using {busy:.1f} of the {os.cpu_count()} cores; the epochs will be slow "
-                f"while they do ({_SHARED_CORES_ADVICE})")
+                        f"while they do ({_SHARED_CORES_ADVICE})")
     out.mkdir(parents=True, exist_ok=True)
     s = settings
     _, test_set, _ = data_mod.build_datasets("shapes", train_subset=s.train_size, test_subset=s.test_size, seed=s.seed)
@@ -104,11 +104,11 @@ def run_demo(out: str | Path, settings: DemoSettings = DemoSettings(), *, progre
     results = {"device": str(device), "threads": torch.get_num_threads(), "cpu_count": os.cpu_count()}
     for method in ("at", "part"):
         config = TrainConfig(out=str(out / method), dataset="shapes", arch="cnn-small", method=method, epochs=s.epochs,
-                          warmup=s.warmup, lr=s.lr, milestones=(max(s.epochs - s.warmup - 1, 1),),
-                          batch_size=s.batch_size, device=str(device),
-                          eps=s.eps, eps_low=s.eps_low, steps=s.steps, step_size=s.step_size, seed=s.seed,
-                          train_subset=s.train_size, test_subset=s.test_size, eval_examples=0, progress=progress,
-                          time_stages=True)  # its table splits the time by stage
+                             warmup=s.warmup, lr=s.lr, milestones=(max(s.epochs - s.warmup - 1, 1),),
+                             batch_size=s.batch_size, device=str(device),
+                             eps=s.eps, eps_low=s.eps_low, steps=s.steps, step_size=s.step_size, seed=s.seed,
+                             train_subset=s.train_size, test_subset=s.test_size, eval_examples=0, progress=progress,
+                             time_stages=True)  # its table splits the time by stage
         logger.info(f"demo: training {method.upper()} ({s.epochs} epochs, {s.train_size} shapes images, PGD-{s.steps})")
         load = EpochLoad()
 

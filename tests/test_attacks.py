@@ -209,7 +209,7 @@ def test_release_start_is_unclipped_until_the_first_step(net):
     # x + eps U(-1, 1), up to the rounding of eps U (one float32 spacing of values below 2).
     torch.testing.assert_close(start, x + unit * EPS, rtol=0, atol=2.0**-23)
     one_step = PGD(net, EPS, ALPHA, steps=1, start="release")(x, y, eps_map=eps_map,
-                                                            generator=torch.Generator().manual_seed(3))
+                                                              generator=torch.Generator().manual_seed(3))
     assert_in_budget(one_step, x, eps_map.expand_as(x))
 
 
@@ -409,7 +409,7 @@ def test_mma_keeps_the_largest_margin_of_its_targeted_runs(linear_net, start):
     eps_map = two_valued_map(seed=28)
     eps_full = eps_map.expand_as(x)
     out = MMA(net, EPS, ALPHA, steps=5, k=3, start=start)(x, y, eps_map=eps_map,
-                                                           generator=torch.Generator().manual_seed(8))
+                                                          generator=torch.Generator().manual_seed(8))
     assert_in_budget(out, x, eps_full)
     with torch.no_grad():
         clean = net(x)

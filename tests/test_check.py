@@ -146,7 +146,7 @@ def test_a_failed_check_exits_1(monkeypatch, capsys):
     def failing(device, *, quick, out=None):
         report = CheckReport(runner.machine_info(torch.device("cpu")), "cpu", quick)
         Recorder(report).check("correctness", "cpu: cam_eps_map vs reference",
-                                                      lambda: (False, "3 cases differ", {}))
+                               lambda: (False, "3 cases differ", {}))
         return report
 
     monkeypatch.setattr("part_fast.check.run_check", failing)

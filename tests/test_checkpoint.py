@@ -193,7 +193,7 @@ TRAIN = ["train", "--dataset", "shapes", "--arch", "cnn-small", "--epochs", "2",
 
 
 def test_a_full_disk_during_training_is_one_line_and_keeps_the_last_checkpoint(tmp_path, monkeypatch, capsys,
-                                                                              one_thread):
+                                                                               one_thread):
     _disk_full_after(monkeypatch, 1000, on_call=2)  # epoch 2's checkpoint
     out = tmp_path / "run"
     assert cli.main(TRAIN + ["--out", str(out)]) == 2

@@ -145,7 +145,7 @@ def test_run_demo_warns_at_once_when_the_cores_are_busy(tmp_path, monkeypatch, l
     with pytest.raises(_Stop):
         demo.run_demo(tmp_path / "d", demo.DemoSettings(train_size=20, test_size=10), device="cpu")
     assert logged.messages[1].startswith(f"demo: other processes are using 1.3 of the {demo.os.cpu_count()} cores; the epochs "
-                               "will be slow while they do (torch's threads wait for each other")
+                                         "will be slow while they do (torch's threads wait for each other")
 
 
 @pytest.mark.parametrize("device, message", [

@@ -139,7 +139,7 @@ def test_zero_input_gradients_fail_the_gradient_check_only():
     verdicts = verdicts_of(Rounding(TemplateNet(t)), x, y)
     assert failed(verdicts) == {"input gradients"}
     assert verdicts["input gradients"].detail.startswith("DLR loss: 6 of the 6 correctly classified examples with an "
-                                                          "all-zero input gradient")
+                                                         "all-zero input gradient")
 
 
 def test_a_detached_input_fails_the_gradient_check():

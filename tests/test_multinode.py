@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from helpers import (ELASTIC, ELASTIC_STEPS, assert_equals_uninterrupted, env, step_lines, torchrun,
-                             wait_for_steps, worker_pids)
+                     wait_for_steps, worker_pids)
 
 # A surviving agent waits this long for its lost peer in the next rendezvous round, then gives up.
 JOIN_TIMEOUT_S = 10

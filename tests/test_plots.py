@@ -122,7 +122,7 @@ def test_one_epoch_draws_points_and_a_split_bar(tmp_path):
     assert _legend_labels(acc_ax) == ["train, adversarial"]  # train_nat_acc is None: not drawn
     bars = _bars(time_ax)
     assert {k: [h for _, _, h in v] for k, v in bars.items()} == {"data": [0.5], "budget": [1.0], "attack": [6.0],
-                                                                    "update": [2.0], "other": [0.5]}
+                                                                  "update": [2.0], "other": [0.5]}
     assert bars["other"][0][1] == pytest.approx(9.5)  # stacked: it starts where the stages end
     assert _legend_labels(time_ax) == ["data", "budget", "attack", "update", "other"]
     png = plots.training_curves_png([_record(1)], tmp_path / "c.png", "one epoch")

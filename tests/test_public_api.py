@@ -37,7 +37,7 @@ def test_submodule_paths_keep_working():
     from part_fast.evaluation import ATTACKS, TORCHATTACKS_VERSION, evaluate
 
     assert (PGD, MMA, PixelBudget, compute_cam) == (part_fast.PGD, part_fast.MMA, part_fast.PixelBudget,
-                                                   part_fast.compute_cam)
+                                                    part_fast.compute_cam)
     assert inspect.isfunction(part_fast.evaluate) and part_fast.evaluate is evaluate
     assert evaluate.__module__ == "part_fast.evaluation"
     assert ATTACKS[0] == "natural" and TORCHATTACKS_VERSION

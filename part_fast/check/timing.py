@@ -205,8 +205,8 @@ def _train_step_fn(ctx: Context, name: str, method: str, batch: int, steps: int,
     gen = torch.Generator().manual_seed(10)
     x, y = torch.rand((batch, 3, 32, 32), generator=gen), torch.randint(0, 10, (batch,), generator=gen)
     config = TrainConfig(out="(check: no run directory)", arch="resnet18", method=method, batch_size=batch,
-                      steps=steps, warmup=0, amp=amp, channels_last=ctx.cuda, device=str(ctx.device),
-                      augment=False, eval_examples=0, seed=0).resolved()
+                         steps=steps, warmup=0, amp=amp, channels_last=ctx.cuda, device=str(ctx.device),
+                         augment=False, eval_examples=0, seed=0).resolved()
     state = build_state(config, num_classes=10, device=ctx.device, ranks=Distributed())
     part_phase = method == "part"
     attack = inner_attack(state, part_phase)

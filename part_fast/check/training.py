@@ -93,8 +93,8 @@ def check_part_step(ctx: Context):
     batch = 16 if ctx.quick or not ctx.cuda else 128
     steps = 2 if ctx.quick or not ctx.cuda else 10
     config = TrainConfig(out="(check: no run directory)", arch="resnet18", method="part", batch_size=batch, steps=steps,
-                      warmup=0, amp="bf16", channels_last=True, device=str(ctx.device), augment=False,
-                      eval_examples=0, seed=0).resolved()
+                         warmup=0, amp="bf16", channels_last=True, device=str(ctx.device), augment=False,
+                         eval_examples=0, seed=0).resolved()
     state = build_state(config, num_classes=10, device=ctx.device, ranks=Distributed())
     recorder = _RecordingBudget(state.budget)
     state.budget = recorder

@@ -62,7 +62,7 @@ def run_test_loader(config: TrainConfig, data_dir, test_subset, batch_size):
     from .. import data as data_mod
 
     _, test_set, data_info = data_mod.build_datasets(config.dataset, data_dir or config.data_dir,
-                                                test_subset=test_subset or config.test_subset, seed=config.seed)
+                                                     test_subset=test_subset or config.test_subset, seed=config.seed)
     return DataLoader(test_set, batch_size=batch_size), test_set, data_info
 
 

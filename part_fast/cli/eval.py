@@ -136,7 +136,7 @@ def _eval_robustbench(args) -> int:
     details = Path(args.json) if args.json else run / f"robustbench-{dataset}-Linf.eval.json"
     record = model_info(result, name=run.name, arch=config.arch,
                         footnote=f"{config.method.upper()} trained with part_fast; evaluated with {result.autoattack}, "
-                              f"seed {result.seed}, batch {batch_size}")
+                        f"seed {result.seed}, batch {batch_size}")
     write_json(run / f"robustbench-{dataset}-Linf.json", record, "checkpoint folder")
     write_json(details, {**result.to_json(), "checkpoint": str(args.checkpoint), "device": str(device),
                          "date": time.strftime("%Y-%m-%d %H:%M:%S"), "model_info": record}, "--json")

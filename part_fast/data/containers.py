@@ -76,7 +76,7 @@ class ImageFileDataset(Dataset):
             pixels = np.array(image.convert("RGB"))  # a writable copy: torch warns on read-only arrays
         if self.image_size is not None and pixels.shape[:2] != self.image_size:
             raise DataError(f"{path}: image is {pixels.shape[0]}x{pixels.shape[1]} (HxW), but the first image "
-                             f"of this split, {self.samples[0][0]}, is {self.image_size[0]}x{self.image_size[1]}")
+                            f"of this split, {self.samples[0][0]}, is {self.image_size[0]}x{self.image_size[1]}")
         return torch.from_numpy(pixels).permute(2, 0, 1).float().div(255).contiguous(), label
 
 

@@ -28,7 +28,7 @@ def _torchvision_arrays(name: str, data_dir, download: bool):
     tvd = require("torchvision.datasets", f"the {name} dataset")  # its classes looked up now: tests substitute them
     if data_dir is None:
         raise ConfigError(f"dataset {name!r} needs data_dir (--data-dir): the directory that holds (or will "
-                         f"hold, with --download) its files")
+                          f"hold, with --download) its files")
     root = Path(data_dir)
     try:
         if name == "cifar10":
@@ -72,7 +72,7 @@ def _subset_size(argument: str, value, available: int, split: str, name: str) ->
     value = operator.index(value)
     if not 1 <= value <= available:
         raise ConfigError(f"{argument}={value} must be between 1 and the {available} examples of the {name} "
-                         f"{split} split")
+                          f"{split} split")
     return value
 
 

@@ -74,7 +74,7 @@ def tinyimagenet(data_dir) -> tuple[ImageFileDataset, ImageFileDataset]:
         fields = line.split("\t")
         if len(fields) < 2 or fields[1] not in label_of:
             raise DataError(f"{annotations}:{line_no}: expected 'filename<TAB>wnid...' with a wnid of the "
-                             f"training classes, got {line!r}")
+                            f"training classes, got {line!r}")
         test.append((root / "val" / "images" / fields[0], label_of[fields[1]]))
     if not train or not test:
         raise FileNotFoundError(f"TinyImageNet-200 under {root}: no {'training' if not train else 'validation'} images")
@@ -97,10 +97,10 @@ def imagefolder(data_dir) -> tuple[ImageFileDataset, ImageFileDataset]:
         only_train = sorted(set(train.classes) - set(test.classes))
         only_test = sorted(set(test.classes) - set(train.classes))
         raise DataError(f"imagefolder: the classes of {test_dir} differ from those of {train_dir} "
-                         f"(only in train: {only_train}, only in {test_dir.name}: {only_test})")
+                        f"(only in train: {only_train}, only in {test_dir.name}: {only_test})")
     train_ds = ImageFileDataset(classes_interleaved(train.samples), train.classes)
     test_ds = ImageFileDataset(classes_interleaved(test.samples), test.classes)
     if train_ds.image_size != test_ds.image_size:
         raise DataError(f"imagefolder: {test_ds.samples[0][0]} is {test_ds.image_size} but "
-                         f"{train_ds.samples[0][0]} is {train_ds.image_size} (HxW); all images must share one size")
+                        f"{train_ds.samples[0][0]} is {train_ds.image_size} (HxW); all images must share one size")
     return train_ds, test_ds

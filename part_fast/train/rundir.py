@@ -103,7 +103,7 @@ def prepare(config: TrainConfig, resume: bool | str, warn: Callable[[str], None]
     if not resume:
         if out.exists() and any(out.iterdir()):
             raise RunDirExists(f"run directory {out} already exists and is not empty; pass --resume to continue it, "
-                              "or choose another --out")
+                               "or choose another --out")
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / CONFIG, config.to_json())
         return None

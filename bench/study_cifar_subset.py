@@ -93,6 +93,7 @@ from part_fast.data.folders import classes_interleaved
 from part_fast import evaluate
 from part_fast.logs import watching
 from part_fast.train import TrainConfig, load_checkpoint, load_model, train
+from part_fast.train import loop as train_loop
 
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_WORK = ROOT / "bench" / "results" / "study"
@@ -263,7 +264,7 @@ def run_one(name: str, method: str, mask: str | None, seed: int, spec: dict, wor
             logger.info("[%s] %s", name, line)
             on_epoch()
 
-        with watching("part_fast.train.loop", epoch_line):  # the trainer's lines, under this run's name
+        with watching(train_loop.__name__, epoch_line):  # the trainer's lines, under this run's name
             train(config, resume=resume)
         trained = True
 

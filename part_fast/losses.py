@@ -145,21 +145,31 @@ def _validated_pair_inputs(logits_nat, logits_adv, y, beta):
     return logits_nat.to(dtype), logits_adv.to(dtype), y.long(), beta
 
 
-def at_loss(logits_adv: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _validate_label_smoothing(label_smoothing) -> None:
+    if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, (int, float)) or not 0 <= label_smoothing < 1:
+        raise ValueError(f"label_smoothing must be a number in [0, 1), got {label_smoothing!r}")
+
+
+def at_loss(logits_adv: torch.Tensor, y: torch.Tensor, *, label_smoothing: float = 0.0) -> torch.Tensor:
     """AT / PART outer loss: CE(f(x_adv), y), batch mean (the release: ``F.cross_entropy(model(x_adv), y)``
     after the inner attack, model in train mode).
 
     Inner attack in the release: CE ascent, 10 steps of α = 2/255 (SVHN 1/255), model in eval mode;
     PART epochs start at x + U(-ε, ε) with the global ε, unclipped (``PGD(start="release", loss="ce")``),
-    warm-up epochs use torchattacks' PGD, whose start is clipped to [0, 1] (``start="uniform"``)."""
+    warm-up epochs use torchattacks' PGD, whose start is clipped to [0, 1] (``start="uniform"``).
+
+    label_smoothing ε (0: the release) makes the target (1 − ε) one-hot + ε/C uniform, as
+    ``F.cross_entropy(..., label_smoothing=ε)``."""
     _validate_logits(logits_adv, "logits_adv")
     _validate_labels(y, logits_adv)
+    _validate_label_smoothing(label_smoothing)
     y = y.long()
     with _no_autocast(logits_adv.device):
-        return F.cross_entropy(logits_adv.to(_compute_dtype(logits_adv)), y)
+        return F.cross_entropy(logits_adv.to(_compute_dtype(logits_adv)), y, label_smoothing=label_smoothing)
 
 
-def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float = 6.0) -> torch.Tensor:
+def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Tensor, beta: float = 6.0, *,
+                label_smoothing: float = 0.0) -> torch.Tensor:
     """TRADES / PART-T outer loss as the release reduces it:
 
         CE(f(x_nat), y)  [batch mean]  +  beta · Σ_i Σ_c p_nat,ic · (log p_nat,ic − log p_adv,ic) / B
@@ -169,10 +179,14 @@ def trades_loss(logits_nat: torch.Tensor, logits_adv: torch.Tensor, y: torch.Ten
 
     Inner attack in the release: ascend the summed KL(softmax(f(x_nat)) ‖ softmax(f(x))) from
     x_nat + 0.001·N(0, 1) (unclipped), 10 steps of α = 2/255 (SVHN 1/255), model in eval mode
-    (``PGD(loss="kl", start="normal")``)."""
+    (``PGD(loss="kl", start="normal")``).
+
+    label_smoothing ε (0: the release) smooths the natural cross-entropy's target only; the KL term compares
+    two predictions and has no label."""
     nat, adv, y, beta = _validated_pair_inputs(logits_nat, logits_adv, y, beta)
+    _validate_label_smoothing(label_smoothing)
     with _no_autocast(nat.device):
-        natural = F.cross_entropy(nat, y)
+        natural = F.cross_entropy(nat, y, label_smoothing=label_smoothing)
         # log-space KL: finite value and gradient even where a softmax probability underflows to 0
         robust = F.kl_div(F.log_softmax(adv, dim=1), F.log_softmax(nat, dim=1), reduction="sum", log_target=True)
         return natural + beta * (robust / nat.shape[0])

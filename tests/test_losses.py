@@ -43,6 +43,18 @@ def oracle_at(za, y):
     return total / B
 
 
+def oracle_smoothed_ce(z, y, eps):
+    """Cross-entropy against the target (1 - eps) one-hot(y) + eps / C, batch mean, by explicit loops."""
+    B, K = z.shape
+    total = 0.0
+    for i in range(B):
+        log_p = _row_log_softmax(z[i])
+        for c in range(K):
+            target = (1 - eps) * (c == int(y[i])) + eps / K
+            total = total - target * log_p[c]
+    return total / B
+
+
 def oracle_trades(zn, za, y, beta):
     B, K = zn.shape
     ce, kl = 0.0, 0.0
@@ -197,6 +209,20 @@ def test_beta_zero_reduces_to_the_ce_terms(kind, gen):
     expected = F.cross_entropy(za, y) + boosted
     torch.testing.assert_close(mart_loss(zn, za, y, 0.0), expected, rtol=1e-12, atol=0)
     torch.testing.assert_close(mart_loss(torch.zeros_like(zn), za, y, 0), expected, rtol=1e-12, atol=0)
+
+
+@pytest.mark.parametrize("eps", [0.1, 0.3])
+def test_label_smoothing_smooths_the_cross_entropy_terms_only(eps, gen):
+    """AT: the whole loss is the smoothed CE; TRADES: its natural CE is, its KL term (no label) is not."""
+    zn, za = torch.randn(5, C, generator=gen, dtype=torch.float64), torch.randn(5, C, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, C, (5,), generator=gen)
+    assert float(at_loss(za, y, label_smoothing=eps)) == pytest.approx(float(oracle_smoothed_ce(za, y, eps)), rel=1e-12)
+    smoothed, hard = trades_loss(zn, za, y, 6.0, label_smoothing=eps), trades_loss(zn, za, y, 6.0)
+    assert float(smoothed - hard) == pytest.approx(float(oracle_smoothed_ce(zn, y, eps) - oracle_at(zn, y)), rel=1e-9)
+    assert float(smoothed) != pytest.approx(float(hard), rel=1e-6)  # a real difference at these eps
+    for bad in (1.0, -0.1, True, "0.1"):
+        with pytest.raises(ValueError, match="label_smoothing must be a number in \\[0, 1\\)"):
+            at_loss(za, y, label_smoothing=bad)
 
 
 def test_mart_tie_for_best_wrong_class_does_not_change_the_value():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -26,6 +27,23 @@ def test_lr_schedule_counts_milestones_after_warmup():
     assert f[79] == pytest.approx(0.1) and f[108] == pytest.approx(0.1)  # PART epoch 60 .. 89
     assert f[109] == pytest.approx(0.01)  # PART epoch 90
     assert lr_factor(0, 0, (1,)) == pytest.approx(0.1)
+
+
+def test_lr_warmup_then_cosine_or_steps():
+    # A linear warm-up of 4 epochs: (e + 1) / 4, then the schedule from its own start.
+    cosine = [lr_factor(e, 20, (60, 90), schedule="cosine", lr_warmup=4, epochs=84) for e in range(84)]
+    assert cosine[:4] == [0.25, 0.5, 0.75, 1.0]
+    # cosine: 0.5 (1 + cos(pi t / 80)), t = e - 4: 1 at t = 0, 1/2 at t = 40, near 0 in the last epoch
+    assert cosine[4] == 1.0 and cosine[44] == pytest.approx(0.5) and cosine[24] == pytest.approx((1 + 2 ** -0.5) / 2)
+    assert cosine[83] == pytest.approx(0.5 * (1 + math.cos(math.pi * 79 / 80))) and all(
+        a > b for a, b in zip(cosine[4:], cosine[5:]))
+    steps = [lr_factor(e, 20, (60, 90), lr_warmup=4) for e in range(120)]
+    assert steps[:4] == [0.25, 0.5, 0.75, 1.0] and steps[4:] == [lr_factor(e, 20, (60, 90)) for e in range(4, 120)]
+    # The scheduler's step after the last epoch (also of a run that was all LR warm-up) lands on 0.
+    assert lr_factor(84, 20, (), schedule="cosine", lr_warmup=4, epochs=84) == 0.0
+    assert lr_factor(5, 0, (), schedule="cosine", lr_warmup=5, epochs=5) == 0.0
+    with pytest.raises(ValueError, match="cosine schedule needs the run's epochs"):
+        lr_factor(5, 0, (), schedule="cosine")
 
 
 def test_release_defaults_per_dataset(tmp_path):
@@ -61,6 +79,12 @@ def test_release_defaults_per_dataset(tmp_path):
     ({"mask": "heat"}, "mask must be one of"),
     ({"cam": "scorecam"}, "cam must be one of"),
     ({"batch_size": 1}, "batch_size"),
+    ({"lr_schedule": "linear"}, "lr_schedule must be one of"),
+    ({"lr_warmup": 4, "epochs": 3}, r"lr_warmup must be an int of epochs >= 0 and at most epochs \(3\), got 4"),
+    ({"nesterov": True, "momentum": 0.0}, "nesterov needs momentum > 0"),
+    ({"label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"),
+    ({"label_smoothing": 0.1, "method": "part-mart"}, "label_smoothing applies to AT and TRADES .*not part-mart"),
+    ({"label_smoothing": 0.1, "method": "trades", "lr_schedule": "cosine", "nesterov": True}, None),
 ])
 def test_bad_config_is_a_clear_error(tmp_path, change, match):
     if match is None:  # a valid combination next to the refused ones
@@ -261,13 +285,35 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path, two_epochs):
     assert not torch.equal(weights(a_dir)["linear.weight"], weights(tmp_path / "c")["linear.weight"])
 
 
-def test_resume_in_process_equals_uninterrupted(tmp_path):
-    full = train(tiny(tmp_path / "full", method="part-trades"))
-    train(tiny(tmp_path / "cut", method="part-trades", epochs=1))
-    resumed = train(tiny(tmp_path / "cut", method="part-trades"), resume=True)
+RECIPE = {"lr_schedule": "cosine", "lr_warmup": 2, "nesterov": True, "label_smoothing": 0.1}
+
+
+@pytest.mark.parametrize("options", [{"method": "part-trades"}, {"method": "part", "epochs": 4, **RECIPE}],
+                         ids=["part-trades", "part-cosine-lr-warmup-nesterov-label-smoothing"])
+def test_resume_in_process_equals_uninterrupted(tmp_path, options):
+    full = train(tiny(tmp_path / "full", **options))
+    epochs = options.get("epochs", 3)
+    train(tiny(tmp_path / "cut", **{**options, "epochs": epochs - 2}))
+    resumed = train(tiny(tmp_path / "cut", **options), resume=True)
     assert_same_weights(weights(tmp_path / "full"), weights(tmp_path / "cut"))
     assert without_timings(resumed) == without_timings(full)
-    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 3
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == epochs
+    if "lr_schedule" in options:  # lr 0.05: warm-up 1/2, 2/2, then cosine over 2 epochs: 1, 1/2
+        assert [r["lr"] for r in full] == pytest.approx([0.025, 0.05, 0.05, 0.025])
+        assert load_checkpoint(tmp_path / "cut" / "last.pt")["optimizer"]["param_groups"][0]["nesterov"] is True
+
+
+@pytest.mark.parametrize("method", ["at", "part-trades"])
+def test_label_smoothing_reaches_the_outer_loss(tmp_path, monkeypatch, method):
+    record, smoothing = METHOD[method], []
+
+    def recorded(*args):
+        smoothing.append(args[4])
+        return record.outer_loss(*args)
+
+    monkeypatch.setitem(METHOD, method, dataclasses.replace(record, outer_loss=recorded))
+    train(tiny(tmp_path / "run", method=method, epochs=1, warmup=0, label_smoothing=0.1))
+    assert smoothing == [0.1] * 3  # 96 images in batches of 32
 
 
 def _poison_outer_loss(monkeypatch, method: str, after_calls: int):

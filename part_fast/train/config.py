@@ -19,6 +19,8 @@ from .methods import METHOD, METHODS, Method
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 # The starts an AT-based run may choose for its PART epochs (TrainConfig.start; see methods.py).
 AT_PART_STARTS = ("uniform", "release")
+# The LR after its warm-up (step.lr_factor): the release's steps, or a cosine down to 0.
+LR_SCHEDULES = ("step", "cosine")
 
 # The released recipe per dataset (docs/method.md §2): values a flag left unset takes.
 DATASET_DEFAULTS = {
@@ -79,6 +81,16 @@ class TrainConfig:
     # only in the budget.
     milestones: tuple[int, ...] = setting((60, 90), "epochs after the warm-up where the LR drops 10x",
                                           kind="int_list", shown="60,90")
+    lr_schedule: str = setting("step", "the LR after its warm-up: step (10x lower at each of --milestones, as "
+                               "released) or cosine (from --lr down to 0 at the end of --epochs; a resume with more --epochs "
+                               "stretches what remains of it)", kind="str",
+                               choices=LR_SCHEDULES)
+    # Not the PART warm-up (--warmup): an LR that starts small while the first epochs' gradients are large.
+    lr_warmup: int = setting(0, "epochs over which the LR rises linearly to --lr (epoch e of N trains at "
+                             "lr*(e+1)/N)", kind="int")
+    nesterov: bool = setting(False, "Nesterov momentum (needs --momentum > 0)", kind="switch")
+    label_smoothing: float = setting(0.0, "label smoothing of the outer loss's cross-entropy (AT, TRADES and their "
+                                     "PART versions; the attack's loss keeps hard labels)", kind="float")
     batch_size: int = setting(128, "global batch, split evenly across processes", kind="int")
     eps: float = setting(8 / 255, "L-inf budget of the important pixels (and of AT)", kind="fraction")
     eps_low: float = setting(7 / 255, "L-inf budget of the other pixels", kind="fraction")
@@ -177,6 +189,16 @@ class TrainConfig:
         need(self.lr is None or self.lr > 0, f"lr must be > 0, got {self.lr}")
         need(self.beta >= 0, f"beta must be >= 0, got {self.beta}")
         need(all(m >= 1 for m in self.milestones), f"milestones must be epochs >= 1 after warm-up, got {self.milestones}")
+        need(self.lr_schedule in LR_SCHEDULES, f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        need(isinstance(self.lr_warmup, int) and 0 <= self.lr_warmup <= self.epochs,
+             f"lr_warmup must be an int of epochs >= 0 and at most epochs ({self.epochs}), got {self.lr_warmup!r}")
+        need(not self.nesterov or self.momentum > 0, "nesterov needs momentum > 0 (torch's SGD has no Nesterov step "
+             "without it)")
+        need(0 <= self.label_smoothing < 1, f"label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        # MART's outer loss weighs its terms by the model's probability of the true class: a smoothed target
+        # has no place in it.
+        need(self.label_smoothing == 0 or self.base != "mart",
+             f"label_smoothing applies to AT and TRADES (and their PART versions), not {self.method}")
         need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
         need(self.eval_examples >= 0, f"eval_examples must be >= 0, got {self.eval_examples}")
         need(isinstance(self.save_every_steps, int) and self.save_every_steps >= 0,

@@ -35,7 +35,7 @@ from .config import TrainConfig, flag_of
 from .distributed import Distributed
 from .loaders import data_loaders
 from .progress import EpochProgress
-from .step import STAT_NAMES, StepRandomness, build_state, inner_attack, train_step
+from .step import STAT_NAMES, StepRandomness, build_state, inner_attack, restore_lr, train_step
 
 logger = logging.getLogger(__name__)
 _clock = time.monotonic  # what --save-every-minutes measures (a name of its own, so tests can drive it)
@@ -202,6 +202,7 @@ class _Trainer:
         state.model.load_state_dict(ckpt["model"])
         state.optimizer.load_state_dict(ckpt["optimizer"])
         state.scheduler.load_state_dict(ckpt["scheduler"])
+        restore_lr(state.optimizer, state.scheduler)
         state.scaler.load_state_dict(ckpt["scaler"])
         state.epoch, state.step_in_epoch, state.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         self.history = list(ckpt.get("metrics", []))

@@ -22,16 +22,19 @@ from ..losses import at_loss, mart_loss, trades_loss
 START_FROM_CONFIG = "config"
 
 
-def _at_outer(logits_nat: torch.Tensor | None, logits_adv: torch.Tensor, y: torch.Tensor, beta: float):
+def _at_outer(logits_nat: torch.Tensor | None, logits_adv: torch.Tensor, y: torch.Tensor, beta: float,
+              label_smoothing: float = 0.0):
     del logits_nat, beta  # AT's outer loss sees the adversarial logits alone
-    return at_loss(logits_adv, y)
+    return at_loss(logits_adv, y, label_smoothing=label_smoothing)
 
 
-def _trades_outer(logits_nat, logits_adv, y, beta):
-    return trades_loss(logits_nat, logits_adv, y, beta)
+def _trades_outer(logits_nat, logits_adv, y, beta, label_smoothing=0.0):
+    return trades_loss(logits_nat, logits_adv, y, beta, label_smoothing=label_smoothing)
 
 
-def _mart_outer(logits_nat, logits_adv, y, beta):
+def _mart_outer(logits_nat, logits_adv, y, beta, label_smoothing=0.0):
+    if label_smoothing:
+        raise ValueError("MART's outer loss takes no label smoothing")  # TrainConfig refuses it first
     return mart_loss(logits_nat, logits_adv, y, beta)
 
 
@@ -48,7 +51,7 @@ class Method:
     # TRADES' KL target p_nat comes from an eval-mode f(x_nat); in PART epochs the budget's CAM forward
     # computes exactly that, so the attack reuses it instead of running the model again.
     attack_reuses_cam_logits: bool
-    # outer_loss(logits_nat or None, logits_adv, y, beta) -> 0-dim loss tensor
+    # outer_loss(logits_nat or None, logits_adv, y, beta, label_smoothing) -> 0-dim loss tensor
     outer_loss: Callable[..., torch.Tensor]
 
     def attack_start(self, part_phase: bool, configured_start: str) -> str:

@@ -9,6 +9,7 @@ The budget is computed for the augmented batch that is attacked, so the release'
 from __future__ import annotations
 
 import contextlib
+import math
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -28,10 +29,43 @@ from .distributed import Distributed
 PURPOSE_AUGMENT, PURPOSE_ATTACK, PURPOSE_MODEL = 1, 2, 3
 
 
-def lr_factor(epoch: int, warmup: int, milestones) -> float:
-    """LR multiplier for 0-based global `epoch`: 0.1 per milestone reached, counted after the warm-up."""
+def lr_factor(epoch: int, warmup: int, milestones, *, schedule: str = "step", lr_warmup: int = 0,
+              epochs: int | None = None) -> float:
+    """The LR multiplier of 0-based global `epoch`.
+
+    Args:
+        epoch: the epoch, 0-based, warm-ups included.
+        warmup: PART warm-up epochs (--warmup): the origin of the step schedule's milestones.
+        milestones: for "step", epochs after the PART warm-up (1-based) at which the LR drops 10x, as released.
+        schedule: "step" or "cosine" (0.5 (1 + cos(pi t / T)), t = epoch - lr_warmup, T = epochs - lr_warmup;
+            0 from epoch = epochs on, where the LR scheduler lands after the last epoch).
+        lr_warmup: epochs of linear LR warm-up first: epoch e < lr_warmup trains at (e + 1) / lr_warmup.
+        epochs: the run's epochs (needed by "cosine").
+
+    Returns:
+        The factor that multiplies --lr during `epoch`."""
+    if epoch < lr_warmup:
+        return (epoch + 1) / lr_warmup
+    if schedule == "cosine":
+        if epochs is None:
+            raise ValueError("the cosine schedule needs the run's epochs")
+        if epoch >= epochs:  # the scheduler's step after the last epoch: the end of the cosine
+            return 0.0
+        return 0.5 * (1.0 + math.cos(math.pi * (epoch - lr_warmup) / (epochs - lr_warmup)))
+    if schedule != "step":
+        raise ValueError(f"schedule must be 'step' or 'cosine', got {schedule!r}")
     after_warmup = epoch - warmup + 1  # 1-based epoch count after the warm-up (<= 0 during it)
     return 0.1 ** sum(after_warmup >= m for m in milestones)
+
+
+def restore_lr(optimizer: torch.optim.Optimizer, scheduler: torch.optim.lr_scheduler.LambdaLR) -> None:
+    """After a checkpoint is loaded: the LR of the epoch the run resumes at, from this run's schedule rather
+    than the checkpoint's value (the same number, unless a resume changed --epochs under a cosine schedule,
+    whose every epoch depends on it)."""
+    lrs = [base * factor(scheduler.last_epoch) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    for group, lr in zip(optimizer.param_groups, lrs):
+        group["lr"] = lr
+    scheduler._last_lr = lrs  # what get_last_lr() reports
 
 
 def derived_seed(*parts: int) -> int:
@@ -132,9 +166,10 @@ def build_state(config: TrainConfig, num_classes: int, device: torch.device, ran
         ids = [device.index] if device.type == "cuda" else None
         outer = nn.parallel.DistributedDataParallel(outer, device_ids=ids)
     optimizer = torch.optim.SGD(model.parameters(), lr=config.lr, momentum=config.momentum,
-                                weight_decay=config.weight_decay)
+                                weight_decay=config.weight_decay, nesterov=config.nesterov)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda e: lr_factor(e, config.warmup, config.milestones))
+        optimizer, lambda e: lr_factor(e, config.warmup, config.milestones, schedule=config.lr_schedule,
+                                       lr_warmup=config.lr_warmup, epochs=config.epochs))
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     budget = PixelBudget(config.eps, config.eps_low, config.cam, config.mask, layer=CAM_LAYERS.get(config.arch))
     return RunState(config, model, attack_model, outer, optimizer, scheduler, scaler, device, ranks, budget,
@@ -229,7 +264,7 @@ def train_step(state: RunState, x: torch.Tensor, y: torch.Tensor, *, part_phase:
             logits_nat, logits_adv = state.outer(x, x_adv)
         else:
             (logits_adv,), logits_nat = state.outer(x_adv), None
-        loss = method.outer_loss(logits_nat, logits_adv, y, config.beta)
+        loss = method.outer_loss(logits_nat, logits_adv, y, config.beta, config.label_smoothing)
     # A non-finite loss still steps (every rank must join the gradient all-reduce); the loop refuses to save
     # or log past it, and the checkpoint before it is kept.
     state.scaler.scale(loss).backward()

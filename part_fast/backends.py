@@ -47,7 +47,8 @@ def _one_line(exc: BaseException) -> str:
 
 
 def _warn(message: str) -> None:
-    # stacklevel 3: the line of the user's code whose import loaded part_fast.ops, not this file
+    # stacklevel 3: the warning names the line that loads the kernels (`EXTENSION_ERROR, ... = _load_compiled()`
+    # below), past this helper and _load_compiled
     warnings.warn(message, RuntimeWarning, stacklevel=3)
 
 

@@ -285,11 +285,12 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path, two_epochs):
     assert not torch.equal(weights(a_dir)["linear.weight"], weights(tmp_path / "c")["linear.weight"])
 
 
-RECIPE = {"lr_schedule": "cosine", "lr_warmup": 2, "nesterov": True, "label_smoothing": 0.1}
+RECIPE = {"lr_schedule": "cosine", "lr_warmup": 2, "nesterov": True, "label_smoothing": 0.1, "ema_decay": 0.5,
+          "train_subset": 128, "val_examples": 32}
 
 
 @pytest.mark.parametrize("options", [{"method": "part-trades"}, {"method": "part", "epochs": 4, **RECIPE}],
-                         ids=["part-trades", "part-cosine-lr-warmup-nesterov-label-smoothing"])
+                         ids=["part-trades", "part-recipe-of-2026"])
 def test_resume_in_process_equals_uninterrupted(tmp_path, options):
     full = train(tiny(tmp_path / "full", **options))
     epochs = options.get("epochs", 3)
@@ -301,6 +302,8 @@ def test_resume_in_process_equals_uninterrupted(tmp_path, options):
     if "lr_schedule" in options:  # lr 0.05: warm-up 1/2, 2/2, then cosine over 2 epochs: 1, 1/2
         assert [r["lr"] for r in full] == pytest.approx([0.025, 0.05, 0.05, 0.025])
         assert load_checkpoint(tmp_path / "cut" / "last.pt")["optimizer"]["param_groups"][0]["nesterov"] is True
+        assert_same_weights(weights(tmp_path / "full", "best.pt"), weights(tmp_path / "cut", "best.pt"))
+        assert "average.linear.weight" in weights(tmp_path / "full")
 
 
 @pytest.mark.parametrize("method", ["at", "part-trades"])
@@ -431,3 +434,58 @@ def test_compile_trains_like_eager(tmp_path):
     assert [r["phase"] for r in compiled] == ["warmup", "part"]
     for a, b in zip(eager, compiled):
         assert b["train_loss"] == pytest.approx(a["train_loss"], rel=2e-3)
+
+
+# ---------------------------------------------------------------------------- validation split, best.pt
+def test_validation_split_is_disjoint_covering_and_fixed_by_the_seed():
+    from part_fast.train.loaders import validation_split
+    data = list(range(100))
+    train_part, val_part = validation_split(data, 30, seed=3)
+    assert len(val_part) == 30 and len(train_part) == 70
+    assert set(train_part.indices).isdisjoint(val_part.indices) and set(train_part.indices) | set(val_part.indices) == set(data)
+    assert val_part.indices == sorted(val_part.indices)
+    assert validation_split(data, 30, seed=3)[1].indices == val_part.indices
+    assert validation_split(data, 30, seed=4)[1].indices != val_part.indices
+    for n in (0, 100):
+        with pytest.raises(ValueError, match="val_examples must be between 1 and the training set's size - 1 \\(99\\)"):
+            validation_split(data, n, seed=3)
+
+
+def test_the_training_loader_never_yields_a_validation_image(tmp_path):
+    from part_fast.train.distributed import Distributed
+    from part_fast.train.loaders import data_loaders
+    config = tiny(tmp_path / "run", train_subset=128, val_examples=32).resolved()
+    loaders = data_loaders(config, Distributed())
+
+    def images(loader):
+        return [bytes(x.numpy().tobytes()) for xb, _ in loader for x in xb]
+
+    loaders.sampler.set_epoch(0)
+    trained, validated = images(loaders.train), images(loaders.validation)
+    assert len(trained) == 96 and len(validated) == 32
+    assert not set(trained) & set(validated)
+    everything = {bytes(x.numpy().tobytes()) for x, _ in train_mod.loaders.data_mod.build_datasets(
+        "shapes", train_subset=128, test_subset=32, seed=3)[0]}
+    assert set(trained) | set(validated) == everything
+    with pytest.raises(ValueError, match="the training set has 96 examples once the 32 validation examples are held out, "
+                                         "fewer than one batch of 128"):
+        data_loaders(tiny(tmp_path / "r2", train_subset=128, val_examples=32, batch_size=128).resolved(), Distributed())
+
+
+def test_best_checkpoint_is_the_epoch_with_the_best_validation_pgd(tmp_path, monkeypatch):
+    from part_fast.train import loop
+    scripted = iter([10.0, 30.0, 30.0, 20.0])  # the validation PGD-20 accuracy of epochs 1-4
+
+    def fake_evaluate(model, loader, **kw):
+        return {"natural": 50.0, "pgd20": next(scripted), "examples": len(loader.dataset)}
+
+    monkeypatch.setattr(loop, "evaluate", fake_evaluate)
+    out = tmp_path / "run"
+    history = train(tiny(out, epochs=4, train_subset=128, val_examples=32, eval_examples=0))
+    assert [r["val_pgd20_acc"] for r in history] == [10.0, 30.0, 30.0, 20.0]
+    assert [r["best_epoch"] for r in history] == [1, 2, 2, 2]  # a tie keeps the earlier epoch
+    assert all(r["val_examples"] == 32 and r["train_examples"] == 96 for r in history)
+    best, last = load_checkpoint(out / "best.pt"), load_checkpoint(out / "last.pt")
+    assert (best["epoch"], best["global_step"], last["epoch"]) == (2, 6, 4)
+    assert best["metrics"] == history[:2]
+    assert sorted(p.name for p in out.iterdir()) == ["best.pt", "config.json", "last.pt", "metrics.jsonl", "previous.pt"]

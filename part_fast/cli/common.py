@@ -12,6 +12,7 @@ from pathlib import Path
 from ..devices import describe_device, resolve_device
 from ..errors import ConfigError, OutputWriteError
 from ..train import TrainConfig
+from ..train.checkpoint import WEIGHTS
 
 DEVICE_HELP = "auto (cuda when there is a GPU, else cpu) | cpu | cuda | cuda:N"
 
@@ -53,6 +54,28 @@ def announced_device(command: str, device_name: str):
     device = resolve_device(device_name)
     print(f"part-fast {command}: device {describe_device(device)}", flush=True)
     return device
+
+
+def add_weights_flag(p) -> None:
+    """--weights: which of a checkpoint's weights a reading command loads."""
+    p.add_argument("--weights", choices=WEIGHTS, default=None,
+                   help=with_default("the run's weight average (runs trained with --ema-decay) or its trained "
+                                     "weights", "the average when the run kept one"))
+
+
+def load_announced(command: str, path, device, weights):
+    """The checkpoint's model and config (train.model_from); a run that kept a weight average gets one line
+    saying which weights the command uses."""
+    from ..train import load_checkpoint, model_from
+
+    ckpt = load_checkpoint(path)
+    model, config, which = model_from(ckpt, device, weights)
+    average = ckpt.get("average")
+    if average is not None:
+        chosen = (f"the weight average (EMA, decay {average['decay']:g}); --weights trained for the trained weights"
+                  if which == "average" else "the trained weights (--weights trained); the run also kept a weight average")
+        print(f"part-fast {command}: {path} holds a weight average and the trained weights: using {chosen}", flush=True)
+    return model, config
 
 
 def run_test_loader(config: TrainConfig, data_dir, test_subset, batch_size):

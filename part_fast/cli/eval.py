@@ -12,7 +12,8 @@ from ..eps_text import validate_budget
 from ..robustbench_protocol import BATCH_SIZE as RB_BATCH_SIZE
 from ..robustbench_protocol import DATASETS as RB_DATASETS
 from ..robustbench_protocol import N_EXAMPLES as RB_N_EXAMPLES
-from .common import DEVICE_HELP, announced_device, validate_positive, fraction, run_test_loader, with_default, write_json
+from .common import (DEVICE_HELP, add_weights_flag, announced_device, fraction, load_announced, run_test_loader,
+                     validate_positive, with_default, write_json)
 
 PROTOCOLS = ("attacks", "robustbench")
 DEFAULT_ATTACKS = ("natural", "pgd20", "mma", "aa")
@@ -46,6 +47,7 @@ def eval_parser(sub) -> None:
     p.add_argument("--device", default=AUTO, help=with_default(DEVICE_HELP, AUTO))
     p.add_argument("--seed", type=int, default=0, help=with_default("seed of the attacks' random starts "
                                                                     "(AutoAttack's seed too)", 0))
+    add_weights_flag(p)
     p.add_argument("--json", default=None,
                    help=with_default("where to write the JSON (its folder is created)",
                                      "eval.json next to the checkpoint; with --protocol robustbench, "
@@ -63,7 +65,6 @@ def _validate_eval_numbers(args) -> None:
 
 def cmd_eval(args) -> int:
     from ..evaluation import ATTACK_LABELS, ATTACKS, evaluate
-    from ..train import load_model
 
     if args.protocol == "robustbench":
         return _eval_robustbench(args)
@@ -77,7 +78,7 @@ def cmd_eval(args) -> int:
     if args.step_size is not None:
         validate_budget("--step-size", args.step_size)
     device = announced_device("eval", args.device)
-    model, config = load_model(args.checkpoint, device)
+    model, config = load_announced("eval", args.checkpoint, device, args.weights)
     loader, _, _ = run_test_loader(config, args.data_dir, args.test_subset, args.batch_size or 256)
     step = args.step_size if args.step_size is not None else config.resolved().step_size
     result = evaluate(model, loader, attacks=attacks, eps=args.eps, alpha=step, device=device, seed=args.seed,
@@ -106,7 +107,6 @@ def _print_verdicts(verdicts) -> None:
 def _eval_robustbench(args) -> int:
     from ..evaluation import num_classes_of
     from ..robustbench_protocol import evaluate_robustbench, load_test_set, model_info
-    from ..train import load_model
 
     if args.attacks is not None:
         raise ConfigError("--attacks does not apply to --protocol robustbench: it runs the original AutoAttack, "
@@ -115,7 +115,7 @@ def _eval_robustbench(args) -> int:
         raise ConfigError("--step-size does not apply to --protocol robustbench: AutoAttack sets its own steps")
     _validate_eval_numbers(args)
     device = announced_device("eval", args.device)
-    model, config = load_model(args.checkpoint, device)
+    model, config = load_announced("eval", args.checkpoint, device, args.weights)
     dataset = args.dataset or (config.dataset if config.dataset in RB_DATASETS else None)
     if dataset is None:
         raise ConfigError(f"--protocol robustbench: this run trained on {config.dataset!r}; RobustBench's L-inf "

@@ -5,7 +5,8 @@ from pathlib import Path
 
 from ..devices import AUTO, parse_device
 from ..errors import ConfigError
-from .common import DEVICE_HELP, announced_device, create_folder_of, run_test_loader, with_default, writing
+from .common import (DEVICE_HELP, add_weights_flag, announced_device, create_folder_of, load_announced, run_test_loader,
+                     with_default, writing)
 
 
 def show_cam_parser(sub) -> None:
@@ -17,6 +18,7 @@ def show_cam_parser(sub) -> None:
     p.add_argument("--data-dir", default=None, help=with_default("dataset folder", "the run's"))
     p.add_argument("--mask", default=None, choices=("jet", "cam"), help=with_default("budget mask", "the run's"))
     p.add_argument("--device", default=AUTO, help=with_default(DEVICE_HELP, AUTO))
+    add_weights_flag(p)
 
 
 def cmd_show_cam(args) -> int:
@@ -25,14 +27,13 @@ def cmd_show_cam(args) -> int:
     from ..budget import PixelBudget
     from ..models import CAM_LAYERS
     from ..plots import BUDGET_PNG, budget_overlay_png, budget_title, require_matplotlib
-    from ..train import load_model
 
     parse_device(args.device)  # names before numbers
     require_matplotlib(BUDGET_PNG)
     if args.n < 1:
         raise ConfigError(f"--n must be >= 1, got {args.n}")
     device = announced_device("show-cam", args.device)
-    model, config = load_model(args.checkpoint, device)
+    model, config = load_announced("show-cam", args.checkpoint, device, args.weights)
     _, test_set, data_info = run_test_loader(config, args.data_dir, args.n, args.n)
     n = min(args.n, len(test_set))
     images = torch.stack([test_set[i][0] for i in range(n)]).to(device)

@@ -29,13 +29,14 @@ from torch import nn
 
 from .. import __version__
 from ..devices import resolve_device
-from ..errors import CheckpointError, CheckpointWriteError
+from ..errors import CheckpointError, CheckpointWriteError, ConfigError
 from ..files import NotDurable, atomic_write_bytes
 from .config import TrainConfig
 from .step import RunState, build_model
 
 LAST = "last.pt"
 PREVIOUS = "previous.pt"
+BEST = "best.pt"  # the epoch with the best validation PGD-20 accuracy (--val-examples)
 FORMAT = 2
 REQUIRED_KEYS = frozenset({"format", "model", "optimizer", "scheduler", "epoch", "step_in_epoch", "global_step",
                            "config"})
@@ -68,6 +69,7 @@ def contents(state: RunState, *, config: TrainConfig, steps_per_epoch: int, worl
         "optimizer": state.optimizer.state_dict(),
         "scheduler": state.scheduler.state_dict(),
         "scaler": state.scaler.state_dict(),
+        "average": state.average.state_dict() if state.average is not None else None,
         "epoch": state.epoch,
         "step_in_epoch": state.step_in_epoch,
         "global_step": state.global_step,
@@ -198,12 +200,37 @@ def load_checkpoint(path) -> dict:
     return read(path)
 
 
-def load_model(path, device="cpu") -> tuple[nn.Module, TrainConfig]:
-    """The trained model (eval mode) on `device` ('auto', 'cpu', 'cuda', 'cuda:N' or a torch.device) and its
-    config, from a RUN_DIR/last.pt (or previous.pt)."""
+# Which weights of a checkpoint a reader takes: the weight average (runs with --ema-decay) or the trained ones.
+WEIGHTS = ("average", "trained")
+
+
+def model_from(ckpt: dict, device="cpu", weights: str | None = None) -> tuple[nn.Module, TrainConfig, str]:
+    """The model (eval mode) on `device`, the run's config and which weights were loaded, from a checkpoint.
+
+    Args:
+        ckpt: a checkpoint (load_checkpoint).
+        device: 'auto', 'cpu', 'cuda', 'cuda:N' or a torch.device.
+        weights: "average" (the run's weight average: ConfigError if it kept none), "trained", or None: the
+            average when the run kept one (--ema-decay), else the trained weights.
+
+    Returns:
+        (model, config, "average" or "trained")."""
+    if weights not in (None, *WEIGHTS):
+        raise ConfigError(f"weights must be one of {WEIGHTS} or None, got {weights!r}")
     device = resolve_device(device)
-    ckpt = read(path)
     config = TrainConfig.from_json(ckpt["config"])
+    average = ckpt.get("average")
+    if weights == "average" and average is None:
+        raise ConfigError("this run kept no weight average (it was trained without --ema-decay): load its trained weights")
+    which = weights or ("average" if average is not None else "trained")
     model = build_model(config, ckpt["num_classes"])
-    model.load_state_dict(ckpt["model"])
-    return model.to(device).eval(), config
+    model.load_state_dict(average["model"] if which == "average" else ckpt["model"])
+    return model.to(device).eval(), config, which
+
+
+def load_model(path, device="cpu", weights: str | None = None) -> tuple[nn.Module, TrainConfig]:
+    """The trained model (eval mode) on `device` ('auto', 'cpu', 'cuda', 'cuda:N' or a torch.device) and its
+    config, from a RUN_DIR/last.pt (or previous.pt, best.pt). A run trained with --ema-decay gives its weight
+    average unless `weights` is "trained" (see model_from)."""
+    model, config, _ = model_from(read(path), device, weights)
+    return model, config

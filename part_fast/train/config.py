@@ -91,6 +91,11 @@ class TrainConfig:
     nesterov: bool = setting(False, "Nesterov momentum (needs --momentum > 0)", kind="switch")
     label_smoothing: float = setting(0.0, "label smoothing of the outer loss's cross-entropy (AT, TRADES and their "
                                      "PART versions; the attack's loss keeps hard labels)", kind="float")
+    # Gowal et al.'s 0.995; the average is what the per-epoch evaluation, best.pt's selection, `part-fast eval`
+    # and `show-cam` use (averaging.py).
+    ema_decay: float = setting(0.0, "decay of an exponential moving average of the weights and BatchNorm statistics, "
+                               "updated every step (0: off; 0.995 is Gowal et al.'s); the average is what is "
+                               "evaluated and what eval / show-cam load", kind="float")
     batch_size: int = setting(128, "global batch, split evenly across processes", kind="int")
     eps: float = setting(8 / 255, "L-inf budget of the important pixels (and of AT)", kind="fraction")
     eps_low: float = setting(7 / 255, "L-inf budget of the other pixels", kind="fraction")
@@ -117,6 +122,10 @@ class TrainConfig:
     channels_last: bool = setting(False, "channels-last memory format", kind="switch")
     compile: bool = setting(False, "torch.compile the model", kind="switch")
     sync_bn: bool = setting(False, "SyncBatchNorm across processes (CUDA)", kind="switch")
+    # Bag of Tricks / Rice et al.: select the checkpoint on held-out training images, never on the test set.
+    val_examples: int = setting(0, "hold out N training examples (the same N for a seed) as a validation set: "
+                                "natural / PGD-20 accuracy on them every epoch, and RUN_DIR/best.pt is the checkpoint of "
+                                "the epoch with the best PGD-20 accuracy on them (0: none)", kind="int")
     eval_examples: int = setting(1000, "test examples for the per-epoch natural / PGD-20 accuracy (0: none)",
                                  kind="int")
     log_steps: bool = setting(False, "also write RUN_DIR/steps.jsonl, one line per optimiser step (reads the "
@@ -199,7 +208,10 @@ class TrainConfig:
         # has no place in it.
         need(self.label_smoothing == 0 or self.base != "mart",
              f"label_smoothing applies to AT and TRADES (and their PART versions), not {self.method}")
+        need(self.ema_decay == 0 or 0 < self.ema_decay < 1, f"ema_decay must be 0 (off) or in (0, 1), got {self.ema_decay}")
         need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
+        need(isinstance(self.val_examples, int) and self.val_examples >= 0,
+             f"val_examples must be an int >= 0, got {self.val_examples!r}")
         need(self.eval_examples >= 0, f"eval_examples must be >= 0, got {self.eval_examples}")
         need(isinstance(self.save_every_steps, int) and self.save_every_steps >= 0,
              f"save_every_steps must be an int >= 0, got {self.save_every_steps!r}")

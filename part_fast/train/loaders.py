@@ -1,9 +1,11 @@
 """The trainer's data loaders: each rank's shard of the training set in the resumable order of sampler.py,
-and its shard of the evaluation examples."""
+its shard of the evaluation examples, and of the validation examples held out of the training set."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
 from .. import data as data_mod
 from ..errors import ConfigError, UserError
@@ -11,14 +13,61 @@ from . import preemption
 from .config import TrainConfig
 from .distributed import Distributed
 from .sampler import ResumableDistributedSampler
+from .step import derived_seed
+
+# The stream that draws the validation split (step.derived_seed(seed, PURPOSE_VALIDATION)).
+PURPOSE_VALIDATION = 4
 
 
-def data_loaders(config: TrainConfig, ranks: Distributed):
-    """(train loader, its sampler, evaluation loader or None, DataInfo) of this rank.
+@dataclass
+class Loaders:
+    """One rank's loaders: training (with its sampler), evaluation (config.eval_examples test examples)
+    and validation (config.val_examples held out of the training set); None where there is none."""
+
+    train: DataLoader
+    sampler: ResumableDistributedSampler
+    evaluation: DataLoader | None
+    validation: DataLoader | None
+    info: data_mod.DataInfo
+
+
+def validation_split(train_set: Dataset, n: int, seed: int) -> tuple[Subset, Subset]:
+    """(training, validation): `n` examples of `train_set` held out, drawn by `seed` alone (the same for every
+    run with that seed and training set), each part in index order.
+
+    Args:
+        train_set: the full training set (after --train-subset).
+        n: examples to hold out, 1 <= n < len(train_set).
+        seed: the run's seed.
+
+    Returns:
+        Two disjoint Subsets of train_set that together cover it."""
+    if not 1 <= n < len(train_set):
+        raise ConfigError(f"val_examples must be between 1 and the training set's size - 1 ({len(train_set) - 1}), got {n}")
+    order = torch.randperm(len(train_set), generator=torch.Generator().manual_seed(derived_seed(seed, PURPOSE_VALIDATION)))
+    held_out = order[:n].sort().values.tolist()
+    kept = order[n:].sort().values.tolist()
+    return Subset(train_set, kept), Subset(train_set, held_out)
+
+
+def _sharded(dataset: Dataset, n: int, what: str, flag: str, ranks: Distributed, batch_size: int, config: TrainConfig,
+             pin: bool) -> DataLoader:
+    """This rank's share (every world-th example) of the first n examples of `dataset`, in batches."""
+    if n < ranks.world:
+        raise ConfigError(f"{flag} ({n} available) must be at least the number of processes ({ranks.world}): each "
+                          f"process evaluates its share of the {what}")
+    shard = Subset(dataset, range(ranks.rank, n, ranks.world))
+    return DataLoader(shard, batch_size=max(batch_size, 1), num_workers=config.workers, pin_memory=pin,
+                      worker_init_fn=preemption.ignore_stop_signals)
+
+
+def data_loaders(config: TrainConfig, ranks: Distributed) -> Loaders:
+    """This rank's Loaders.
 
     The training loader yields this rank's share of each global batch of config.batch_size (which must split
     evenly over the processes), whole batches only; the evaluation loader this rank's share of the first
-    config.eval_examples test examples. With config.download under torchrun, rank 0 downloads alone first."""
+    config.eval_examples test examples; the validation loader its share of the config.val_examples held out
+    of the training set (validation_split). With config.download under torchrun, rank 0 downloads alone first."""
     def build(download):
         return data_mod.build_datasets(config.dataset, config.data_dir, download=download,
                                        train_subset=config.train_subset, test_subset=config.test_subset, seed=config.seed)
@@ -36,9 +85,14 @@ def data_loaders(config: TrainConfig, ranks: Distributed):
         raise ConfigError(f"batch_size {config.batch_size} must be divisible by the {ranks.world} processes "
                           "(it is the global batch, split evenly)")
     train_set, test_set, data_info = build(config.download and not ranks.enabled)
+    val_set = None
+    if config.val_examples:
+        train_set, val_set = validation_split(train_set, config.val_examples, config.seed)
     local_batch = config.batch_size // ranks.world
     if len(train_set) < config.batch_size:
-        raise ConfigError(f"the training set has {len(train_set)} examples, fewer than one batch of {config.batch_size}")
+        held = f" once the {config.val_examples} validation examples are held out" if val_set is not None else ""
+        raise ConfigError(f"the training set has {len(train_set)} examples{held}, fewer than one batch of "
+                          f"{config.batch_size}")
     sampler = ResumableDistributedSampler(train_set, num_replicas=ranks.world, rank=ranks.rank, seed=config.seed)
     pin = ranks.device.type == "cuda"
     # The loader gets its own generator (it only seeds worker processes, whose datasets draw nothing) so it
@@ -47,12 +101,11 @@ def data_loaders(config: TrainConfig, ranks: Distributed):
                               pin_memory=pin, drop_last=True, persistent_workers=config.workers > 0,
                               worker_init_fn=preemption.ignore_stop_signals,
                               generator=torch.Generator().manual_seed(config.seed))
-    eval_loader = None
+    eval_loader = val_loader = None
     if config.eval_examples:
-        n = min(config.eval_examples, len(test_set))
-        if n < ranks.world:
-            raise ConfigError(f"eval_examples ({n} available) must be at least the number of processes ({ranks.world})")
-        shard = Subset(test_set, range(ranks.rank, n, ranks.world))
-        eval_loader = DataLoader(shard, batch_size=max(local_batch, 1), num_workers=config.workers, pin_memory=pin,
-                                 worker_init_fn=preemption.ignore_stop_signals)
-    return train_loader, sampler, eval_loader, data_info
+        eval_loader = _sharded(test_set, min(config.eval_examples, len(test_set)), "test examples", "eval_examples",
+                               ranks, local_batch, config, pin)
+    if val_set is not None:
+        val_loader = _sharded(val_set, len(val_set), "validation examples", "val_examples", ranks, local_batch, config,
+                              pin)
+    return Loaders(train_loader, sampler, eval_loader, val_loader, data_info)

@@ -99,7 +99,9 @@ class _Trainer:
             rundir.summary_writer_class()  # every rank: a missing package stops them all, before any work
         # Data and model first: a missing dataset or an unknown architecture is reported before RUN_DIR
         # exists, so a corrected rerun needs no --resume.
-        self.train_loader, self.sampler, self.eval_loader, data_info = data_loaders(config, ranks)
+        loaders = data_loaders(config, ranks)
+        self.train_loader, self.sampler, data_info = loaders.train, loaders.sampler, loaders.info
+        self.eval_loader, self.val_loader = loaders.evaluation, loaders.validation
         self.steps_per_epoch = len(self.train_loader)
         self.state = build_state(config, data_info.num_classes, ranks.device, ranks)
         self.rng = StepRandomness(config.seed, ranks.rank, ranks.device, config.augment)
@@ -204,6 +206,8 @@ class _Trainer:
         state.scheduler.load_state_dict(ckpt["scheduler"])
         restore_lr(state.optimizer, state.scheduler)
         state.scaler.load_state_dict(ckpt["scaler"])
+        if state.average is not None:
+            state.average.load_state_dict(ckpt["average"])
         state.epoch, state.step_in_epoch, state.global_step = ckpt["epoch"], ckpt["step_in_epoch"], ckpt["global_step"]
         self.history = list(ckpt.get("metrics", []))
         if ckpt.get("epoch_progress") is not None:
@@ -212,7 +216,7 @@ class _Trainer:
         if ckpt.get("rank_buffers") is not None:
             saved = ckpt["rank_buffers"]
             with torch.no_grad():  # a rank the checkpoint did not have takes rank 0's BatchNorm statistics
-                for buffer, value in zip(state.model.buffers(), saved[ranks.rank if ranks.rank < len(saved) else 0],
+                for buffer, value in zip(state.rank_buffers(), saved[ranks.rank if ranks.rank < len(saved) else 0],
                                          strict=True):
                     buffer.copy_(value)
         if saved_world != ranks.world:
@@ -264,7 +268,7 @@ class _Trainer:
                 self._save(progress)
                 raise self._interrupted(stop)
             # On the epoch's last step the epoch's checkpoint follows, at once when there is no evaluation.
-            skip = step + 1 == self.steps_per_epoch and self.eval_loader is None
+            skip = step + 1 == self.steps_per_epoch and self.eval_loader is None and self.val_loader is None
             if not skip and (save_votes or (config.save_every_steps and state.global_step % config.save_every_steps == 0)):
                 self._save(progress)
         state.sync()  # the host ran ahead of the device: the epoch ends when the device is done
@@ -289,7 +293,7 @@ class _Trainer:
         (steps,) = ranks.all_sum([progress.steps])
         # Every rank gets rank 0's BatchNorm statistics: they are what the checkpoint holds, and the ranks
         # evaluate their shards of the test set with one model.
-        ranks.broadcast_(list(state.model.buffers()))
+        ranks.broadcast_(state.rank_buffers())
         self._refuse_non_finite(f"in epoch {epoch + 1}")  # before the evaluation, and for the epoch's checkpoint
         record = {
             "epoch": epoch + 1,
@@ -302,13 +306,20 @@ class _Trainer:
             "eps_high_fraction": sums["eps_high"] / steps,
             "epoch_seconds": progress.elapsed,
         }
+        if state.average is not None:
+            record["evaluated_weights"] = "average"
         if config.time_stages:
             record.update({f"{k}_seconds": v for k, v in progress.seconds.items()})
         if self.eval_loader is not None:
-            record.update(self._evaluate())
+            record.update(self._evaluate(self.eval_loader, "test"))
+        best = False
+        if self.val_loader is not None:
+            record.update(self._evaluate(self.val_loader, "val"))
+            best = _is_best(record, self.history)
+            record["best_epoch"] = record["epoch"] if best else self.history[-1]["best_epoch"]
         state.epoch, state.step_in_epoch = epoch + 1, 0
         self.history.append(record)
-        self._save(None)  # first the checkpoint, then the log that cites it
+        self._save(None, best=best)  # first the checkpoint(s), then the log that cites them
         self._write(self.out / rundir.METRICS, lambda: rundir.write_metrics(self.out, self.history))
         if self.tensorboard is not None:
             self._write(self.out / rundir.TENSORBOARD, lambda: self.tensorboard.add(record))
@@ -317,17 +328,22 @@ class _Trainer:
         if self._agree(stop):
             raise self._interrupted(stop)
 
-    def _evaluate(self) -> dict:
+    def _evaluate(self, loader, split: str) -> dict:
+        """Natural and PGD-20 accuracy of the evaluated model (the weight average when there is one) on every
+        rank's shard of `loader`, summed over ranks; keys "<split>_nat_acc", "<split>_pgd20_acc", "<split>_examples"."""
         config, state, ranks = self.config, self.state, self.ranks
-        res = evaluate(state.attack_model, self.eval_loader, attacks=("natural", "pgd20"), eps=config.eps,
+        res = evaluate(state.evaluated_model, loader, attacks=("natural", "pgd20"), eps=config.eps,
                        alpha=config.step_size, device=state.device, seed=config.seed, progress=False)
         n = res["examples"]
         nat, pgd, total = ranks.all_sum([res["natural"] * n / 100, res["pgd20"] * n / 100, n])
-        return {"test_nat_acc": 100 * nat / total, "test_pgd20_acc": 100 * pgd / total, "test_examples": int(total)}
+        return {f"{split}_nat_acc": 100 * nat / total, f"{split}_pgd20_acc": 100 * pgd / total,
+                f"{split}_examples": int(total)}
 
     # ---------------------------------------------------------------------------------- checkpoints
-    def _save(self, progress: EpochProgress | None) -> None:
-        """Every rank calls it (it gathers their state); rank 0 writes; all learn whether that worked."""
+    def _save(self, progress: EpochProgress | None, best: bool = False) -> None:
+        """Every rank calls it (it gathers their state); rank 0 writes; all learn whether that worked. With
+        `best` (an epoch's end), the same checkpoint is written to best.pt first: a stop between the two
+        writes redoes the epoch from the older last.pt, which writes the same best.pt again."""
         state, ranks = self.state, self.ranks
         mid_epoch = progress is not None
         if mid_epoch:  # (the epoch's own checkpoint follows the epoch end's checks)
@@ -336,13 +352,16 @@ class _Trainer:
         per_rank_progress = epoch_progress.gathered(progress, ranks) if mid_epoch else None
         # Between epochs every rank holds rank 0's BatchNorm statistics; in the middle of one each rank has
         # its own, and resuming exactly needs them all.
-        rank_buffers = ranks.all_gather_tensors(list(state.model.buffers())) if mid_epoch and ranks.enabled else None
+        rank_buffers = ranks.all_gather_tensors(state.rank_buffers()) if mid_epoch and ranks.enabled else None
         error = None
         if ranks.is_main:
             try:
-                checkpoint.save(self.out / checkpoint.LAST, checkpoint.contents(
+                contents = checkpoint.contents(
                     state, config=self.config, steps_per_epoch=self.steps_per_epoch, world=ranks.world,
-                    metrics=self.history, epoch_progress=per_rank_progress, rank_buffers=rank_buffers))
+                    metrics=self.history, epoch_progress=per_rank_progress, rank_buffers=rank_buffers)
+                if best:
+                    checkpoint.save(self.out / checkpoint.BEST, contents, keep_previous=False)
+                checkpoint.save(self.out / checkpoint.LAST, contents)
             except CheckpointWriteError as err:
                 error = err
         ranks.raise_together(error, lambda _: CheckpointWriteError(
@@ -360,11 +379,20 @@ class _Trainer:
         return Interrupted(signum, str(self.out / checkpoint.LAST), state.global_step, where)
 
 
+def _is_best(record: dict, history: list[dict]) -> bool:
+    """Whether the epoch of `record` has the highest validation PGD-20 accuracy so far (ties: the earlier
+    epoch stays best)."""
+    return all(record["val_pgd20_acc"] > r["val_pgd20_acc"] for r in history)
+
+
 def _summary_line(r: dict, config: TrainConfig) -> str:
     parts = [f"epoch {r['epoch']}/{config.epochs} [{r['phase']}]", f"loss {r['train_loss']:.4f}",
              f"train adv {r['train_adv_acc']:.1f}%"]
     if "test_nat_acc" in r:
         parts.append(f"test nat {r['test_nat_acc']:.1f}% pgd20 {r['test_pgd20_acc']:.1f}%")
+    if "val_nat_acc" in r:
+        best = " (best.pt)" if r["best_epoch"] == r["epoch"] else ""
+        parts.append(f"val nat {r['val_nat_acc']:.1f}% pgd20 {r['val_pgd20_acc']:.1f}%{best}")
     timed = f"{r['epoch_seconds']:.1f}s"
     if "attack_seconds" in r:
         timed += (f" (budget {r['budget_seconds']:.1f} attack {r['attack_seconds']:.1f} "

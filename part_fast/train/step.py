@@ -23,6 +23,7 @@ from ..attacks import PGD
 from ..budget import PixelBudget
 from ..cam import find_layer
 from ..models import CAM_LAYERS, get_model
+from .averaging import WeightAverage
 from .config import AMP_DTYPES, TrainConfig
 from .distributed import Distributed
 
@@ -130,10 +131,21 @@ class RunState:
     device: torch.device
     ranks: Distributed
     budget: PixelBudget
+    average: WeightAverage | None = None  # the weight average (config.ema_decay), else None
     num_classes: int = 10
     epoch: int = 0  # completed epochs
     step_in_epoch: int = 0  # optimiser steps taken in the epoch in progress
     global_step: int = 0  # optimiser steps taken in all
+
+    @property
+    def evaluated_model(self) -> nn.Module:
+        """What the run evaluates (and best.pt is chosen by): the weight average when there is one."""
+        return self.attack_model if self.average is None else self.average.model
+
+    def rank_buffers(self) -> list[torch.Tensor]:
+        """The tensors each rank updates on its own (BatchNorm statistics of the model, then of the average):
+        broadcast from rank 0 at each epoch's end, gathered from every rank by a mid-epoch checkpoint."""
+        return [*self.model.buffers(), *(self.average.buffers() if self.average is not None else ())]
 
     def autocast(self):
         config = self.config
@@ -172,8 +184,9 @@ def build_state(config: TrainConfig, num_classes: int, device: torch.device, ran
                                        lr_warmup=config.lr_warmup, epochs=config.epochs))
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     budget = PixelBudget(config.eps, config.eps_low, config.cam, config.mask, layer=CAM_LAYERS.get(config.arch))
+    average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
     return RunState(config, model, attack_model, outer, optimizer, scheduler, scaler, device, ranks, budget,
-                    num_classes=num_classes)
+                    average=average, num_classes=num_classes)
 
 
 def inner_attack(state: RunState, part_phase: bool) -> PGD:
@@ -270,6 +283,8 @@ def train_step(state: RunState, x: torch.Tensor, y: torch.Tensor, *, part_phase:
     state.scaler.scale(loss).backward()
     state.scaler.step(state.optimizer)
     state.scaler.update()
+    if state.average is not None:
+        state.average.update(state.model, state.global_step + 1)  # (the loop counts the step after this call)
     clock.lap("update")
 
     with torch.no_grad():

@@ -282,12 +282,12 @@ def worker_pids(launcher_pid: int, rank: int) -> list[int]:
 # The reference run of the one-process stop / resume tests (conftest's mid_run): 8 steps per epoch (128 shapes
 # images in batches of 16), 2 epochs (warm-up, then PART).
 # The fault-tolerance runs keep a weight average (--ema-decay 0.5: the ramp t / (t + 9) for steps 1-8, then
-# 0.5), so every exact-resume test checks it too.
-MID = dict(train_subset=128, batch_size=16, epochs=2, warmup=1, log_steps=True, ema_decay=0.5)
+# 0.5), so every exact-resume test checks it too; the one-process ones also perturb the weights (AWP).
+MID = dict(train_subset=128, batch_size=16, epochs=2, warmup=1, log_steps=True, ema_decay=0.5, awp_gamma=5e-3)
 # The same run as `part-fast train` flags: tiny()'s settings spelled out.
 MID_FLAGS = ["--dataset", "shapes", "--arch", "cnn-small", "--method", "part", "--epochs", "2", "--warmup", "1",
              "--lr", "0.05", "--batch-size", "16", "--steps", "1", "--train-subset", "128", "--test-subset", "32",
-             "--eval-examples", "0", "--seed", "3", "--log-steps", "--ema-decay", "0.5"]
+             "--eval-examples", "0", "--seed", "3", "--log-steps", "--ema-decay", "0.5", "--awp-gamma", "0.005"]
 MID_STEPS = 16
 
 

@@ -8,7 +8,7 @@ import torch
 
 from part_fast.errors import CheckpointError
 from part_fast.train import checkpoint, load_checkpoint, train
-from part_fast.train.progress import FIELDS, SAVED_STATS, EpochProgress, regrouped, restored
+from part_fast.train.progress import FIELDS, LEGACY_FIELDS, SAVED_STATS, EpochProgress, regrouped, restored
 from helpers import MID, assert_same_weights, metric_lines, step_lines, tiny, weights, without_timings
 
 CPU = torch.device("cpu")
@@ -21,8 +21,12 @@ def _state(scale: int) -> dict:
 
 
 def _vector(state: dict) -> list[float]:
-    """The same values as the checkpoints before the dict form held them."""
-    return [float(state[k]) for k in FIELDS]
+    """The same values as the checkpoints before the dict form held them (no AWP stage then)."""
+    return [float(state[k]) for k in LEGACY_FIELDS]
+
+
+def _before_awp(state: dict) -> dict:
+    return {**state, "awp_seconds": 0.0}
 
 
 def test_state_dict_round_trip():
@@ -33,8 +37,11 @@ def test_state_dict_round_trip():
 
 
 def test_a_positional_vector_reads_as_its_dict_and_a_malformed_one_is_a_checkpoint_error():
-    assert restored([_vector(_state(1))], 0, 1, 1, CPU).state_dict() == _state(1)
-    with pytest.raises(CheckpointError, match=rf"epoch progress has 3 values, expected {len(FIELDS)}"):
+    assert restored([_vector(_state(1))], 0, 1, 1, CPU).state_dict() == _before_awp(_state(1))
+    # A dict saved before the AWP stage: its time is 0.
+    saved = {k: v for k, v in _state(1).items() if k != "awp_seconds"}
+    assert restored([saved], 0, 1, 1, CPU).state_dict() == _before_awp(_state(1))
+    with pytest.raises(CheckpointError, match=rf"epoch progress has 3 values, expected {len(LEGACY_FIELDS)}"):
         restored([[1.0, 2.0, 3.0]], 0, 1, 1, CPU)
     with pytest.raises(CheckpointError, match=r"epoch progress: missing \[.*\], unexpected \['other'\]"):
         restored([{"steps": 1, "other": 2}], 0, 1, 1, CPU)
@@ -47,7 +54,7 @@ def test_regrouped_rank_0_carries_every_rank_s_sums_the_others_start_from_zero()
         assert regrouped(states, rank) == {k: 0 if k in SUMMED else states[0][k] for k in FIELDS}
     for rank in range(4):  # 3 saved ranks continue on 4: both forms regroup alike
         assert (restored([_vector(s) for s in states], rank, 3, 4, CPU).state_dict()
-                == restored(states, rank, 3, 4, CPU).state_dict())
+                == restored([_before_awp(s) for s in states], rank, 3, 4, CPU).state_dict())
 
 
 def test_a_checkpoint_with_positional_progress_resumes_exactly(tmp_path, mid_run, one_thread):

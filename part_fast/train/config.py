@@ -96,6 +96,11 @@ class TrainConfig:
     ema_decay: float = setting(0.0, "decay of an exponential moving average of the weights and BatchNorm statistics, "
                                "updated every step (0: off; 0.995 is Gowal et al.'s); the average is what is "
                                "evaluated and what eval / show-cam load", kind="float")
+    # Wu et al.'s gamma 5e-3 (awp.py); the released AWP-TRADES waits 10 epochs before it perturbs.
+    awp_gamma: float = setting(0.0, "adversarial weight perturbation: each step's update is computed at weights "
+                               "moved uphill on the batch's adversarial loss by this fraction of each layer's norm "
+                               "(0: off; 5e-3 is Wu et al.'s); one more forward / backward per step", kind="float")
+    awp_warmup: int = setting(0, "epochs trained without the weight perturbation first", kind="int")
     batch_size: int = setting(128, "global batch, split evenly across processes", kind="int")
     eps: float = setting(8 / 255, "L-inf budget of the important pixels (and of AT)", kind="fraction")
     eps_low: float = setting(7 / 255, "L-inf budget of the other pixels", kind="fraction")
@@ -209,6 +214,9 @@ class TrainConfig:
         need(self.label_smoothing == 0 or self.base != "mart",
              f"label_smoothing applies to AT and TRADES (and their PART versions), not {self.method}")
         need(self.ema_decay == 0 or 0 < self.ema_decay < 1, f"ema_decay must be 0 (off) or in (0, 1), got {self.ema_decay}")
+        need(self.awp_gamma >= 0, f"awp_gamma must be >= 0 (0: off), got {self.awp_gamma}")
+        need(isinstance(self.awp_warmup, int) and 0 <= self.awp_warmup <= self.epochs,
+             f"awp_warmup must be an int of epochs >= 0 and at most epochs ({self.epochs}), got {self.awp_warmup!r}")
         need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
         need(isinstance(self.val_examples, int) and self.val_examples >= 0,
              f"val_examples must be an int >= 0, got {self.val_examples!r}")

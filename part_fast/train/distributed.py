@@ -124,6 +124,17 @@ class Distributed:
         dist.broadcast_object_list(box, src=0, device=self.device)
         return box[0]
 
+    def average_(self, tensors: list[torch.Tensor]) -> None:
+        """Overwrite every rank's tensors (same shapes and dtype on every rank) with their mean over the ranks,
+        in place: one all-reduce."""
+        if not self.enabled or not tensors:
+            return
+        flat = torch.cat([t.reshape(-1) for t in tensors])
+        dist.all_reduce(flat)
+        flat /= self.world
+        for t, piece in zip(tensors, flat.split([t.numel() for t in tensors])):
+            t.copy_(piece.view_as(t))
+
     def broadcast_(self, tensors) -> None:
         """Overwrite every rank's tensors with rank 0's, in place."""
         if self.enabled:

@@ -232,6 +232,7 @@ class _Trainer:
         config, state, ranks = self.config, self.state, self.ranks
         part_phase = config.is_part and epoch >= config.warmup
         attack = inner_attack(state, part_phase)
+        perturb_weights = state.perturbation is not None and epoch >= config.awp_warmup
         first = state.step_in_epoch  # > 0 only right after a mid-epoch resume
         progress = self.progress or EpochProgress(ranks.device)
         self.progress = None
@@ -244,7 +245,7 @@ class _Trainer:
         for step, (x, y) in enumerate(batches, start=first):
             with self.rng.at(epoch, step):
                 r = train_step(state, x, y, part_phase=part_phase, attack=attack, attack_gen=self.rng.attack,
-                               augment_gen=self.rng.augment)
+                               augment_gen=self.rng.augment, perturb_weights=perturb_weights)
             state.step_in_epoch, state.global_step = step + 1, state.global_step + 1
             progress.add(r, state.global_step)
             # Host numbers only (gloo, never the device): every rank stops, or saves, after the same step.
@@ -309,7 +310,8 @@ class _Trainer:
         if state.average is not None:
             record["evaluated_weights"] = "average"
         if config.time_stages:
-            record.update({f"{k}_seconds": v for k, v in progress.seconds.items()})
+            record.update({f"{k}_seconds": v for k, v in progress.seconds.items()
+                           if k != "awp" or state.perturbation is not None})
         if self.eval_loader is not None:
             record.update(self._evaluate(self.eval_loader, "test"))
         best = False
@@ -395,7 +397,8 @@ def _summary_line(r: dict, config: TrainConfig) -> str:
         parts.append(f"val nat {r['val_nat_acc']:.1f}% pgd20 {r['val_pgd20_acc']:.1f}%{best}")
     timed = f"{r['epoch_seconds']:.1f}s"
     if "attack_seconds" in r:
-        timed += (f" (budget {r['budget_seconds']:.1f} attack {r['attack_seconds']:.1f} "
+        awp = f" awp {r['awp_seconds']:.1f}" if "awp_seconds" in r else ""
+        timed += (f" (budget {r['budget_seconds']:.1f} attack {r['attack_seconds']:.1f}{awp} "
                   f"update {r['update_seconds']:.1f})")
     parts.append(timed)
     return " | ".join(parts)

@@ -3,7 +3,8 @@ checkpoint keeps of them (`state_dict()`, a dict keyed by name, one per rank), a
 progress is read back, on the same number of ranks or, regrouped, on another.
 
 Checkpoints of format 2 written before the dict form hold each rank's progress as a positional vector (the
-values of FIELDS, in that order); `restored` reads both forms.
+values of LEGACY_FIELDS, in that order); `restored` reads both forms. Those and the dict-form checkpoints
+written before the AWP stage have no "awp_seconds": it is read as 0.
 """
 from __future__ import annotations
 
@@ -18,10 +19,11 @@ from .step import STAT_NAMES
 # The step statistics a checkpoint keeps (not the non-finite count: a checkpoint is never written after a
 # non-finite loss), and the stages of a step that are timed.
 SAVED_STATS = tuple(name for name in STAT_NAMES if name != "non_finite")
-STAGES = ("data", "budget", "attack", "update")
-# The names of state_dict(), in the order of the positional vector: the order the ranks exchange them in,
-# and the order of the checkpoints written before the dict form.
-FIELDS = (*SAVED_STATS, "steps", *(f"{stage}_seconds" for stage in STAGES), "elapsed")
+STAGES = ("data", "budget", "attack", "awp", "update")
+# The names of state_dict(), in the order the ranks exchange them in; LEGACY_FIELDS, the order of the
+# checkpoints written before the dict form (before the AWP stage).
+LEGACY_FIELDS = (*SAVED_STATS, "steps", *(f"{stage}_seconds" for stage in STAGES if stage != "awp"), "elapsed")
+FIELDS = (*LEGACY_FIELDS, "awp_seconds")
 # What the epoch's end adds over the ranks: the sums and the step count.
 _SUMMED = (*SAVED_STATS, "steps")
 
@@ -73,6 +75,7 @@ class EpochProgress:
     def load_state_dict(self, state: dict) -> None:
         """Continue from a state_dict() (the non-finite record starts clean: none was saved). CheckpointError
         unless `state` has exactly the FIELDS."""
+        state = {"awp_seconds": 0.0, **state}  # (saved before the AWP stage)
         missing, unexpected = sorted(set(FIELDS) - set(state)), sorted(set(state) - set(FIELDS))
         if missing or unexpected:
             raise CheckpointError(f"epoch progress: missing {missing}, unexpected {unexpected}")
@@ -85,10 +88,12 @@ class EpochProgress:
 
 
 def _state_of(vector) -> dict:
-    """A positional vector (FIELDS' values in order) as a state_dict()."""
-    if len(vector) != len(FIELDS):
-        raise CheckpointError(f"epoch progress has {len(vector)} values, expected {len(FIELDS)}")
-    state = dict(zip(FIELDS, (float(v) for v in vector)))
+    """A positional vector (FIELDS' values in order, or a legacy checkpoint's LEGACY_FIELDS') as a state_dict()."""
+    names = {len(FIELDS): FIELDS, len(LEGACY_FIELDS): LEGACY_FIELDS}.get(len(vector))
+    if names is None:
+        raise CheckpointError(f"epoch progress has {len(vector)} values, expected {len(LEGACY_FIELDS)} (a checkpoint "
+                              f"written before the dict form)")
+    state = dict(zip(names, (float(v) for v in vector)))
     state["steps"] = int(state["steps"])
     return state
 

@@ -24,6 +24,7 @@ from ..budget import PixelBudget
 from ..cam import find_layer
 from ..models import CAM_LAYERS, get_model
 from .averaging import WeightAverage
+from .awp import WeightPerturbation
 from .config import AMP_DTYPES, TrainConfig
 from .distributed import Distributed
 
@@ -132,6 +133,7 @@ class RunState:
     ranks: Distributed
     budget: PixelBudget
     average: WeightAverage | None = None  # the weight average (config.ema_decay), else None
+    perturbation: WeightPerturbation | None = None  # AWP (config.awp_gamma), else None
     num_classes: int = 10
     epoch: int = 0  # completed epochs
     step_in_epoch: int = 0  # optimiser steps taken in the epoch in progress
@@ -185,8 +187,9 @@ def build_state(config: TrainConfig, num_classes: int, device: torch.device, ran
     scaler = torch.amp.GradScaler(device.type, enabled=config.amp == "fp16")
     budget = PixelBudget(config.eps, config.eps_low, config.cam, config.mask, layer=CAM_LAYERS.get(config.arch))
     average = WeightAverage(model, config.ema_decay) if config.ema_decay else None
+    perturbation = WeightPerturbation(model, config.awp_gamma, ranks) if config.awp_gamma else None
     return RunState(config, model, attack_model, outer, optimizer, scheduler, scaler, device, ranks, budget,
-                    average=average, num_classes=num_classes)
+                    average=average, perturbation=perturbation, num_classes=num_classes)
 
 
 def inner_attack(state: RunState, part_phase: bool) -> PGD:
@@ -244,11 +247,13 @@ class _StageClock:
 
 
 def train_step(state: RunState, x: torch.Tensor, y: torch.Tensor, *, part_phase: bool, attack: PGD,
-               attack_gen: torch.Generator | None, augment_gen: torch.Generator | None) -> StepResult:
-    """One optimiser step on the batch (x, y): augment -> budget -> attack -> outer loss -> step.
+               attack_gen: torch.Generator | None, augment_gen: torch.Generator | None,
+               perturb_weights: bool = False) -> StepResult:
+    """One optimiser step on the batch (x, y): augment -> budget -> attack -> [AWP] -> outer loss -> step.
 
-    Nothing here waits for the device (unless config.time_stages): a non-finite loss is counted in the
-    result's stats, which the loop checks before anything is saved or logged."""
+    With `perturb_weights` (needs state.perturbation), the outer loss's gradient is taken at the AWP-perturbed
+    weights (awp.py). Nothing here waits for the device (unless config.time_stages): a non-finite loss is
+    counted in the result's stats, which the loop checks before anything is saved or logged."""
     config, device, method = state.config, state.device, state.config.training_method
     clock = _StageClock(state, config.time_stages)
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -270,17 +275,29 @@ def train_step(state: RunState, x: torch.Tensor, y: torch.Tensor, *, part_phase:
         x_adv = attack(x, y, eps_map=eps_map, generator=attack_gen, **reuse)
     clock.lap("attack")
 
+    inputs = (x, x_adv) if method.natural_logits else (x_adv,)
+
+    def outer_loss(logits):
+        logits_nat, logits_adv = logits if method.natural_logits else (None, logits[0])
+        return method.outer_loss(logits_nat, logits_adv, y, config.beta, config.label_smoothing), logits_nat, logits_adv
+
+    perturbed = contextlib.nullcontext()
+    if perturb_weights:
+        def proxy_loss(proxy):
+            with state.autocast():
+                return outer_loss(tuple(proxy(inp) for inp in inputs))[0]
+
+        perturbed = state.perturbation.applied(state.model, state.perturbation.perturbation(state.model, proxy_loss))
+        clock.lap("awp")
+
     state.model.train()
     state.optimizer.zero_grad(set_to_none=True)
-    with state.autocast():
-        if method.natural_logits:
-            logits_nat, logits_adv = state.outer(x, x_adv)
-        else:
-            (logits_adv,), logits_nat = state.outer(x_adv), None
-        loss = method.outer_loss(logits_nat, logits_adv, y, config.beta, config.label_smoothing)
-    # A non-finite loss still steps (every rank must join the gradient all-reduce); the loop refuses to save
-    # or log past it, and the checkpoint before it is kept.
-    state.scaler.scale(loss).backward()
+    with perturbed:  # the weights are restored (bit-exact) before the optimiser steps
+        with state.autocast():
+            loss, logits_nat, logits_adv = outer_loss(state.outer(*inputs))
+        # A non-finite loss still steps (every rank must join the gradient all-reduce); the loop refuses to
+        # save or log past it, and the checkpoint before it is kept.
+        state.scaler.scale(loss).backward()
     state.scaler.step(state.optimizer)
     state.scaler.update()
     if state.average is not None:

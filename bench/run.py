@@ -10,7 +10,8 @@ Sections:
    chain, at CIFAR (128×3×32×32), TinyImageNet (128×3×64×64) and ImageNet-like (64×3×224×224) sizes, float32
    and bf16: time, GB/s and the share of the clone() bandwidth measured in the same run (bench/ops_report.py);
 2. the CAM + budget stage against the release's per-image pipeline, emulated (bench/stage_report.py);
-3. one training step of AT, PART (ours), PART as released, TRADES, PART-T (bench/train_step.py);
+3. one training step of AT, PART (ours), PART as released, TRADES, PART-T, and PART with the recipe's weight
+   average and AWP (bench/train_step.py);
 4. GPU evidence that needs no GPU, read from the compiled code or counted: PTX widths and registers, CUDA
    registers and spills, launches per call (bench/gpu_evidence.py); GPU times come only from
    `part-fast check --device cuda` on a GPU;
@@ -92,7 +93,7 @@ def section_stage(quick: bool) -> dict:
 
 
 def section_train_step(quick: bool) -> dict:
-    logger.info("[3/5] one training step: AT, PART (ours), PART (release), TRADES, PART-T")
+    logger.info("[3/5] one training step: AT, PART (ours), PART (release), TRADES, PART-T, PART + EMA / AWP")
     return train_step.run(quick=quick)
 
 

@@ -30,7 +30,7 @@ from part_fast.train import (
 
 SEED = 0
 CPU = torch.device("cpu")
-SPLIT = ("data", "budget", "attack", "update")
+SPLIT = ("data", "budget", "attack", "awp", "update")  # "awp": 0 for the rows without it
 
 
 class Layer4Alias(nn.Module):
@@ -57,12 +57,13 @@ class Case:
     snapshot (weights, BatchNorm buffers, momentum) before every timed step."""
 
     def __init__(self, name: str, method: str, part_phase: bool, arch: str, batch: int, steps: int,
-                 init: dict, device=CPU):
+                 init: dict, device=CPU, options: dict | None = None):
         self.name, self.part_phase, self.device = name, part_phase, device
         self.release = method == "release"
+        # options: more TrainConfig settings (the recipe additions: ema_decay, awp_gamma)
         config = TrainConfig(out="(unused: no run directory)", arch=arch, method="part" if self.release else method,
                              batch_size=batch, steps=steps, augment=False, eval_examples=0, device=str(device),
-                             seed=SEED, time_stages=True).resolved()  # time_stages: the split columns
+                             seed=SEED, time_stages=True, **(options or {})).resolved()  # time_stages: the split
         self.state = build_state(config, num_classes=10, device=device, ranks=Distributed())
         self.state.model.load_state_dict(copy.deepcopy(init))
         if self.release:
@@ -117,7 +118,7 @@ class Case:
         update_s = watch.lap()
         self.eps_high.append(float((eps_map == st.config.eps).float().mean()))
         self.losses.append(loss_value)
-        return {"data": data_s, "budget": mask_seconds, "attack": attack_s, "update": update_s}
+        return {"data": data_s, "budget": mask_seconds, "attack": attack_s, "awp": 0.0, "update": update_s}
 
     def step(self, x, y, timed: bool = True):
         """One optimiser step from the snapshot; records wall seconds (+ the amortised mask for the release)."""
@@ -131,8 +132,8 @@ class Case:
             gen = torch.Generator(device=self.device).manual_seed(SEED)  # the same random start every rep
             with Interference() as it:
                 r = train_step(self.state, x, y, part_phase=self.part_phase, attack=self.attack, attack_gen=gen,
-                               augment_gen=None)
-            wall, others, split = it.seconds, it.others, dict(r.seconds)
+                               augment_gen=None, perturb_weights=self.state.perturbation is not None)
+            wall, others, split = it.seconds, it.others, {"awp": 0.0, **r.seconds}
             self.eps_high.append(r.eps_high)
             self.losses.append(r.loss)
         if timed:

@@ -20,6 +20,9 @@ step), so the steps do identical work and differ only in what the method adds:
 |                | CE(f(x_nat)) + beta KL(f(x_adv) || f(x_nat)) in train mode                                |
 | PART-T (ours)  | `train_step`, method "part-trades", PART phase: the CAM forward's logits are TRADES' KL  |
 |                | target (`clean_logits=`), so the budget replaces the attack's clean forward              |
+| PART + EMA     | PART (ours) with `--ema-decay 0.995`: the weight average's update after the SGD step    |
+| PART + AWP     | PART (ours) with `--awp-gamma 5e-3`: the proxy's train forward + backward (column awp)   |
+| PART + EMA + AWP | both                                                                                   |
 
 Two yardsticks are timed in the same rounds: an eval-mode forward (no grad) and a train-mode
 forward + CE + full backward of the batch. Figures are reported, never asserted.
@@ -56,17 +59,22 @@ from part_fast.release import release_eps_map
 THREADS = 2
 FULL = {"arch": "resnet18", "batch": 64, "steps": 10, "reps": 3}
 QUICK = {"arch": "cnn-small", "batch": 16, "steps": 2, "reps": 1}
-# (row name, TrainConfig method, PART phase); "release" is built here from the "part" state's pieces.
+# (row name, TrainConfig method, PART phase, more TrainConfig settings); "release" is built here from the
+# "part" state's pieces.
 CONFIGS = (
-    ("AT", "at", False),
-    ("PART (ours)", "part", True),
-    ("PART (release)", "release", True),
-    ("TRADES", "trades", False),
-    ("PART-T (ours)", "part-trades", True),
+    ("AT", "at", False, {}),
+    ("PART (ours)", "part", True, {}),
+    ("PART (release)", "release", True, {}),
+    ("TRADES", "trades", False, {}),
+    ("PART-T (ours)", "part-trades", True, {}),
+    ("PART + EMA", "part", True, {"ema_decay": 0.995}),
+    ("PART + AWP", "part", True, {"awp_gamma": 5e-3}),
+    ("PART + EMA + AWP", "part", True, {"ema_decay": 0.995, "awp_gamma": 5e-3}),
 )
 YARDSTICKS = ("forward (eval, no grad)", "forward + backward (train, full)")
 logger = logging.getLogger(__name__)
-BASE_OF = {"AT": "AT", "PART (ours)": "AT", "PART (release)": "AT", "TRADES": "TRADES", "PART-T (ours)": "TRADES"}
+BASE_OF = {"AT": "AT", "PART (ours)": "AT", "PART (release)": "AT", "TRADES": "TRADES", "PART-T (ours)": "TRADES",
+           "PART + EMA": "PART (ours)", "PART + AWP": "PART (ours)", "PART + EMA + AWP": "PART (ours)"}
 
 
 # ------------------------------------------------------------------------------------------------ data
@@ -134,7 +142,8 @@ def run(quick: bool = False, *, reps: int | None = None, data: str = DEFAULT_DAT
         init = base.state_dict()
         logger.info("train_step bench: %s, batch %d, PGD-%d, %d rep(s), %s", arch, batch, steps, n_reps, data_desc)
 
-        cases = [Case(name, method, phase, arch, batch, steps, init) for name, method, phase in CONFIGS]
+        cases = [Case(name, method, phase, arch, batch, steps, init, options=options)
+                 for name, method, phase, options in CONFIGS]
         for c in cases:  # same initial weights everywhere
             if not all(torch.equal(a, b) for a, b in zip(c.state.model.state_dict().values(), init.values())):
                 raise RuntimeError(f"{c.name}: the initial weights were not loaded")
@@ -217,6 +226,12 @@ def _why(by: dict, yard_rows: list, steps: int) -> dict:
         "release_mask_s": rel["seconds"]["budget"],
         "release_mask_share_of_step": rel["seconds"]["budget"] / rel["min_s"],
         "release_attack_minus_ours_s": rel["seconds"]["attack"] - part["seconds"]["attack"],
+        # The recipe's additions, over PART (ours); absent from runs saved before they were measured.
+        **({"ema_extra": by["PART + EMA"]["min_s"] / part["min_s"] - 1,
+            "awp_extra": by["PART + AWP"]["min_s"] / part["min_s"] - 1,
+            "awp_s": by["PART + AWP"]["seconds"]["awp"],
+            "ema_awp_extra": by["PART + EMA + AWP"]["min_s"] / part["min_s"] - 1,
+            "predicted_awp_extra": 1 / (steps + 1)} if "PART + AWP" in by else {}),
     }
 
 
@@ -252,13 +267,13 @@ def markdown(res: dict) -> str:
          "Split columns: the quickest rep's `StepResult.seconds` (release: its own step, budget = the per-image mask "
          f"of all {b} images, i.e. per-image cost × batch, measured once per rep)."),
         "",
-        "| configuration | s / step | median s | images/s | data | budget | attack | update | × base | others (cores) |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| configuration | s / step | median s | images/s | data | budget | attack | awp | update | × base | others (cores) |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in res["rows"]:
         s = r["seconds"]
         lines.append(f"| {r['name']} | {r['min_s']:.3f} | {r['median_s']:.3f} | {r['images_per_s']:.1f} | "
-                     f"{s['data']:.4f} | {s['budget']:.3f} | {s['attack']:.3f} | {s['update']:.3f} | "
+                     f"{s['data']:.4f} | {s['budget']:.3f} | {s['attack']:.3f} | {s.get('awp', 0.0):.3f} | {s['update']:.3f} | "
                      f"{r['vs_base']:.3f} ({r['base']}) | {r['others_cores_best']:.2f} |")
     yards, nz = res["yardsticks"], _noise(res)
     note = (f"Noise: {nz['noisy_steps']} of {nz['steps']} timed steps ran while other processes used > {NOISY_CORES} "
@@ -293,7 +308,12 @@ def markdown(res: dict) -> str:
         f"+ `cam_eps_map` remain: PART-T / TRADES − 1 = {100 * w['measured_extra_partt_vs_trades']:+.1f}%. The release's "
         f"per-image mask costs {w['release_mask_s']:.3f} s per step ({100 * w['release_mask_share_of_step']:.0f}% of its "
         f"step: {b} batch-1 forwards and full backwards plus PIL / matplotlib / numpy per image), and its eager update "
-        f"changes the attack by {w['release_attack_minus_ours_s']:+.3f} s.",
+        f"changes the attack by {w['release_attack_minus_ours_s']:+.3f} s."
+        + (f" The recipe's additions: the weight average's update (`--ema-decay`) adds "
+           f"{100 * w['ema_extra']:+.1f}% to the PART step; AWP (`--awp-gamma`) adds one train forward + backward of "
+           f"the proxy ({w['awp_s']:.3f} s, column awp) to the {k + 1} of the step, ≈ 1/({k}+1) = "
+           f"{100 * w['predicted_awp_extra']:.0f}% predicted, {100 * w['awp_extra']:+.1f}% measured; both "
+           f"{100 * w['ema_awp_extra']:+.1f}%." if "awp_extra" in w else ""),
     ]
     return "\n".join(lines)
 

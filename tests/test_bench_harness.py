@@ -47,6 +47,8 @@ def test_quick_run_writes_json_markdown_png(quick_run):
     assert all(r["median_us"] > 0 and r["gb_per_s"] > 0 for r in ops_rows)
     assert any(r["impl"] == "release" for r in ops_rows)
     assert result["sections"]["train_step"]["rows"] and result["sections"]["gpu"]["markdown"]
+    step_rows = {r["name"]: r for r in result["sections"]["train_step"]["rows"]}
+    assert step_rows["PART + AWP"]["seconds"]["awp"] > 0 and step_rows["PART (ours)"]["seconds"]["awp"] == 0
     # Section 4 counts launches (measured) and computes no GPU time (nothing assumed).
     launches = {(r["op"], r["impl"], r["variant"]): r["launches"] for r in result["sections"]["gpu"]["launches"]}
     assert launches[("pgd_step_", "release", "(B,3,H,W)")] == 12 and launches[("pgd_step_", "ours (cpu)", "(B,3,H,W)")] == 1
@@ -57,7 +59,7 @@ def test_quick_run_writes_json_markdown_png(quick_run):
     assert lines[0].startswith("[1/5] ops: ") and lines[0].endswith(f" {len(ops_rows)} cases")
     assert lines[1:] == [
         "[2/5] CAM + budget stage and PGD-10 vs the release",
-        "[3/5] one training step: AT, PART (ours), PART (release), TRADES, PART-T",
+        "[3/5] one training step: AT, PART (ours), PART (release), TRADES, PART-T, PART + EMA / AWP",
         "[4/5] GPU evidence: PTX, CUDA resource usage, launches",
         "[5/5] memory of a training step and of the budget stage; the budget stage against the image size",
         f"wrote {stems['.json']}, {stems['.md']}, {stems['.png']}"]

@@ -286,7 +286,7 @@ def test_same_seed_same_run_other_seed_other_run(tmp_path, two_epochs):
 
 
 RECIPE = {"lr_schedule": "cosine", "lr_warmup": 2, "nesterov": True, "label_smoothing": 0.1, "ema_decay": 0.5,
-          "awp_gamma": 5e-3, "awp_warmup": 1, "train_subset": 128, "val_examples": 32}
+          "awp_gamma": 5e-3, "awp_warmup": 1, "train_subset": 112, "val_examples": 16}
 
 
 @pytest.mark.parametrize("options", [{"method": "part-trades"}, {"method": "part", "epochs": 4, **RECIPE}],

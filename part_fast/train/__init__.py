@@ -7,6 +7,7 @@
     loaders.py       each rank's training and evaluation loaders
     progress.py      the epoch in progress (EpochProgress): its sums, as a checkpoint keeps and regroups them
     averaging.py     WeightAverage: the EMA of the weights and BatchNorm statistics (--ema-decay)
+    awp.py           WeightPerturbation: adversarial weight perturbation (--awp-gamma)
     checkpoint.py    checked, atomic checkpoints (last.pt + previous.pt), what they hold, load_model
     rundir.py        the run directory: new, resumed, auto-resumed; its metrics and TensorBoard logs
     distributed.py   torchrun / DDP: collectives and a clean process-group teardown

@@ -22,13 +22,15 @@ generator, so an interrupted run resumes with the same random crops and flips.
     shapes.py        the generated shapes: silhouettes, renderer, ShapesDataset
     folders.py       tinyimagenet and imagefolder layouts, listed as image files in round-robin class order
     augment.py       augment_batch: random crop + horizontal flip from an explicit generator
+    extra.py         ExtraImages: extra (e.g. generated) training images from a memory-mapped .npz
 """
 from .augment import augment_batch
 from .containers import DataInfo, ImageFileDataset, InMemoryImageDataset, object_mask_of
 from .datasets import DATASETS, build_datasets
+from .extra import ExtraImages
 from .shapes import SHAPE_CLASSES, SHAPES_DEFAULT_SIZES, ShapesDataset
 
 __all__ = [
-    "DATASETS", "SHAPE_CLASSES", "SHAPES_DEFAULT_SIZES", "DataInfo", "ImageFileDataset", "InMemoryImageDataset",
+    "DATASETS", "SHAPE_CLASSES", "SHAPES_DEFAULT_SIZES", "DataInfo", "ExtraImages", "ImageFileDataset", "InMemoryImageDataset",
     "ShapesDataset", "augment_batch", "build_datasets", "object_mask_of",
 ]

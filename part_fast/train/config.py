@@ -101,6 +101,11 @@ class TrainConfig:
                                "moved uphill on the batch's adversarial loss by this fraction of each layer's norm "
                                "(0: off; 5e-3 is Wu et al.'s); one more forward / backward per step", kind="float")
     awp_warmup: int = setting(0, "epochs trained without the weight perturbation first", kind="int")
+    # DM-AT's --aux-data-filename / --unsup-fraction (0.7 there): part_fast/data/extra.py has the format.
+    extra_data: str | None = setting(None, "an .npz of extra (e.g. generated) training images mixed into every batch: "
+                                     "uint8 'images' (N, H, W, 3) and integer 'labels' (N,), written by np.savez "
+                                     "(memory-mapped, never loaded whole)", kind="str", shown="none")
+    extra_fraction: float = setting(0.7, "the share of every batch drawn from --extra-data", kind="float")
     batch_size: int = setting(128, "global batch, split evenly across processes", kind="int")
     eps: float = setting(8 / 255, "L-inf budget of the important pixels (and of AT)", kind="fraction")
     eps_low: float = setting(7 / 255, "L-inf budget of the other pixels", kind="fraction")
@@ -217,6 +222,7 @@ class TrainConfig:
         need(self.awp_gamma >= 0, f"awp_gamma must be >= 0 (0: off), got {self.awp_gamma}")
         need(isinstance(self.awp_warmup, int) and 0 <= self.awp_warmup <= self.epochs,
              f"awp_warmup must be an int of epochs >= 0 and at most epochs ({self.epochs}), got {self.awp_warmup!r}")
+        need(0 < self.extra_fraction < 1, f"extra_fraction must be in (0, 1), got {self.extra_fraction}")
         need(self.workers >= 0, f"workers must be >= 0, got {self.workers}")
         need(isinstance(self.val_examples, int) and self.val_examples >= 0,
              f"val_examples must be an int >= 0, got {self.val_examples!r}")

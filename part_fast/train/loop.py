@@ -99,8 +99,8 @@ class _Trainer:
             rundir.summary_writer_class()  # every rank: a missing package stops them all, before any work
         # Data and model first: a missing dataset or an unknown architecture is reported before RUN_DIR
         # exists, so a corrected rerun needs no --resume.
-        loaders = data_loaders(config, ranks)
-        self.train_loader, self.sampler, data_info = loaders.train, loaders.sampler, loaders.info
+        self.loaders = loaders = data_loaders(config, ranks)
+        self.train_loader, data_info = loaders.train, loaders.info
         self.eval_loader, self.val_loader = loaders.evaluation, loaders.validation
         self.steps_per_epoch = len(self.train_loader)
         self.state = build_state(config, data_info.num_classes, ranks.device, ranks)
@@ -110,10 +110,11 @@ class _Trainer:
             self._restore(ckpt)
         elif resume:  # stopped before the first checkpoint: its steps are redone
             self._write(self.out / rundir.STEPS, lambda: rundir.trim_steps_log(self.out, 0))
-        unused = len(self.train_loader.dataset) - self.steps_per_epoch * config.batch_size
+        base_batch = self.train_loader.batch_size * ranks.world  # (the rest of a batch is extra data)
+        unused = len(self.train_loader.dataset) - self.steps_per_epoch * base_batch
         if unused:
             self.log(f"part-fast train: {unused} of the {len(self.train_loader.dataset)} training examples are left "
-                     f"out of each epoch: only whole batches of {config.batch_size} are trained (the last partial batch "
+                     f"out of each epoch: only whole batches of {base_batch} are trained (the last partial batch "
                      "is dropped), and which examples are left out changes with each epoch's shuffle")
         if self.state.epoch >= config.epochs:
             self._agree(None)
@@ -236,10 +237,10 @@ class _Trainer:
         first = state.step_in_epoch  # > 0 only right after a mid-epoch resume
         progress = self.progress or EpochProgress(ranks.device)
         self.progress = None
-        self.sampler.set_epoch(epoch, start=first * (config.batch_size // ranks.world))
+        self.loaders.set_epoch(epoch, first)
         lr = state.optimizer.param_groups[0]["lr"]
         started = time.perf_counter() - progress.elapsed
-        batches = progress_bar(self.train_loader, desc=f"epoch {epoch + 1}/{config.epochs}", disable=not self.show,
+        batches = progress_bar(self.loaders.batches(), desc=f"epoch {epoch + 1}/{config.epochs}", disable=not self.show,
                                leave=False, initial=first, total=self.steps_per_epoch)
         show_every = max(1, self.steps_per_epoch // 20)  # reading the bar's loss waits for the device: not every step
         for step, (x, y) in enumerate(batches, start=first):

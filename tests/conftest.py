@@ -87,11 +87,18 @@ def cifar_subset_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def uninterrupted_pair(tmp_path_factory) -> Path:
-    """RUN_DIR of a 2-process torchrun of helpers.ELASTIC with no fault: what the fault-tolerance tests
-    (one node and two) must end equal to."""
+def elastic(tmp_path_factory) -> list[str]:
+    """The fault-tolerance runs' `part-fast train` flags: helpers.ELASTIC and `--extra-data FILE`."""
+    from helpers import ELASTIC, write_extra_shapes
+    return [*ELASTIC, "--extra-data", str(write_extra_shapes(tmp_path_factory.mktemp("extra") / "shapes.npz"))]
+
+
+@pytest.fixture(scope="session")
+def uninterrupted_pair(tmp_path_factory, elastic) -> Path:
+    """RUN_DIR of a 2-process torchrun of `elastic` with no fault: what the fault-tolerance tests (one node
+    and two) must end equal to."""
     from helpers import run_uninterrupted_pair
-    return run_uninterrupted_pair(tmp_path_factory.mktemp("ddp-ref") / "run")
+    return run_uninterrupted_pair(tmp_path_factory.mktemp("ddp-ref") / "run", elastic)
 
 
 @pytest.fixture(scope="session")

@@ -35,6 +35,7 @@ from part_fast import ops  # noqa: E402
 from part_fast.check.correctness import same_attack_result  # noqa: E402
 from part_fast.check.inputs import (EPS, EPS_FORMS, EPS_LOW, LAYOUTS, STEP, attack_inputs,  # noqa: E402,F401
                                     distinct_eps_forms, make_eps, same_strides_on, to_layout)
+from part_fast.data import ShapesDataset  # noqa: E402
 from part_fast.train import TrainConfig, load_checkpoint  # noqa: E402
 
 # Every backend usable for CPU tensors here, except the reference they are all compared against.
@@ -292,17 +293,29 @@ MID_STEPS = 16
 
 
 # The fault-tolerance runs: 8 steps per epoch (batches of 16 split over 2 ranks), PGD-5 so that a step
-# takes a while, 2 epochs of which the first is the warm-up.
+# takes a while, 2 epochs of which the first is the warm-up; with the recipe's additions on: a weight
+# average, AWP, and a quarter of every batch (2 of each rank's 8 images) from an extra-data file, so that 96
+# training images fill the 8 steps. conftest's `elastic` fixture adds `--extra-data FILE` (write_extra_shapes).
 ELASTIC = ["--dataset", "shapes", "--arch", "cnn-small", "--method", "part", "--epochs", "2", "--warmup", "1",
-           "--lr", "0.05", "--batch-size", "16", "--steps", "5", "--train-subset", "128", "--test-subset", "32",
-           "--eval-examples", "32", "--seed", "6", "--log-steps", "--ema-decay", "0.5"]
+           "--lr", "0.05", "--batch-size", "16", "--steps", "5", "--train-subset", "96", "--test-subset", "32",
+           "--eval-examples", "32", "--seed", "6", "--log-steps", "--ema-decay", "0.5", "--awp-gamma", "0.005",
+           "--extra-fraction", "0.25"]
 ELASTIC_STEPS = 16
 
 
-def run_uninterrupted_pair(out) -> Path:
-    """A 2-process run of ELASTIC with no interruption (and no step checkpoints), as `torchrun --standalone`:
-    what every faulted run must equal."""
-    done = subprocess.run(torchrun("--standalone", "--nproc_per_node=2", "-m", "part_fast", "train", *ELASTIC,
+def write_extra_shapes(path, n: int = 64, seed: int = 11) -> Path:
+    """An --extra-data file of n shapes images drawn with another seed than the training set's (generated
+    data of the same kind): uint8 (n, 32, 32, 3) images and their labels."""
+    import numpy as np
+    generated = ShapesDataset(n, seed=seed)
+    np.savez(path, images=generated.images.permute(0, 2, 3, 1).numpy(), labels=generated.labels.numpy())
+    return Path(path)
+
+
+def run_uninterrupted_pair(out, elastic: list[str]) -> Path:
+    """A 2-process run of `elastic` (ELASTIC and its extra data) with no interruption (and no step
+    checkpoints), as `torchrun --standalone`: what every faulted run must equal."""
+    done = subprocess.run(torchrun("--standalone", "--nproc_per_node=2", "-m", "part_fast", "train", *elastic,
                                    "--out", str(out)), env=env(), capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-3000:]
     return Path(out)

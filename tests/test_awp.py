@@ -57,6 +57,34 @@ def test_applied_restores_the_weights_bit_exact():
     assert torch.equal(model[0].weight, w)
 
 
+class _SecondRank:
+    """What Distributed.average_ does on rank 0 of two when rank 1's tensors are `other`."""
+
+    def __init__(self, other):
+        self.other = other
+
+    def average_(self, tensors):
+        for t, o in zip(tensors, self.other):
+            t.add_(o).div_(2)
+
+
+def test_under_ddp_the_perturbation_follows_the_gradient_averaged_over_the_ranks():
+    """Each rank's gradient is averaged before v is formed, so v is the global batch's (the same on every
+    rank): here two halves of one batch, for a model without BatchNorm, whose mean loss has the mean gradient."""
+    torch.manual_seed(2)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))
+    x, y = torch.rand(8, 3, 6, 6), torch.tensor([0, 1, 2, 0, 1, 2, 2, 1])
+    names = perturbed_names(model)
+    params = dict(model.named_parameters())
+    second_half = torch.autograd.grad(_loss_of(x[4:], y[4:])(model), [params[n] for n in names])
+    v = WeightPerturbation(model, 0.01, ranks=_SecondRank(second_half)).perturbation(model, _loss_of(x[:4], y[:4]))
+    whole = WeightPerturbation(model, 0.01).perturbation(model, _loss_of(x, y))
+    alone = WeightPerturbation(model, 0.01).perturbation(model, _loss_of(x[:4], y[:4]))
+    for v_l, whole_l, alone_l in zip(v, whole, alone):
+        torch.testing.assert_close(v_l, whole_l, rtol=1e-4, atol=1e-7)
+        assert (v_l - alone_l).abs().max() > 1e-3 * alone_l.abs().max()  # the average mattered
+
+
 def test_gamma_must_be_positive():
     with pytest.raises(ValueError, match="gamma must be > 0"):
         WeightPerturbation(nn.Linear(2, 2), 0.0)

@@ -17,7 +17,7 @@ from part_fast import data as data_mod
 from part_fast import train as train_mod
 from part_fast.train import Distributed, TrainConfig, load_checkpoint
 from part_fast.train.sampler import ResumableDistributedSampler
-from helpers import (ELASTIC, assert_equals_uninterrupted, env, metric_lines, step_lines, torchrun, wait_for_steps,
+from helpers import (assert_equals_uninterrupted, env, metric_lines, step_lines, torchrun, wait_for_steps,
                      worker_pids)
 from part_fast import cli
 
@@ -123,20 +123,23 @@ def run(info):  # as the trainer does: what holds the group lives in the run, no
     for _ in range(3):
         ddp(torch.randn(2, 4)).sum().backward()
     info.all_sum([1.0])
+    pair = [torch.full((2, 3), float(info.rank)), torch.tensor([4.0 * info.rank, 2.0])]
+    info.average_(pair)  # (AWP's gradients): the mean over ranks, in place
+    averaged.extend(torch.cat([t.reshape(-1) for t in pair]).tolist())
     counts.append(threads())
     if sys.argv[1] == "interrupted":
         raise Interrupted(15, "x", 3, "here")  # a stop agreed by every rank tears down the same way
     if sys.argv[1] == "user-error-on-rank-1" and info.rank == 1:
         raise UserError("rank 1 alone fails")  # rank 0 goes on to its barrier: neither may hang
 
-counts = [threads()]
+counts, averaged = [threads()], []
 try:
     with distributed.session("cpu") as info:
         run(info)
 except (Interrupted, UserError):
     pass
 with open(os.path.join(sys.argv[2], f"rank{info.rank}.txt"), "w") as f:
-    f.write(f"{info.rank} {counts[0]} {counts[1]} {threads()}")
+    f.write(" ".join(map(str, [info.rank, counts[0], counts[1], threads(), *averaged])))
 """
 
 
@@ -145,7 +148,8 @@ with open(os.path.join(sys.argv[2], f"rank{info.rank}.txt"), "w") as f:
 def test_session_teardown_joins_the_process_group_threads(tmp_path, ending):
     """The cause of the SIGABRT at exit: gloo worker threads alive while the interpreter finalizes. After
     the session every rank is back to the threads it had before it (so nothing can race the exit); a rank
-    that fails alone tears down without waiting for the others, and nobody hangs."""
+    that fails alone tears down without waiting for the others, and nobody hangs. (On the way, every rank
+    checks Distributed.average_ on tensors that differ by rank.)"""
     probe = tmp_path / "probe.py"
     probe.write_text(TEARDOWN_PROBE)
     done = subprocess.run(torchrun("--standalone", "--nproc_per_node=2", str(probe), ending, str(tmp_path)),
@@ -158,18 +162,19 @@ def test_session_teardown_joins_the_process_group_threads(tmp_path, ending):
     else:
         assert done.returncode == 0, report
         assert [c[0] for c in counts] == ["0", "1"], report
-    for rank, before, during, after in counts:
+    for rank, before, during, after, *averaged in counts:
         assert int(during) > int(before), "the group's worker threads were running"
         assert after == before, f"rank {rank}: {int(after) - int(before)} threads outlived the session"
+        assert [float(v) for v in averaged] == [0.5] * 6 + [2.0, 2.0], f"rank {rank}: Distributed.average_"
 
 
 @pytest.mark.slow
-def test_elastic_restart_after_a_worker_is_killed(tmp_path, uninterrupted_pair):
+def test_elastic_restart_after_a_worker_is_killed(tmp_path, elastic, uninterrupted_pair):
     """SIGKILL one worker mid-epoch under `torchrun --max-restarts=2 ... --auto-resume`: torchrun restarts
     the job, which resumes from its last step checkpoint and finishes by itself, exit 0, with the weights,
     metrics and step losses of the uninterrupted run."""
     out = tmp_path / "elastic"
-    cmd = torchrun("--standalone", "--nproc_per_node=2", "--max-restarts=2", "-m", "part_fast", "train", *ELASTIC,
+    cmd = torchrun("--standalone", "--nproc_per_node=2", "--max-restarts=2", "-m", "part_fast", "train", *elastic,
                    "--out", str(out), "--auto-resume", "--save-every-steps", "2")
     with open(tmp_path / "log.txt", "w") as log_file:
         proc = subprocess.Popen(cmd, env=env(), stdout=log_file, stderr=subprocess.STDOUT)
@@ -185,12 +190,12 @@ def test_elastic_restart_after_a_worker_is_killed(tmp_path, uninterrupted_pair):
 
 
 @pytest.mark.slow
-def test_torchrun_sigterm_checkpoints_the_exact_state(tmp_path, uninterrupted_pair):
+def test_torchrun_sigterm_checkpoints_the_exact_state(tmp_path, elastic, uninterrupted_pair):
     """SIGTERM to torchrun (what a scheduler sends): it forwards the signal, both workers finish the same
     step, write one checkpoint and exit 143; resuming with only --out ends equal to the uninterrupted run."""
     out = tmp_path / "term"
     run = _pair_train()
-    proc = subprocess.Popen([*run, *ELASTIC, "--out", str(out)], env=env(), stdout=subprocess.PIPE,
+    proc = subprocess.Popen([*run, *elastic, "--out", str(out)], env=env(), stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)
     wait_for_steps(out, 3, proc)
     proc.send_signal(signal.SIGTERM)
@@ -214,14 +219,14 @@ exec "$PYTHON" -m part_fast "$@"
 
 
 @pytest.mark.slow
-def test_ranks_started_with_other_settings_all_stop_with_one_line(tmp_path):
+def test_ranks_started_with_other_settings_all_stop_with_one_line(tmp_path, elastic):
     """A rank launched with other flags: every rank refuses, at the same point, in one line, before any
     file is written (no rank is left waiting in a collective)."""
     launch = tmp_path / "launch.sh"
     launch.write_text(LAUNCH_WITH_OTHER_SETTINGS_ON_RANK_1)
     launch.chmod(0o755)
     out = tmp_path / "run"
-    done = subprocess.run(torchrun("--standalone", "--nproc_per_node=2", "--no-python", str(launch), "train", *ELASTIC,
+    done = subprocess.run(torchrun("--standalone", "--nproc_per_node=2", "--no-python", str(launch), "train", *elastic,
                                    "--out", str(out)), env={**env(), "PYTHON": sys.executable},
                           capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
@@ -297,14 +302,15 @@ def _tree(path) -> dict:
 
 
 @pytest.mark.slow
-def test_resume_on_another_process_count_is_refused_before_any_write_unless_allowed(tmp_path, capsys, one_thread):
+def test_resume_on_another_process_count_is_refused_before_any_write_unless_allowed(tmp_path, capsys, one_thread,
+                                                                                   elastic):
     """A run of 2 processes whose newest checkpoint is from the middle of epoch 1 (step 6 of 8) resumed by 1
     (a node fewer): one line naming both counts and the flag, every file untouched; with
     --allow-world-change it goes on from step 6, and every epoch's metrics cover all 128 examples. (The one
     process resumes in this one: it is an ordinary `part-fast train`.)"""
     out = tmp_path / "run"
-    epochs_at = ELASTIC.index("--epochs") + 1
-    one_epoch = [*ELASTIC[:epochs_at], "1", *ELASTIC[epochs_at + 1:]]
+    epochs_at = elastic.index("--epochs") + 1
+    one_epoch = [*elastic[:epochs_at], "1", *elastic[epochs_at + 1:]]
     first = subprocess.run(_pair_train(*one_epoch, "--out", str(out), "--save-every-steps", "3"),
                            env=env(), capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr[-3000:]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import (ELASTIC, ELASTIC_STEPS, assert_equals_uninterrupted, env, step_lines, torchrun,
+from helpers import (ELASTIC_STEPS, assert_equals_uninterrupted, env, step_lines, torchrun,
                      wait_for_steps, worker_pids)
 
 # A surviving agent waits this long for its lost peer in the next rendezvous round, then gives up.
@@ -29,13 +29,13 @@ def _free_port() -> int:
 class TwoNodes:
     """The same torchrun command started twice, as SLURM starts it on each of two nodes."""
 
-    def __init__(self, tmp_path: Path, out: Path, *train_flags: str, max_restarts: int = 2):
+    def __init__(self, tmp_path: Path, out: Path, elastic: list[str], *train_flags: str, max_restarts: int = 2):
         self.tmp_path, self.out, self.port = tmp_path, out, _free_port()
         self.command = torchrun(
             "--nnodes=2", "--nproc_per_node=1", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{self.port}",
             f"--rdzv-id={uuid.uuid4().hex}", f"--rdzv-conf=join_timeout={JOIN_TIMEOUT_S}",
             f"--max-restarts={max_restarts}", "--monitor-interval=0.1",
-            "-m", "part_fast", "train", *ELASTIC, "--out", str(out), *train_flags)
+            "-m", "part_fast", "train", *elastic, "--out", str(out), *train_flags)
         self.agents: list[subprocess.Popen] = []
         self.logs: list[Path] = []
         self.launches = 0
@@ -100,11 +100,11 @@ def _kill(pid: int) -> None:
 
 
 @pytest.fixture
-def nodes(tmp_path):
+def nodes(tmp_path, elastic):
     started: list[TwoNodes] = []
 
     def make(*train_flags, **kw) -> TwoNodes:
-        started.append(TwoNodes(tmp_path, tmp_path / "run", *train_flags, **kw))
+        started.append(TwoNodes(tmp_path, tmp_path / "run", elastic, *train_flags, **kw))
         return started[-1]
 
     yield make

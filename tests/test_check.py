@@ -87,7 +87,7 @@ def test_a_step_whose_budget_differs_fails(ctx, monkeypatch):
     monkeypatch.setattr(training._RecordingBudget, "with_logits", tampered)
     ok, figure, data = training.check_part_step(ctx)
     assert ok is False and data["budget_differs"] == 1 and data["finite"]
-    assert "1 of 49,152 elements differ" in figure
+    assert "1 of 12,288 elements differ" in figure
 
 
 @pytest.mark.parametrize("form", EPS_FORMS)

@@ -144,15 +144,17 @@ def measure(specs: list[dict], device: torch.device) -> list[int]:
     if device.type == "cuda":
         return [measure_one(s, device) for s in specs]
     env = {**os.environ, **WORKER_ENV}
-    done = subprocess.run([sys.executable, "-m", "bench.memory_report", "--worker", json.dumps(specs)],
+    # The worker uses the harness's thread count (bench.run --threads), as every other section does.
+    done = subprocess.run([sys.executable, "-m", "bench.memory_report", "--worker", json.dumps(specs),
+                           "--worker-threads", str(torch.get_num_threads())],
                           capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
     if done.returncode != 0:
         raise RuntimeError(f"memory worker failed ({done.returncode}):\n{done.stderr[-3000:]}")
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def _worker(specs_json: str) -> None:
-    torch.set_num_threads(2)
+def _worker(specs_json: str, threads: int) -> None:
+    torch.set_num_threads(threads)
     specs = json.loads(specs_json)
     print(json.dumps([measure_one(s, torch.device("cpu")) for s in specs]), flush=True)
 
@@ -286,9 +288,10 @@ def main(argv=None) -> int:
     parser.add_argument("--from-json", help="measure nothing: re-render this earlier run's JSON")
     parser.add_argument("--readme", help="regenerate this README's bench:memory block from the JSON")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-threads", type=int, default=2, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        _worker(args.worker)
+        _worker(args.worker, args.worker_threads)
         return 0
     if args.from_json:
         res = json.loads(Path(args.from_json).read_text())

@@ -85,7 +85,7 @@ def section_ops(device: torch.device, quick: bool) -> dict:
 
 def section_stage(quick: bool) -> dict:
     logger.info("[2/5] CAM + budget stage and PGD-10 vs the release")
-    argv = ["--out", ""]
+    argv = ["--out", "", "--threads", str(torch.get_num_threads())]  # the harness's --threads, kept for what follows
     if quick:
         argv += ["--batch", "16", "--steps", "2", "--cam-reps", "1", "--release-reps", "1", "--pgd-reps", "1",
                  "--update-rounds", "1", "--time-budget", "0"]

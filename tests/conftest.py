@@ -92,6 +92,21 @@ def one_thread():
 CIFAR_SUBSET_TAR = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10-subset.tar"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _subprocess_tmpdir(tmp_path_factory):
+    """The processes a test starts (torchrun, its agents) make their temporary files under pytest's own
+    temporary folder, which pytest prunes (it keeps the last 3 runs'): an agent the lost-node tests SIGKILL
+    cannot remove its /tmp/torchelastic_* folder, and /tmp would keep one per kill. This process's own
+    tempfile.gettempdir() was fixed at its first use and does not change."""
+    saved = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("subprocess-tmp"))
+    yield
+    if saved is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = saved
+
+
 @pytest.fixture(scope="session")
 def cifar_subset_dir(tmp_path_factory) -> Path:
     """cifar10-subset.tar extracted once per session: <dir>/{train,test}/<class>/NNNN.jpg."""

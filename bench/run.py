@@ -94,7 +94,7 @@ def section_stage(quick: bool) -> dict:
 
 def section_train_step(quick: bool) -> dict:
     logger.info("[3/5] one training step: AT, PART (ours), PART (release), TRADES, PART-T, PART + EMA / AWP")
-    return train_step.run(quick=quick)
+    return train_step.run(quick=quick, threads=torch.get_num_threads())  # the harness's --threads
 
 
 def section_gpu(quick: bool) -> dict:
@@ -154,7 +154,7 @@ def markdown(result: dict) -> str:
         "## 1. Ops", ops_table(result),
         "## 2. CAM + budget stage and PGD-10 against the release", stage_markdown(s["stage"]),
         "## 3. One training step", train_step.markdown(s["train_step"]),
-        "## 4. GPU evidence without a GPU", gpu_evidence.markdown(s["gpu"]),
+        "## 4. GPU evidence that needs no GPU", gpu_evidence.markdown(s["gpu"]),
     ] + (["## 5. Memory and scaling", memory_report.markdown(s["memory"])] if "memory" in s else [])) + "\n"
 
 

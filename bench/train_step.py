@@ -117,19 +117,21 @@ class Yardstick:
 
 
 # --------------------------------------------------------------------------------------------- the run
-def run(quick: bool = False, *, reps: int | None = None, data: str = DEFAULT_DATA, keep_freed: bool = True) -> dict:
+def run(quick: bool = False, *, reps: int | None = None, data: str = DEFAULT_DATA, keep_freed: bool = True,
+        threads: int = THREADS) -> dict:
     """Measure the section: {"config": {...}, "rows": [...], "targets": [...], "yardsticks": [...], "why": {...}},
     JSON-able (markdown() renders it).
 
     quick: cnn-small, batch 16, PGD-2, 1 rep (well under a minute); else ResNet-18, batch 64, PGD-10,
     3 reps (several minutes on 2 cores). reps overrides the rep count. keep_freed: glibc malloc keeps freed
-    memory (no mmap / trim: see bench.common.keep_freed_memory), as the stage report runs by default."""
+    memory (no mmap / trim: see bench.common.keep_freed_memory), as the stage report runs by default.
+    threads: torch.set_num_threads while it measures (the harness passes its --threads)."""
     size = dict(QUICK if quick else FULL)
     if reps is not None:
         size["reps"] = int(reps)
     arch, batch, steps, n_reps = size["arch"], size["batch"], size["steps"], size["reps"]
     threads_before = torch.get_num_threads()
-    torch.set_num_threads(THREADS)
+    torch.set_num_threads(threads)
     try:
         malloc = ("glibc: no mmap, no trim (freed memory kept)" if keep_freed and keep_freed_memory()
                   else "system default")
@@ -182,7 +184,7 @@ def run(quick: bool = False, *, reps: int | None = None, data: str = DEFAULT_DAT
         targets = _targets(by, quick)
         config = {"quick": quick, "arch": arch, "batch": batch, "steps": steps, "reps": n_reps,
                   "eps": 8 / 255, "eps_low": 7 / 255, "step_size": 2 / 255, "beta": 6.0, "mask": "jet",
-                  "cam": "gradcam", "cam_layer": CAM_LAYERS.get(arch), "threads": THREADS, "data": data_desc,
+                  "cam": "gradcam", "cam_layer": CAM_LAYERS.get(arch), "threads": threads, "data": data_desc,
                   "seed": SEED, "timing": "warm-up step, then `reps` interleaved rounds (order rotated); every step "
                   "starts from the same post-warm-up snapshot; quickest and median reported",
                   "machine": {**machine, "load_average_after": load_average()},
@@ -324,6 +326,7 @@ def main(argv=None) -> None:
     parser.add_argument("--out", default=None, metavar="JSON", help="also write the result as JSON")
     parser.add_argument("--reps", type=int, default=None, help="timed rounds (default: 1 quick, 3 full)")
     parser.add_argument("--data", default=DEFAULT_DATA, help="cifar10-subset.tar (random images when absent)")
+    parser.add_argument("--threads", type=int, default=THREADS, help=f"torch.set_num_threads (default {THREADS})")
     parser.add_argument("--system-malloc", action="store_true", help="keep glibc's default malloc settings")
     parser.add_argument("--verbose", action="store_true", help="progress lines on stderr")
     parser.add_argument("--render", metavar="JSON", help="print the markdown of a previous run's JSON and exit")
@@ -334,7 +337,7 @@ def main(argv=None) -> None:
         return
     if args.verbose:
         show_messages(__name__, "bench")
-    res = run(args.quick, reps=args.reps, data=args.data, keep_freed=not args.system_malloc)
+    res = run(args.quick, reps=args.reps, data=args.data, keep_freed=not args.system_malloc, threads=args.threads)
     res["markdown"] = markdown(res)  # kept in the JSON for its readers; never read back
     print(res["markdown"])
     if args.out:

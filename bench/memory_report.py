@@ -163,16 +163,16 @@ def _worker(specs_json: str, threads: int) -> None:
 def run(quick: bool = False, device=torch.device("cpu")) -> dict:
     """Measure the section: the peak memory of every step and stage call and the scaling rows' times,
     JSON-able (markdown() and plot() render it)."""
-    cfg = QUICK if quick else FULL
+    config = QUICK if quick else FULL
     device = torch.device(device)
     watch = Stopwatch()
-    step_specs = [{"kind": "step", "method": m[0], "arch": cfg["arch"], "batch": b, "steps": cfg["steps"]}
-                  for b in cfg["batches"] for m in STEP_METHODS]
-    stage_specs = [{"kind": kind, "impl": impl, "arch": cfg["arch"], "batch": b, "size": 32}
-                   for b in cfg["batches"] for kind, impl in (("budget", "ours"), ("budget", "release"),
+    step_specs = [{"kind": "step", "method": m[0], "arch": config["arch"], "batch": b, "steps": config["steps"]}
+                  for b in config["batches"] for m in STEP_METHODS]
+    stage_specs = [{"kind": kind, "impl": impl, "arch": config["arch"], "batch": b, "size": 32}
+                   for b in config["batches"] for kind, impl in (("budget", "ours"), ("budget", "release"),
                                                               ("forward", "forward"))]
-    scaling_specs = [{"kind": kind, "impl": impl, "arch": arch, "batch": cfg["scaling_batch"], "size": size}
-                     for size, arch in cfg["sizes"] for kind, impl in (("budget", "ours"), ("budget", "release"),
+    scaling_specs = [{"kind": kind, "impl": impl, "arch": arch, "batch": config["scaling_batch"], "size": size}
+                     for size, arch in config["sizes"] for kind, impl in (("budget", "ours"), ("budget", "release"),
                                                                        ("forward", "forward"))]
     logger.info("memory: %d training steps, %d stage calls%s", len(step_specs), len(stage_specs) + len(scaling_specs),
                 " (worker process)" if device.type == "cpu" else "")
@@ -186,9 +186,9 @@ def run(quick: bool = False, device=torch.device("cpu")) -> dict:
         x, _ = _images(spec["batch"], spec["size"])
         x = x.to(device)
         call = _budget_call(spec["impl"], model, x, spec["arch"]) if spec["kind"] == "budget" else _forward_call(model, x)
-        spec["seconds"] = min(time_calls(call, device, cfg["reps"]))  # the quickest, after one warm-up call
+        spec["seconds"] = min(time_calls(call, device, config["reps"]))  # the quickest, after one warm-up call
         spec["ms_per_image"] = 1000 * spec["seconds"] / spec["batch"]
-    return {"quick": quick, "config": {k: v for k, v in cfg.items()}, "device": str(device),
+    return {"quick": quick, "config": dict(config), "device": str(device),
             "method": ("torch.cuda.max_memory_allocated - memory_allocated before" if device.type == "cuda" else
                        "peak RSS (VmHWM after /proc/self/clear_refs) minus RSS before, glibc malloc returning freed "
                        "memory (MALLOC_MMAP_THRESHOLD_=65536, MALLOC_TRIM_THRESHOLD_=0), after one warm-up call"),
@@ -215,22 +215,22 @@ def _find(rows, **match):
 
 def markdown(res: dict) -> str:
     """The section's two tables, rendered from run()'s result (or a saved run's)."""
-    cfg = res["config"]
+    config = res["config"]
     steps, stage, scaling = res["steps"], res["stage"], res["scaling"]
     quick = " (quick)" if res["quick"] else ""
-    lines = [f"### Peak memory of one training step{quick}: {cfg['arch']}, PGD-{cfg['steps']}, {res['device']}",
+    lines = [f"### Peak memory of one training step{quick}: {config['arch']}, PGD-{config['steps']}, {res['device']}",
              "", f"Measured as {res['method']}.", "",
              "| batch | AT | PART (ours) | PART (release) | PART (ours) − AT | CAM + budget: ours | release | "
              "eval forward |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for b in cfg["batches"]:
+    for b in config["batches"]:
         at, ours, rel = (_find(steps, method=m[0], batch=b)["peak_mb"] for m in STEP_METHODS)
         s_ours, s_rel, fwd = (_find(stage, impl=i, batch=b)["peak_mb"] for i in ("ours", "release", "forward"))
         lines.append(f"| {b} | {at:.0f} MB | {ours:.0f} MB | {rel:.0f} MB | {ours - at:+.0f} MB ({100 * (ours / at - 1):+.1f}%)"
                      f" | {s_ours:.0f} MB | {s_rel:.0f} MB | {fwd:.0f} MB |")
-    lines += ["", f"### The budget stage against the image size{quick}: batch {cfg['scaling_batch']}", "",
+    lines += ["", f"### The budget stage against the image size{quick}: batch {config['scaling_batch']}", "",
               "| input | model | ours: ms / image | release: ms / image | release ÷ ours | ours ÷ eval forward | "
               "ours: peak MB | release: peak MB | forward: peak MB |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for size, arch in cfg["sizes"]:
+    for size, arch in config["sizes"]:
         ours, rel, fwd = (_find(scaling, impl=i, size=size) for i in ("ours", "release", "forward"))
         lines.append(f"| {size}×{size} | {arch} | {ours['ms_per_image']:.2f} | {rel['ms_per_image']:.2f} | "
                      f"{rel['seconds'] / ours['seconds']:.1f}× | {ours['seconds'] / fwd['seconds']:.2f} | "
@@ -245,8 +245,8 @@ def plot(res: dict, path: Path) -> None:
     from matplotlib.figure import Figure
     from matplotlib.ticker import LogLocator, NullLocator, ScalarFormatter
 
-    cfg, rows = res["config"], res["scaling"]
-    sizes = [s for s, _ in cfg["sizes"]]
+    config, rows = res["config"], res["scaling"]
+    sizes = [s for s, _ in config["sizes"]]
     fig = Figure(figsize=(10, 3.8))
     FigureCanvasAgg(fig)
     ax_t, ax_m = fig.subplots(1, 2)
@@ -261,7 +261,7 @@ def plot(res: dict, path: Path) -> None:
         sub = [_find(rows, impl=impl, size=s) for s in sizes]
         ax_t.plot(sizes, [r["ms_per_image"] for r in sub], **style)
         ax_m.plot(sizes, [r["peak_mb"] for r in sub], **style)
-    names = ", ".join(f"{s} px: {a}" for s, a in cfg["sizes"])
+    names = ", ".join(f"{s} px: {a}" for s, a in config["sizes"])
     for ax, ylabel in ((ax_t, "ms per image (log scale)"), (ax_m, "peak memory, MB (log scale)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -273,7 +273,7 @@ def plot(res: dict, path: Path) -> None:
         ax.set_xlabel(f"input size ({names})", fontsize=8)
         ax.set_ylabel(ylabel)
         ax.grid(True, which="both", alpha=0.3)
-    ax_t.set_title(f"CAM + budget stage time, batch {cfg['scaling_batch']}", fontsize=9)
+    ax_t.set_title(f"CAM + budget stage time, batch {config['scaling_batch']}", fontsize=9)
     ax_m.set_title(f"its peak memory ({res['device']}; ours and the forward coincide)", fontsize=9)
     ax_t.legend(fontsize=7)
     fig.tight_layout()

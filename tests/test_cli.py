@@ -87,10 +87,10 @@ def test_train_flags_reach_the_config():
     args = cli.build_parser().parse_args(TRAIN + ["--out", "r", "--eps", "6/255", "--eps-low", "5/255", "--step-size", "1/255",
                                                   "--milestones", "3,5", "--mask", "cam", "--cam", "layercam",
                                                   "--no-augment", "--amp", "bf16", "--method", "part-trades"])
-    cfg = cli.config_from_args(args)
-    assert (cfg.eps, cfg.eps_low, cfg.step_size) == (6 / 255, 5 / 255, 1 / 255)
-    assert cfg.milestones == (3, 5) and cfg.mask == "cam" and cfg.cam == "layercam"
-    assert cfg.augment is False and cfg.amp == "bf16" and cfg.method == "part-trades"
+    config = cli.config_from_args(args)
+    assert (config.eps, config.eps_low, config.step_size) == (6 / 255, 5 / 255, 1 / 255)
+    assert config.milestones == (3, 5) and config.mask == "cam" and config.cam == "layercam"
+    assert config.augment is False and config.amp == "bf16" and config.method == "part-trades"
     # Unset flags stay None and take the dataset's released values.
     default = cli.config_from_args(cli.build_parser().parse_args(["train", "--out", "r", "--dataset", "svhn"]))
     assert default.lr is None and default.resolved().weight_decay == 0.0035

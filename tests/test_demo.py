@@ -90,12 +90,12 @@ def _fake_clocks(monkeypatch, samples):
 def test_epoch_load_counts_the_cpu_other_processes_used_per_epoch(monkeypatch):
     _fake_clocks(monkeypatch, [(0.0, 0.0, 100.0), (10.0, 9.0, 124.0), (20.0, 19.0, 135.0)])
     load = demo.EpochLoad()
-    cfg = types.SimpleNamespace(epochs=10)  # _summary_line reads only the epoch count
+    config = types.SimpleNamespace(epochs=10)  # _summary_line reads only the epoch count
     record = {"epoch": 1, "phase": "at", "train_loss": 2.3, "train_adv_acc": 10.0, "epoch_seconds": 9.9,
               "attack_seconds": 6.0, "budget_seconds": 0.0, "update_seconds": 3.0}
     load.observe("part-fast train: device cpu (2 threads)")  # not an epoch line: no sample taken
-    load.observe(_summary_line(record, cfg))  # the trainer's real epoch line
-    load.observe(_summary_line({**record, "epoch": 2}, cfg))
+    load.observe(_summary_line(record, config))  # the trainer's real epoch line
+    load.observe(_summary_line({**record, "epoch": 2}, config))
     # epoch 1: 24 busy core-seconds in 10 s, 9 of them ours -> 1.5 cores; epoch 2: 11 - 10 = 1 in 10 s
     assert load.other_cores == {1: pytest.approx(1.5), 2: pytest.approx(0.1)}
 

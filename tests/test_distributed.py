@@ -35,16 +35,16 @@ def _pair_train(*args) -> list[str]:
 def _first_step_loss_per_rank(config: TrainConfig, world: int) -> list[float]:
     """What each rank computes in its first step, rebuilt in this single process: the same initial weights,
     rank r's shard of the first global batch, rank r's augmentation and attack generators."""
-    cfg = config.resolved()
-    train_set, _, info = data_mod.build_datasets(cfg.dataset, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
-                                                 seed=cfg.seed)
+    config = config.resolved()
+    train_set, _, info = data_mod.build_datasets(config.dataset, train_subset=config.train_subset, test_subset=config.test_subset,
+                                                 seed=config.seed)
     losses = []
     for rank in range(world):
-        state = train_mod.build_state(cfg, info.num_classes, torch.device("cpu"), Distributed(0, 1, 0))
-        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=cfg.seed, drop_last=True)
+        state = train_mod.build_state(config, info.num_classes, torch.device("cpu"), Distributed(0, 1, 0))
+        sampler = DistributedSampler(train_set, num_replicas=world, rank=rank, shuffle=True, seed=config.seed, drop_last=True)
         sampler.set_epoch(0)
-        x, y = next(iter(DataLoader(train_set, batch_size=cfg.batch_size // world, sampler=sampler)))
-        rng = train_mod.StepRandomness(cfg.seed, rank, torch.device("cpu"), augment=True)
+        x, y = next(iter(DataLoader(train_set, batch_size=config.batch_size // world, sampler=sampler)))
+        rng = train_mod.StepRandomness(config.seed, rank, torch.device("cpu"), augment=True)
         with rng.at(0, 0):
             r = train_mod.train_step(state, x, y, part_phase=True, attack=train_mod.inner_attack(state, part_phase=True),
                                      attack_gen=rng.attack, augment_gen=rng.augment)

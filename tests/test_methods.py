@@ -43,9 +43,9 @@ def test_the_table_is_the_release():
         False, True, False]
 
 
-def _batch(cfg, n=16):
-    train_set, _, _ = data_mod.build_datasets(cfg.dataset, train_subset=cfg.train_subset, test_subset=cfg.test_subset,
-                                              seed=cfg.seed)
+def _batch(config, n=16):
+    train_set, _, _ = data_mod.build_datasets(config.dataset, train_subset=config.train_subset, test_subset=config.test_subset,
+                                              seed=config.seed)
     xs, ys = zip(*(train_set[i] for i in range(n)))
     return torch.stack(xs), torch.tensor(ys)
 
@@ -56,28 +56,28 @@ def test_each_method_step_computes_its_formula(tmp_path, name, part_phase, one_t
     from the RELEASE row above, and the budget of the same batch; for TRADES the attack's clean target from
     the CAM forward equals a fresh eval-mode forward, so reusing it changes nothing."""
     base, _, inner, global_start, part_start, natural = RELEASE[name]
-    cfg = tiny(tmp_path / "run", method=name, start="release", steps=2).resolved()
-    state = build_state(cfg, 10, torch.device("cpu"), Distributed())
-    model = build_model(cfg, 10)
+    config = tiny(tmp_path / "run", method=name, start="release", steps=2).resolved()
+    state = build_state(config, 10, torch.device("cpu"), Distributed())
+    model = build_model(config, 10)
     model.load_state_dict(copy.deepcopy(state.model.state_dict()))
-    x, y = _batch(cfg)
+    x, y = _batch(config)
 
     r = train_step(state, x, y, part_phase=part_phase, attack=inner_attack(state, part_phase),
                    attack_gen=torch.Generator().manual_seed(5), augment_gen=None)
 
-    eps_map = PixelBudget(cfg.eps, cfg.eps_low, cfg.cam, cfg.mask, layer="features")(model, x) if part_phase else None
+    eps_map = PixelBudget(config.eps, config.eps_low, config.cam, config.mask, layer="features")(model, x) if part_phase else None
     start = part_start if part_phase else global_start
-    pgd = PGD(model, cfg.eps, cfg.step_size, cfg.steps, loss=inner, start=start)
+    pgd = PGD(model, config.eps, config.step_size, config.steps, loss=inner, start=start)
     x_adv = pgd(x, y, eps_map=eps_map, generator=torch.Generator().manual_seed(5))
     model.train()
     if base == "at":
         expected = at_loss(model(x_adv), y)
     else:
         logits_nat, logits_adv = model(x), model(x_adv)
-        expected = (trades_loss if base == "trades" else mart_loss)(logits_nat, logits_adv, y, cfg.beta)
+        expected = (trades_loss if base == "trades" else mart_loss)(logits_nat, logits_adv, y, config.beta)
     assert r.loss == pytest.approx(float(expected.detach()), rel=1e-6, abs=1e-7)
     assert r.value("examples") == 16 and r.finite
-    assert r.eps_high == (1.0 if eps_map is None else float((eps_map == cfg.eps).double().mean()))
+    assert r.eps_high == (1.0 if eps_map is None else float((eps_map == config.eps).double().mean()))
     if not natural:
         assert r.value("correct_nat") == 0  # AT has no natural logits to count
 
@@ -87,22 +87,22 @@ def test_a_new_method_is_one_row(tmp_path, monkeypatch):
     the row's."""
     row = dataclasses.replace(METHOD["part"], name="part-kl", inner_loss="kl")
     monkeypatch.setitem(METHOD, "part-kl", row)
-    cfg = tiny(tmp_path / "run", method="part-kl").resolved()
-    state = build_state(cfg, 10, torch.device("cpu"), Distributed())
+    config = tiny(tmp_path / "run", method="part-kl").resolved()
+    state = build_state(config, 10, torch.device("cpu"), Distributed())
     attack = inner_attack(state, part_phase=True)
     assert (attack.loss, attack.start) == ("kl", "uniform")
-    assert cfg.is_part and cfg.base == "at"
+    assert config.is_part and config.base == "at"
 
 
 @pytest.mark.parametrize("time_stages", [False, True])
 def test_a_step_waits_for_the_device_only_when_stages_are_timed(tmp_path, monkeypatch, time_stages):
     """Per-stage timing synchronises the device at each stage boundary, so it is opt-in; without it the
     step leaves its statistics on the device, unread."""
-    cfg = tiny(tmp_path / "run", time_stages=time_stages).resolved()
-    state = build_state(cfg, 10, torch.device("cpu"), Distributed())
+    config = tiny(tmp_path / "run", time_stages=time_stages).resolved()
+    state = build_state(config, 10, torch.device("cpu"), Distributed())
     syncs = []
     monkeypatch.setattr(type(state), "sync", lambda self: syncs.append(1))
-    x, y = _batch(cfg)
+    x, y = _batch(config)
     r = train_step(state, x, y, part_phase=True, attack=inner_attack(state, True), attack_gen=torch.Generator(),
                    augment_gen=None)
     assert r._read is None and r.stats.shape == (len(STAT_NAMES),)

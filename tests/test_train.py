@@ -122,8 +122,8 @@ def test_a_name_is_checked_before_the_numbers(tmp_path):
 
 def test_base_methods_ignore_warmup_beyond_epochs(tmp_path):
     # AT / TRADES / MART have no warm-up: `part-fast train --method at --epochs 10` must not fail on warmup=20.
-    cfg = tiny(tmp_path / "run", method="at", epochs=10, warmup=20).resolved()
-    assert lr_factor(9, cfg.warmup, cfg.milestones) == 1.0
+    config = tiny(tmp_path / "run", method="at", epochs=10, warmup=20).resolved()
+    assert lr_factor(9, config.warmup, config.milestones) == 1.0
 
 
 def test_global_batch_must_split_evenly_across_processes(tmp_path):
@@ -418,11 +418,11 @@ def test_trains_briefly_on_real_cifar10_images(tmp_path, cifar_subset_dir):
     ("mart", "release", False, ("ce", "normal")),
 ])
 def test_inner_attack_per_method_and_phase(tmp_path, method, start, phase, expected):
-    cfg = tiny(tmp_path / "run", method=method, start=start).resolved()
-    state = train_mod.build_state(cfg, 10, torch.device("cpu"), train_mod.Distributed())
+    config = tiny(tmp_path / "run", method=method, start=start).resolved()
+    state = train_mod.build_state(config, 10, torch.device("cpu"), train_mod.Distributed())
     attack = train_mod.inner_attack(state, part_phase=phase)
     assert (attack.loss, attack.start) == expected
-    assert (attack.eps, attack.alpha, attack.steps) == (cfg.eps, cfg.step_size, cfg.steps)
+    assert (attack.eps, attack.alpha, attack.steps) == (config.eps, config.step_size, config.steps)
 
 
 @pytest.mark.slow

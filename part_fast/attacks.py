@@ -52,7 +52,9 @@ class PGD:
 
     Args:
         model: the classifier attacked, in eval mode during the attack (its mode restored).
-        eps: the scalar budget (a call's eps_map overrides it); alpha: the step; steps: how many.
+        eps: the scalar budget (a call's eps_map overrides it).
+        alpha: the step size.
+        steps: how many steps.
         start, loss: as above.
         lo, hi: the valid input range ([0, 1]: then eps and alpha above 1 are refused as typos for k/255).
 
@@ -144,7 +146,8 @@ class MMA:
     margin.
 
     Args:
-        model: the classifier attacked; eps, alpha, steps, start, lo, hi: as PGD's.
+        model: the classifier attacked.
+        eps, alpha, steps, start, lo, hi: as PGD's.
         k: how many of the most likely wrong classes are targeted.
         confidence: the lead over the true logit the targeted loss asks for; it stops pushing beyond it.
 

@@ -111,7 +111,8 @@ def cam_eps_map(cam, size, eps, eps_low, mode="jet"):
         cam: raw class activation maps (ReLU and min-max are applied here); float32 / float16 / bfloat16
             (float64 on the CPU).
         size: the image size (H, W), or an int for a square image.
-        eps: the budget of the pixels the mask selects; eps_low: of the others.
+        eps: the budget of the pixels the mask selects.
+        eps_low: the budget of the others, 0 <= eps_low <= eps.
         mode: "jet" (the released mask: bicubic upsampling, matplotlib's jet colours, standardised per
             channel, docs/method.md §3) or "cam" (the map itself, channel-shared, as the paper's prose).
 

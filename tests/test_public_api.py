@@ -134,3 +134,26 @@ def test_readme_example_comment_is_the_error():
 def test_readme_holds_the_example():
     """The README's "Your own model" example is, byte for byte, the one test_readme_example_runs_as_written runs."""
     assert README_EXAMPLE in (ROOT / "README.md").read_text()
+
+
+def _documented_public_api():
+    from part_fast import ops
+    from part_fast.train import TrainConfig, train
+    return {**{name: getattr(part_fast, name) for name in PUBLIC}, "cam_eps_map": ops.cam_eps_map,
+            "pgd_step_": ops.pgd_step_, "project_": ops.project_, "TrainConfig": TrainConfig, "train": train}
+
+
+@pytest.mark.parametrize("name", sorted(_documented_public_api()))
+def test_public_api_docstring_names_every_argument(name):
+    """Args: one entry per parameter (PGD's "eps, alpha, ...: as PGD's" style counts each name); functions
+    also say what they return, classes what shapes their call takes."""
+    obj = _documented_public_api()[name]
+    doc = inspect.getdoc(obj)
+    assert doc and "\nArgs:\n" in doc, f"{name}: no Args section"
+    args = doc.split("\nArgs:\n", 1)[1].split("\n\n", 1)[0]
+    entries = {n.strip() for line in args.splitlines() if line.startswith("    ") and not line.startswith("     ")
+               for n in line.split(":", 1)[0].split(",")}
+    params = [p for p in inspect.signature(obj).parameters.values() if p.kind not in (p.VAR_POSITIONAL, p.VAR_KEYWORD)]
+    assert [p.name for p in params if p.name not in entries] == [], f"{name}: arguments missing from Args"
+    assert ("\nReturns:\n" in doc) if inspect.isfunction(obj) or not inspect.isclass(obj) else (
+        "\nShape:\n" in doc or name == "TrainConfig"), f"{name}: no Returns / Shape section"

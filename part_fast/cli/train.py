@@ -8,23 +8,8 @@ from pathlib import Path
 
 from ..errors import ConfigError
 from ..train import RESUMABLE_CHANGES, TrainConfig
-from ..train.config import flag_of
+from ..train.config import flag_of, shown_default
 from .common import fraction, int_list, with_default
-
-
-def _shown_default(f: dataclasses.Field) -> str:
-    shown = f.metadata.get("shown")
-    if shown is not None:
-        return shown
-    value = f.default
-    if f.metadata["kind"] == "fraction":
-        k = value * 255
-        return f"{round(k):g}/255" if abs(k - round(k)) < 1e-9 else f"{value:g}"
-    if f.metadata["kind"] == "negated":
-        return "on"
-    if isinstance(value, bool):
-        return "on" if value else "off"
-    return str(value)
 
 
 _PARSERS = {"int": int, "float": float, "fraction": fraction, "str": str, "int_list": int_list}
@@ -36,7 +21,7 @@ def _add_config_flag(p: argparse.ArgumentParser, f: dataclasses.Field) -> None:
     lets --resume take the rest from the run's config.json."""
     meta = f.metadata
     kwargs = {"dest": f.name, "default": argparse.SUPPRESS,
-              "help": f"{meta['help']} (default: {_shown_default(f)})"}
+              "help": f"{meta['help']} (default: {shown_default(f)})"}
     kind = meta["kind"]
     if kind == "switch":
         kwargs["action"] = "store_true"

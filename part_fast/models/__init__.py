@@ -50,7 +50,16 @@ def validate_arch(name) -> None:
 
 
 def get_model(name: str, num_classes: int = 10) -> nn.Module:
-    """A bundled architecture, or a torchvision classification model (untrained) by its builder name."""
+    """A bundled architecture, or a torchvision classification model (untrained) by its builder name.
+
+    Args:
+        name: a bundled name (resnet18, preact-resnet18, wrn34-10, cnn-small, resnet-small) or a torchvision
+            classification builder's (e.g. resnet50: needs torchvision, the `train` extra).
+        num_classes: the classifier's outputs.
+
+    Returns:
+        A new model with freshly initialised weights, in training mode.
+    """
     validate_arch(name)
     if name in BUNDLED:
         return BUNDLED[name](num_classes=num_classes)

@@ -282,3 +282,34 @@ def flag_of(name: str) -> str:
     """The command-line flag of TrainConfig field `name` (e.g. eps_low -> --eps-low, augment -> --no-augment)."""
     f = next((f for f in dataclasses.fields(TrainConfig) if f.name == name), None)
     return (f is not None and f.metadata.get("flag")) or "--" + name.replace("_", "-")
+
+
+def shown_default(f: dataclasses.Field) -> str:
+    """How --help and the docstring write field f's default: its `shown` text, a fraction as k/255, a switch
+    as on / off."""
+    shown = f.metadata.get("shown")
+    if shown is not None:
+        return shown
+    value = f.default
+    if f.metadata["kind"] == "fraction":
+        k = value * 255
+        return f"{round(k):g}/255" if abs(k - round(k)) < 1e-9 else f"{value:g}"
+    if f.metadata["kind"] == "negated":
+        return "on"
+    if isinstance(value, bool):
+        return "on" if value else "off"
+    return str(value)
+
+
+def _args_section() -> str:
+    """TrainConfig's "Args:" docstring section, written from the fields' metadata, the same that `part-fast
+    train --help` shows: the two cannot tell different stories."""
+    lines = ["    Args:"]
+    for f in dataclasses.fields(TrainConfig):
+        choices = f"one of {', '.join(f.metadata['choices'])}; " if f.metadata.get("choices") else ""
+        default = "required" if f.default is dataclasses.MISSING else f"default {shown_default(f)}"
+        lines.append(f"        {f.name}: {f.metadata['help']} ({choices}{default}; flag {flag_of(f.name)}).")
+    return "\n".join(lines)
+
+
+TrainConfig.__doc__ = f"{TrainConfig.__doc__.rstrip()}\n\n{_args_section()}\n    "

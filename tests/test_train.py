@@ -426,13 +426,9 @@ def test_inner_attack_per_method_and_phase(tmp_path, method, start, phase, expec
 
 
 @pytest.mark.slow
-def test_compile_trains_like_eager(tmp_path, monkeypatch):
+def test_compile_trains_like_eager(tmp_path):
     """--compile (torch.compile of the model; the CAM keeps the eager module for its hook) trains to the
     same losses as eager, up to the compiler's float reassociation."""
-    # TorchInductor's scalar C++ kernels instead of its SIMD ones: the same graphs, guards and recompiles
-    # (what this test is about) in half the time, since gcc compiling the vectorised kernels is most of the
-    # cost on a cold cache (29 s -> 13 s on a 2-core Intel Xeon). The vectoriser is torch's to test.
-    monkeypatch.setattr("torch._inductor.config.cpp.vec_isa_ok", False)
     eager = train(tiny(tmp_path / "eager", epochs=2, train_subset=64))
     compiled = train(tiny(tmp_path / "compiled", epochs=2, train_subset=64, compile=True))
     assert [r["phase"] for r in compiled] == ["warmup", "part"]

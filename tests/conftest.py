@@ -14,8 +14,9 @@ from part_fast import backends
 # TorchInductor compiles scalar C++ kernels for the tests that torch.compile (--compile training, the ops
 # under fullgraph, the check), here and in the processes they start: the same graphs, guards and recompiles,
 # which is what those tests are about, while gcc compiling the SIMD kernels was most of their time on a cold
-# cache. The vectoriser is torch's to test. (An environment variable, read when torch._inductor is first
-# imported: importing it here, before part_fast.kernels, breaks interpreted Triton's tl.sum.)
+# cache. The vectoriser is torch's to test. An environment variable, read when torch._inductor is first
+# imported, rather than its config object: importing torch._inductor.config here made test_compile.py's
+# interpreted Triton ops fail ("Cannot call @triton.jit'd outside of the scope of a kernel", from tl.sum).
 os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "0")
 
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -106,13 +106,9 @@ def _subprocess_tmpdir(tmp_path_factory):
     temporary folder, which pytest prunes (it keeps the last 3 runs'): an agent the lost-node tests SIGKILL
     cannot remove its /tmp/torchelastic_* folder, and /tmp would keep one per kill. This process's own
     tempfile.gettempdir() was fixed at its first use and does not change."""
-    saved = os.environ.get("TMPDIR")
-    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("subprocess-tmp"))
-    yield
-    if saved is None:
-        os.environ.pop("TMPDIR", None)
-    else:
-        os.environ["TMPDIR"] = saved
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("TMPDIR", str(tmp_path_factory.mktemp("subprocess-tmp")))
+        yield
 
 
 @pytest.fixture(scope="session")

@@ -229,7 +229,8 @@ def test_use_backend_triton_routes_to_kernels(monkeypatch, gen):
         _run_all(x_adv, grad, x_nat, cam)
     assert calls == ["cam_eps_map", "pgd_step", "pgd_step"]
     ours = [n for n in rec.names if n.startswith("part_fast.")]
-    assert ours == ["part_fast.triton_cam_eps_map", "part_fast.triton_pgd_step_", "part_fast.triton_project_"], "the Triton ops, never the compiled extension's"
+    assert ours == ["part_fast.triton_cam_eps_map", "part_fast.triton_pgd_step_",
+                    "part_fast.triton_project_"], "the Triton ops, never the compiled extension's"
 
 
 def test_use_backend_unknown_name_is_value_error():

@@ -53,8 +53,8 @@ def get_model(name: str, num_classes: int = 10) -> nn.Module:
     """A bundled architecture, or a torchvision classification model (untrained) by its builder name.
 
     Args:
-        name: a bundled name (resnet18, preact-resnet18, wrn34-10, cnn-small, resnet-small) or a torchvision
-            classification builder's (e.g. resnet50: needs torchvision, the `train` extra).
+        name: a key of BUNDLED, or a torchvision classification builder's name (e.g. resnet50: needs
+            torchvision, the `train` extra).
         num_classes: the classifier's outputs.
 
     Returns:
